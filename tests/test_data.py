@@ -1,0 +1,405 @@
+"""Data layer: finding cases, loading and validating NIfTI, preprocessing, cache, synthetic set."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import tiny_ct, write_nifti
+
+import unet_helpers as uh
+
+
+def _pair(root: Path, img_dir: str, lab_dir: str, names: list[str], ext=".nii"):
+    img, lab = tiny_ct()
+    for n in names:
+        write_nifti(root / img_dir / f"{n}{ext}", img)
+        if lab_dir:
+            write_nifti(root / lab_dir / f"{n}{ext}", lab)
+
+
+# ---------------------------------------------------------------- find_cases
+def test_kaggle_layout_nested_natural_order(tmp_path):
+    _pair(tmp_path / "input" / "Task03_Liver_rs", "images", "labels", ["liver_10", "liver_2", "liver_1"])
+    cases = uh.find_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["liver_1", "liver_2", "liver_10"]
+    for c in cases:  # paired by id, not by position
+        assert c.image.name == c.label.name == f"{c.case_id}.nii"
+        assert c.image.parent.name == "images" and c.label.parent.name == "labels"
+
+
+def test_msd_layout_with_unlabelled_test_images(tmp_path):
+    _pair(tmp_path / "Task03_Liver", "imagesTr", "labelsTr", ["liver_0", "liver_1"], ext=".nii.gz")
+    _pair(tmp_path / "Task03_Liver", "imagesTs", "", ["liver_132"], ext=".nii.gz")
+    (tmp_path / "Task03_Liver" / "imagesTr" / "._liver_0.nii.gz").write_bytes(b"junk")  # macOS metadata
+    (tmp_path / "Task03_Liver" / ".hidden").mkdir()
+    _pair(tmp_path / "Task03_Liver" / ".hidden", "imagesTr", "labelsTr", ["liver_7"])
+    cases = uh.find_cases(tmp_path)
+    assert [(c.case_id, c.label is not None) for c in cases] == [
+        ("liver_0", True), ("liver_1", True), ("liver_132", False)]
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_raw_lits_layout(tmp_path, nested):
+    img, lab = tiny_ct()
+    for n in (0, 11, 3):
+        folder = tmp_path / (f"Training Batch {1 + n // 10}" if nested else "")
+        write_nifti(folder / f"volume-{n}.nii", img)
+        write_nifti(folder / f"segmentation-{n}.nii", lab)
+    cases = uh.find_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["lits_0", "lits_3", "lits_11"]
+    assert all(c.label.name == f"segmentation-{c.case_id[5:]}.nii" for c in cases)
+
+
+def test_label_without_image_is_an_error(tmp_path):
+    _pair(tmp_path, "images", "labels", ["liver_0"])
+    write_nifti(tmp_path / "labels" / "liver_5.nii", tiny_ct()[1])
+    with pytest.raises(uh.CTDataError, match="liver_5.*no matching image"):
+        uh.find_cases(tmp_path)
+
+
+def test_two_candidates_for_one_case_is_an_error(tmp_path):
+    _pair(tmp_path, "images", "labels", ["liver_0"])
+    _pair(tmp_path, "images", "labels", ["liver_0"], ext=".nii.gz")
+    with pytest.raises(uh.CTDataError, match="2 candidate image files"):
+        uh.find_cases(tmp_path)
+
+
+def test_empty_and_missing_folders(tmp_path):
+    with pytest.raises(uh.CTDataError, match="(?s)No CT cases found.*Kaggle.*Decathlon.*LiTS"):
+        uh.find_cases(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        uh.find_cases(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- load_case validation
+def test_load_case_returns_float32_hu_and_uint8_label(tmp_path):
+    img, lab = tiny_ct()
+    aff = np.diag([0.8, 0.8, 2.5, 1.0])
+    nimg = nib.Nifti1Image(img, aff)
+    nimg.header.set_slope_inter(1.0, -1024.0)  # stored values + intercept = HU
+    nib.save(nimg, str(tmp_path / "i.nii.gz"))
+    write_nifti(tmp_path / "l.nii.gz", lab, aff)
+    case = uh.load_case(tmp_path / "i.nii.gz", tmp_path / "l.nii.gz")
+    assert case.image.dtype == np.float32 and case.label.dtype == np.uint8
+    np.testing.assert_allclose(case.image, img.astype(np.float32) - 1024)
+    assert case.spacing == pytest.approx((0.8, 0.8, 2.5))
+    assert case.case_id == "i"
+
+
+def test_shape_mismatch(tmp_path):
+    img, lab = tiny_ct()
+    write_nifti(tmp_path / "i.nii", img)
+    write_nifti(tmp_path / "l.nii", lab[:, :, :4])
+    with pytest.raises(uh.CTDataError, match=r"l.nii: label shape \(16, 16, 4\) differs"):
+        uh.load_case(tmp_path / "i.nii", tmp_path / "l.nii")
+
+
+def test_affine_mismatch(tmp_path):
+    img, lab = tiny_ct()
+    write_nifti(tmp_path / "i.nii", img, np.diag([1, 1, 2.5, 1.0]))
+    write_nifti(tmp_path / "l.nii", lab, np.diag([1, 1, 5.0, 1.0]))
+    with pytest.raises(uh.CTDataError, match="l.nii: label affine differs"):
+        uh.load_case(tmp_path / "i.nii", tmp_path / "l.nii")
+
+
+def test_label_values_255_named(tmp_path):
+    img, lab = tiny_ct()
+    write_nifti(tmp_path / "i.nii", img)
+    write_nifti(tmp_path / "l.nii", (lab > 0).astype(np.uint8) * 255)
+    with pytest.raises(uh.CTDataError, match=r"l.nii: .*found \[0, 255\].*mask > 0"):
+        uh.load_case(tmp_path / "i.nii", tmp_path / "l.nii")
+
+
+def test_float_labels_integral_accepted_fractional_rejected(tmp_path):
+    img, lab = tiny_ct()
+    write_nifti(tmp_path / "i.nii", img)
+    write_nifti(tmp_path / "l.nii", lab.astype(np.float64))
+    case = uh.load_case(tmp_path / "i.nii", tmp_path / "l.nii")
+    np.testing.assert_array_equal(case.label, lab)
+    write_nifti(tmp_path / "p.nii", lab.astype(np.float32) * 0.5)
+    with pytest.raises(uh.CTDataError, match="p.nii: label is float with non-integral values"):
+        uh.load_case(tmp_path / "i.nii", tmp_path / "p.nii")
+
+
+def test_4d_singleton_squeezed_real_4d_rejected(tmp_path):
+    img, lab = tiny_ct()
+    write_nifti(tmp_path / "i4.nii", img[..., None])
+    write_nifti(tmp_path / "l4.nii", lab[..., None])
+    case = uh.load_case(tmp_path / "i4.nii", tmp_path / "l4.nii")
+    assert case.image.shape == img.shape and case.label.shape == img.shape
+    write_nifti(tmp_path / "series.nii", np.stack([img, img], -1))
+    with pytest.raises(uh.CTDataError, match=r"series.nii: expected a 3D volume.*4D series"):
+        uh.load_case(tmp_path / "series.nii")
+
+
+def test_nan_rejected_and_non_hu_warned(tmp_path):
+    img = tiny_ct()[0].astype(np.float32)
+    img[3, 3, 3] = np.nan
+    write_nifti(tmp_path / "nan.nii", img)
+    with pytest.raises(uh.CTDataError, match="nan.nii: image holds NaN"):
+        uh.load_case(tmp_path / "nan.nii")
+    write_nifti(tmp_path / "mr.nii", np.random.default_rng(0).random((16, 16, 6)).astype(np.float32))
+    with pytest.warns(UserWarning, match="mr.nii: intensities .* do not look like CT"):
+        uh.load_case(tmp_path / "mr.nii")
+
+
+def test_truncated_gz_and_text_file(tmp_path):
+    img = tiny_ct((32, 32, 16))[0]
+    good = write_nifti(tmp_path / "full.nii.gz", img)
+    data = good.read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(uh.CTDataError, match="cut.nii.gz: .*(truncated|cannot be read)"):
+        uh.load_case(tmp_path / "cut.nii.gz")
+    (tmp_path / "notes.nii").write_text("this is not an image\n" * 50)
+    with pytest.raises(uh.CTDataError, match="notes.nii: cannot be read as NIfTI"):
+        uh.load_case(tmp_path / "notes.nii")
+    assert gzip.decompress(data)  # the intact file was fine
+
+
+def test_lps_header_gives_same_canonical_arrays(tmp_path):
+    img, lab = tiny_ct()
+    aff = np.diag([0.7, 0.7, 2.0, 1.0])
+    write_nifti(tmp_path / "ras.nii", img, aff)
+    write_nifti(tmp_path / "ras_l.nii", lab, aff)
+    lps_img, lps_aff = uh._to_lps(img, aff)
+    lps_lab, _ = uh._to_lps(lab, aff)
+    write_nifti(tmp_path / "lps.nii", lps_img, lps_aff)
+    write_nifti(tmp_path / "lps_l.nii", lps_lab, lps_aff)
+    a = uh.load_case(tmp_path / "ras.nii", tmp_path / "ras_l.nii")
+    b = uh.load_case(tmp_path / "lps.nii", tmp_path / "lps_l.nii")
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.label, b.label)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-5)
+    np.testing.assert_array_equal(uh.from_canonical(b.label, b.source_affine), lps_lab)
+
+
+# ---------------------------------------------------------------- real CT (../shared)
+def test_real_ct_ras_vs_lps_copy(real_ct, tmp_path):
+    src = nib.load(str(real_ct / "abdomen_ct_3mm_ras.nii.gz"))
+    seg = nib.load(str(real_ct / "abdomen_ct_3mm_ras_liver.nii.gz"))
+    a = uh.load_case(real_ct / "abdomen_ct_3mm_ras.nii.gz", real_ct / "abdomen_ct_3mm_ras_liver.nii.gz")
+    img_lps, aff_lps = uh._to_lps(np.asanyarray(src.dataobj), src.affine)
+    lab_lps, _ = uh._to_lps(np.asanyarray(seg.dataobj), src.affine)
+    write_nifti(tmp_path / "ct_lps.nii.gz", img_lps, aff_lps)
+    write_nifti(tmp_path / "ct_lps_liver.nii.gz", lab_lps, aff_lps)
+    b = uh.load_case(tmp_path / "ct_lps.nii.gz", tmp_path / "ct_lps_liver.nii.gz")
+    assert nib.aff2axcodes(b.source_affine) == ("L", "P", "S")
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.label, b.label)
+    # float64 0/1 mask accepted; liver on the patient's right (+x in RAS)
+    assert a.label.dtype == np.uint8 and set(np.unique(a.label)) == {0, 1}
+    cx = np.argwhere(a.label == 1)[:, 0].mean()
+    assert cx > a.image.shape[0] / 2 + 10
+    assert (a.label == 1).any(axis=(0, 1)).sum() == 42
+
+
+def test_real_ct_lps_file_lands_like_ras(real_ct):
+    case = uh.load_case(real_ct / "chest_abdomen_ct_1p5mm_lps.nii.gz")
+    assert nib.aff2axcodes(case.affine) == ("R", "A", "S")
+    assert nib.aff2axcodes(case.source_affine) == ("L", "P", "S")
+    assert case.spacing == pytest.approx((1.5, 1.5, 1.5))
+    assert case.image.min() < -500 and case.image.max() > 300  # air and bone: HU kept
+
+
+def test_real_ct_liver_hu_survives_windowing(real_ct):
+    a = uh.load_case(real_ct / "abdomen_ct_3mm_ras.nii.gz", real_ct / "abdomen_ct_3mm_ras_liver.nii.gz")
+    liver_hu = a.image[a.label == 1]
+    assert 30 < liver_hu.mean() < 60  # README: mean ~ 44 HU
+    w = uh.window_hu(a.image)
+    assert w.min() == 0.0 and w.max() == 1.0
+    assert w[a.label == 1].mean() == pytest.approx((liver_hu.clip(-100, 400).mean() + 100) / 500, abs=1e-4)
+    air = a.image < -500
+    assert (w[air] == 0).all()
+
+
+# ---------------------------------------------------------------- preprocessing
+def test_window_and_context_indices():
+    x = np.array([-1000, -100, 150, 400, 3000], np.float32)
+    np.testing.assert_allclose(uh.window_hu(x), [0, 0, 0.5, 1, 1])
+    np.testing.assert_allclose(uh.window_hu(x, (-200, 250)), [0, 100 / 450, 350 / 450, 1, 1])
+    np.testing.assert_array_equal(uh.context_indices(4, 3), [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]])
+    assert uh.context_indices(4, 5)[0].tolist() == [0, 0, 0, 1, 2]
+    with pytest.raises(ValueError, match="odd"):
+        uh.context_indices(4, 2)
+
+
+def test_resize_label_is_nearest_and_image_smooth():
+    lab = np.zeros((64, 64, 2), np.uint8)
+    lab[10:30, 20:40] = 2
+    out = uh.resize_volume_slices(lab, 32, is_label=True)
+    assert out.shape == (2, 32, 32) and set(np.unique(out)) == {0, 2}
+    assert out[0].sum() == 2 * 10 * 10
+    img = np.zeros((64, 64, 1), np.float32)
+    img[:32] = 1
+    r = uh.resize_volume_slices(img, 16)
+    assert r.shape == (1, 16, 16) and r.min() >= -1e-5 and r.max() <= 1 + 1e-5
+    assert np.all(np.abs(r[0, 7:9, 0] - 0.5) < 0.49)  # a smooth edge: intermediate values
+
+
+def _hash_tree(root: Path) -> str:
+    h = hashlib.sha1()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            st = p.stat()
+            h.update(p.read_bytes() + str(st.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def test_cache_reuse_invalidation_and_data_untouched(synthetic_dir, tmp_path, monkeypatch):
+    before = _hash_tree(synthetic_dir)
+    cases = uh.find_cases(synthetic_dir)
+    cache = tmp_path / "cache"
+    first = uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False)
+    assert not any(c.from_cache for c in first)
+    assert first[0].image.dtype == np.float16 and first[0].image.shape == (24, 32, 32)
+    assert isinstance(first[0].image, np.memmap)
+    assert first[0].label_full.shape == (64, 64, 24)
+
+    calls = []
+    real_load = uh.load_case
+    monkeypatch.setattr(uh, "load_case", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    again = uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False)
+    assert calls == [] and all(c.from_cache for c in again)
+    np.testing.assert_array_equal(again[2].image, first[2].image)
+
+    uh.preprocess_dataset(cases, cache, image_size=32, hu_window=(-200, 250), workers=0, progress=False)
+    assert len(calls) == len(cases)  # a parameter change re-decodes everything
+
+    calls.clear()
+    st = cases[1].image.stat()
+    os.utime(cases[1].image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False)
+    assert [c.case_id for c in third if not c.from_cache] == [cases[1].case_id]
+    assert len(calls) == 1
+    assert uh.clean_cache(cache, keep=third) == len(cases) + 1  # the (-200, 250) entries + old liver_1
+    assert all(c.from_cache for c in uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False))
+    os.utime(cases[1].image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _hash_tree(synthetic_dir) == before  # nothing written into the data folder
+
+
+def test_interrupted_cache_write_is_not_trusted(synthetic_dir, tmp_path, monkeypatch):
+    cases = uh.find_cases(synthetic_dir)[:2]
+    cache = tmp_path / "cache"
+    real_save = np.save
+    n = {"saves": 0}
+
+    def dying_save(path, arr, *a, **k):
+        n["saves"] += 1
+        if n["saves"] == 2:
+            raise KeyboardInterrupt("killed mid-write")
+        return real_save(path, arr, *a, **k)
+
+    monkeypatch.setattr(np, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False)
+    monkeypatch.setattr(np, "save", real_save)
+    assert not [p for p in cache.iterdir() if not p.name.startswith(".tmp-")]  # nothing half-written trusted
+    # a stale temp folder from a hard kill is ignored as well
+    (cache / ".tmp-liver_0-dead").mkdir()
+    out = uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False)
+    assert not any(c.from_cache for c in out)
+    assert out[0].image.shape == (24, 32, 32)
+
+
+def test_parallel_workers_match_serial(synthetic_dir, tmp_path):
+    cases = uh.find_cases(synthetic_dir)[:4]
+    serial = uh.preprocess_dataset(cases, tmp_path / "a", image_size=32, workers=0, progress=False)
+    para = uh.preprocess_dataset(cases, tmp_path / "b", image_size=32, workers=2, progress=False)
+    for s, p in zip(serial, para):
+        np.testing.assert_array_equal(s.image, p.image)
+        np.testing.assert_array_equal(s.label, p.label)
+
+
+def test_cache_inside_data_folder_refused(synthetic_dir):
+    cases = uh.find_cases(synthetic_dir)
+    with pytest.raises(ValueError, match="inside the data folder"):
+        uh.preprocess_dataset(cases, synthetic_dir / "images" / "cache", image_size=32, progress=False)
+
+
+# ---------------------------------------------------------------- data sets
+def test_split_is_patient_level_and_deterministic():
+    ids = [f"liver_{i}" for i in range(20)]
+    tr, va = uh.split_cases(ids, 0.2, seed=1)
+    assert len(va) == 4 and not set(tr) & set(va) and sorted(tr + va, key=uh.natural_key) == ids
+    assert uh.split_cases(ids, 0.2, seed=1) == (tr, va)
+    assert uh.split_cases(ids, 0.2, seed=2) != (tr, va)
+
+
+def test_slice_selection_set_and_sampler(synthetic_dir, tmp_path):
+    cached = uh.preprocess_dataset(uh.find_cases(synthetic_dir)[:3], tmp_path / "c", image_size=32,
+                                   workers=0, progress=False)
+    sel = uh.select_slices(cached, empty_fraction=0.5, seed=0)
+    liver = np.concatenate([c.has_liver for c in cached])
+    assert liver[sel].sum() == liver.sum()  # every liver slice kept
+    n_empty = (~liver).sum()
+    assert (~liver[sel]).sum() == pytest.approx(n_empty * 0.5, abs=3)
+    s = uh.SliceSet(cached, context=3)
+    assert len(s) == sum(c.n_slices for c in cached)
+    x, y = s.batch(np.array([0, 24, 71]))
+    assert x.shape == (3, 3, 32, 32) and x.dtype == np.float32 or str(x.dtype) == "torch.float32"
+    # slice 24 is the first of case 2: its lower neighbour is replicated, not taken from case 1
+    np.testing.assert_array_equal(x[1, 0].numpy(), x[1, 1].numpy())
+    np.testing.assert_array_equal(x[1, 1].numpy(), np.asarray(cached[1].image[0], np.float32))
+    np.testing.assert_array_equal(y[2].numpy(), cached[2].label[23])
+    samp = uh.TumorAwareSampler(sel, s.has_liver, s.has_tumor, batch_size=8, tumor_share=0.5, seed=0)
+    batches = samp.epoch(0)
+    if s.has_tumor.any():
+        assert all(s.has_tumor[b].sum() >= 4 for b in batches)
+    assert all(np.isin(b, sel).all() for b in batches)
+    assert [b.tolist() for b in samp.epoch(0)] == [b.tolist() for b in batches]
+
+
+# ---------------------------------------------------------------- synthetic set
+def test_synthetic_set_layout_dtypes_determinism(synthetic_dir, tmp_path):
+    cases = uh.find_cases(synthetic_dir)
+    assert [c.case_id for c in cases] == [f"liver_{i}" for i in range(6)]
+    nimg = nib.load(str(cases[0].image))
+    assert nimg.get_data_dtype() == np.int16 and nib.load(str(cases[0].label)).get_data_dtype() == np.uint8
+    axcodes = {nib.aff2axcodes(nib.load(str(c.image)).affine) for c in cases}
+    assert len(axcodes) >= 1
+    again = uh.make_synthetic_dataset(tmp_path / "again", n_cases=2, shape=(64, 64, 24), seed=3, progress=False)
+    for i in range(2):
+        a = nib.load(str(synthetic_dir / "images" / f"liver_{i}.nii.gz")).get_fdata()
+        b = nib.load(str(tmp_path / "again" / "images" / f"liver_{i}.nii.gz")).get_fdata()
+        np.testing.assert_array_equal(a, b)
+    other = uh.synthetic_ct_volume((64, 64, 24), seed=uh.hash_seed(4, 0))[0]
+    assert not np.array_equal(other, nib.load(str(cases[0].image)).get_fdata())
+    assert again["settings"]["seed"] == 3
+
+
+def test_synthetic_statistics_like_lits():
+    labels, facts = [], []
+    for i in range(10):
+        img, lab, aff, f = uh.synthetic_ct_volume((96, 96, 40), seed=uh.hash_seed(11, i))
+        labels.append(lab)
+        facts.append(f)
+        assert set(np.unique(lab)) <= {0, 1, 2}
+        liver = lab >= 1
+        share = liver.any(axis=(0, 1)).mean()
+        assert 0.3 <= share <= 0.5, share
+        cx = np.argwhere(liver)[:, 0].mean()
+        assert cx > 48  # liver on the patient's right
+        if (lab == 2).any():
+            burden = (lab == 2).sum() / liver.sum()
+            assert 0.001 <= burden <= 0.08, burden
+            les_hu = img[lab == 2].mean()
+            liv_hu = img[lab == 1].mean()
+            assert abs(les_hu - liv_hu) < 80
+        assert 100 <= f["liver_hu"] <= 130 and 10 <= f["noise_hu"] <= 20
+        # the liver's neighbours share its HU: a threshold alone does not find it
+        band = (img > f["liver_hu"] - 25) & (img < f["liver_hu"] + 25)
+        assert (band & ~liver).sum() > 0.2 * (band & liver).sum()
+    stats = uh.class_statistics(labels)
+    assert 0.0005 < stats["voxel_share"]["tumor"] < stats["voxel_share"]["liver"] < 0.2
+    assert 0.001 <= stats["tumor_share_of_liver_median"] <= 0.07
+    n_les = [len(f["lesions"]) for f in facts]
+    assert max(n_les) <= 8
+    radii = [les["radius_mm"] for f in facts for les in f["lesions"]]
+    assert min(radii) >= 2 and max(radii) <= 25

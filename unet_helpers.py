@@ -1,0 +1,1010 @@
+"""Helpers for the liver & liver-tumour CT segmentation tutorial (``liver_segmentation.ipynb``).
+
+The notebook does ``import unet_helpers as uh`` and calls ``uh.name(...)``.  The module is
+ordered as the notebook uses it:
+
+1. I/O            -- find_cases, load_case (notebook section "Data", "Look at one volume")
+2. preprocessing  -- window_hu, resize, 2.5D context, the slice cache ("Preprocess")
+3. data sets      -- split, slice selection, SliceSet, sampler, augmentation ("Preprocess")
+4. model          -- DoubleConv, Down, Up, OutConv, UNet ("Model")
+5. loss           -- DiceCELoss ("Loss")
+6. training       -- set_determinism, train ("Train")
+7. evaluation     -- dice, HD95/ASSD, evaluate, predict_volume ("Evaluate", "Inference")
+8. plots          -- curves, per-case Dice, overlays ("Curves", "Look at predictions")
+9. synthetic data -- make_synthetic_dataset ("Data", when no real CT is found)
+
+Conventions: volumes are held in the canonical RAS+ orientation as ``(X, Y, Z)`` arrays
+(``X`` toward the patient's right, ``Y`` anterior, ``Z`` superior); an axial slice is
+``vol[:, :, z]``; the cache stores slices as ``(Z, S, S)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+from tqdm.auto import tqdm
+
+__all__ = [
+    "CTDataError", "CaseFiles", "Case", "find_cases", "load_case",
+    "window_hu", "preprocess_dataset", "CachedCase",
+    "split_cases", "SliceSet", "make_synthetic_dataset",
+]
+
+LABEL_NAMES = {0: "background", 1: "liver", 2: "tumor"}
+DEFAULT_HU_WINDOW = (-100.0, 400.0)  # liver soft-tissue window; (-200, 250) is a common alternative
+CACHE_VERSION = 1  # bump when the cache format or preprocessing code changes
+
+
+# =============================================================================================
+# 1. I/O: find and load NIfTI cases                               (notebook: "Data", "Look")
+# =============================================================================================
+
+class CTDataError(ValueError):
+    """Raised for input data that cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """One case on disk: its id, image path and label path (``None`` = unlabelled)."""
+
+    case_id: str
+    image: Path
+    label: Path | None = None
+
+
+_NIFTI_RE = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$", re.IGNORECASE)
+_IMAGE_DIRS = {"images", "imagestr", "imagests", "volumes", "image"}
+_LABEL_DIRS = {"labels", "labelstr", "labelsts", "segmentations", "masks", "label"}
+_LITS_RE = re.compile(r"^(?P<kind>volume|segmentation)-(?P<num>\d+)$", re.IGNORECASE)
+_LAYOUTS_HELP = (
+    "  - Kaggle '3D Liver and Liver Tumor Segmentation': images/liver_N.nii + labels/liver_N.nii\n"
+    "  - Medical Segmentation Decathlon Task03_Liver: imagesTr/liver_N.nii.gz + labelsTr/liver_N.nii.gz"
+    " (+ imagesTs/)\n"
+    "  - raw LiTS: volume-N.nii + segmentation-N.nii (flat or in batch sub-folders)\n"
+    "  (.nii and .nii.gz alike, searched recursively)"
+)
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders ``liver_2`` before ``liver_10``."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def _role_and_id(path: Path) -> tuple[str, str] | None:
+    """Classify a NIfTI path as ('image'|'label', case_id), or None when it is neither."""
+    m = _NIFTI_RE.match(path.name)
+    if not m:
+        return None
+    stem = m.group("stem")
+    lits = _LITS_RE.match(stem)
+    if lits:  # raw LiTS names carry the role themselves
+        role = "image" if lits.group("kind").lower() == "volume" else "label"
+        return role, f"lits_{int(lits.group('num'))}"
+    parent = path.parent.name.lower()
+    if parent in _IMAGE_DIRS:
+        return "image", stem
+    if parent in _LABEL_DIRS:
+        return "label", stem
+    return None
+
+
+def find_cases(data_dir: str | os.PathLike) -> list[CaseFiles]:
+    """Find CT cases under ``data_dir`` and pair images with labels by case id.
+
+    Used in the notebook section "Data".  Pairs by case id (never by list position) and returns
+    cases in natural order.  Hidden files and macOS ``._*`` files are ignored.
+
+    Args:
+        data_dir: folder to search recursively.
+
+    Returns:
+        List of :class:`CaseFiles`; ``label`` is ``None`` for unlabelled images (inference only).
+
+    Raises:
+        FileNotFoundError: ``data_dir`` does not exist.
+        CTDataError: nothing found, a label without an image, or two files for one case.
+    """
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"Data folder {root} does not exist (or is not a folder). "
+                                "Set DATA_DIR to the folder that holds the CT volumes.")
+    found: dict[str, dict[str, list[Path]]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            hit = _role_and_id(path)
+            if hit is None:
+                continue
+            role, case_id = hit
+            found.setdefault(case_id, {"image": [], "label": []})[role].append(path)
+    if not found:
+        raise CTDataError(f"No CT cases found under {root}. Looked for these layouts:\n{_LAYOUTS_HELP}")
+    cases = []
+    for case_id in sorted(found, key=natural_key):
+        images, labels = found[case_id]["image"], found[case_id]["label"]
+        for role, paths in (("image", images), ("label", labels)):
+            if len(paths) > 1:
+                listed = ", ".join(str(p) for p in sorted(paths))
+                raise CTDataError(f"Case {case_id!r} has {len(paths)} candidate {role} files: {listed}. "
+                                  "Keep one (e.g. remove the duplicate copy or the .nii/.nii.gz twin).")
+        if not images:
+            raise CTDataError(f"Label {labels[0]} has no matching image for case {case_id!r}. "
+                              "Expected an image with the same name in the sibling images folder.")
+        cases.append(CaseFiles(case_id, images[0], labels[0] if labels else None))
+    return cases
+
+
+@dataclass
+class Case:
+    """A loaded case in canonical RAS+ orientation.
+
+    Attributes:
+        case_id: case name.
+        image: float32 Hounsfield units, shape (X, Y, Z).
+        label: uint8 in {0, 1, 2}, same shape, or None.
+        affine: 4x4 voxel-to-world affine of the canonical arrays.
+        spacing: voxel size in mm (x, y, z).
+        source_affine, source_shape: the file's own grid, to map predictions back.
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    source_affine: np.ndarray
+    source_shape: tuple[int, int, int]
+    image_path: Path | None = None
+    label_path: Path | None = None
+
+
+def _open_nifti(path: Path) -> nib.Nifti1Image:
+    """Open a NIfTI header, with errors that name the file."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for non-NIfTI / truncated files
+        raise CTDataError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc}). "
+                          "Is it a complete .nii/.nii.gz file?") from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise CTDataError(f"{path}: is a {type(img).__name__}, not a NIfTI image")
+    return img
+
+
+def _read_array(img: nib.Nifti1Image, path: Path, as_float: bool) -> np.ndarray:
+    """Read voxel data (scaled float32, or raw stored dtype), squeezing a singleton 4th axis."""
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        pass  # squeezed below
+    elif len(shape) != 3:
+        raise CTDataError(f"{path}: expected a 3D volume, got shape {shape}"
+                          + (" (a 4D series: pick one volume first)" if len(shape) == 4 else ""))
+    try:
+        data = img.get_fdata(dtype=np.float32) if as_float else np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise CTDataError(f"{path}: voxel data cannot be read ({type(exc).__name__}: {exc}); "
+                          "the file is probably truncated or corrupt") from exc
+    if data.ndim == 4:
+        data = data[..., 0]
+    return data
+
+
+def _to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient an array to RAS+ (as ``nib.as_closest_canonical`` does) keeping its dtype."""
+    ornt = io_orientation(affine)
+    new_affine = affine @ inv_ornt_aff(ornt, data.shape)
+    return np.ascontiguousarray(apply_orientation(data, ornt)), new_affine
+
+
+def check_label_values(label: np.ndarray, path: Path | str) -> np.ndarray:
+    """Validate a label array (values in {0,1,2}; float must be integral) and return uint8."""
+    if label.dtype.kind == "f":
+        if not np.all(np.isfinite(label)):
+            raise CTDataError(f"{path}: label holds NaN or inf values")
+        if not np.all(label == np.round(label)):
+            bad = np.unique(label[label != np.round(label)])[:5]
+            raise CTDataError(f"{path}: label is float with non-integral values (e.g. {bad.tolist()}); "
+                              "a probability map? Threshold it to 0/1/2 first.")
+    values = np.unique(label)
+    extra = [v for v in values.tolist() if v not in (0, 1, 2)]
+    if extra:
+        hint = " A 0/255 mask? Convert with (mask > 0)." if 255 in extra else ""
+        raise CTDataError(f"{path}: label values must be 0 background, 1 liver, 2 tumour; "
+                          f"found {[int(v) if float(v).is_integer() else v for v in values.tolist()]}.{hint}")
+    return label.astype(np.uint8, copy=False)
+
+
+def check_ct_intensities(image: np.ndarray, path: Path | str) -> None:
+    """Raise on NaN/inf; warn when intensities do not look like CT Hounsfield units."""
+    if not np.isfinite(image).all():
+        raise CTDataError(f"{path}: image holds NaN or inf values")
+    sample = image[::4, ::4, ::2] if image.ndim == 3 else image
+    lo, hi = np.percentile(sample, [1, 99])
+    if hi - lo < 50 or lo > -300 or hi > 5000:
+        warnings.warn(f"{path}: intensities (1st-99th percentile {lo:.1f} .. {hi:.1f}) do not look like "
+                      "CT Hounsfield units (air ~ -1000, soft tissue 0-100). MR or already-normalised "
+                      "data? The HU window will not fit it.", stacklevel=3)
+
+
+def load_case(image_path: str | os.PathLike, label_path: str | os.PathLike | None = None,
+              case_id: str | None = None) -> Case:
+    """Load one CT volume (and label) as canonical RAS+ arrays, validating both.
+
+    Used in the notebook sections "Look at one volume" and "Inference".
+
+    Args:
+        image_path: CT NIfTI file.
+        label_path: label NIfTI file (0 background, 1 liver, 2 tumour) or None.
+        case_id: name for the case; defaults to the file name without extension.
+
+    Returns:
+        A :class:`Case` with float32 HU image and uint8 label in RAS+ orientation.
+
+    Raises:
+        CTDataError: unreadable file, 4D series, shape/affine mismatch, bad label values, NaN/inf.
+    """
+    image_path = Path(image_path)
+    img = _open_nifti(image_path)
+    data = _read_array(img, image_path, as_float=True)
+    check_ct_intensities(data, image_path)
+    source_affine = img.affine.copy()
+    image, affine = _to_canonical(data, source_affine)
+    label = None
+    if label_path is not None:
+        label_path = Path(label_path)
+        lab_img = _open_nifti(label_path)
+        lab = _read_array(lab_img, label_path, as_float=False)
+        if lab.shape != data.shape:
+            raise CTDataError(f"{label_path}: label shape {lab.shape} differs from image shape {data.shape} "
+                              f"of {image_path}")
+        if not np.allclose(lab_img.affine, source_affine, atol=1e-3, rtol=1e-4):
+            raise CTDataError(f"{label_path}: label affine differs from the image's ({image_path}); "
+                              f"label:\n{np.round(lab_img.affine, 3)}\nimage:\n{np.round(source_affine, 3)}")
+        lab = check_label_values(lab, label_path)
+        label, _ = _to_canonical(lab, source_affine)
+    spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    m = _NIFTI_RE.match(image_path.name)
+    name = case_id or (m.group("stem") if m else image_path.stem)
+    return Case(name, image, label, affine, spacing, source_affine, tuple(data.shape),
+                image_path, Path(label_path) if label_path is not None else None)
+
+
+def from_canonical(array: np.ndarray, source_affine: np.ndarray) -> np.ndarray:
+    """Map a canonical (RAS+) array back to the grid of the file it came from."""
+    ornt = io_orientation(source_affine)
+    back = ornt_transform(np.array([[0, 1], [1, 1], [2, 1]]), ornt)
+    return np.ascontiguousarray(apply_orientation(array, back))
+
+
+def show_slice(slice_xy: np.ndarray) -> np.ndarray:
+    """Turn an RAS+ axial slice ``vol[:, :, z]`` into radiological view (patient right on the left)."""
+    return slice_xy.T[::-1, ::-1]
+
+
+# =============================================================================================
+# 2. Preprocessing: HU window, resize, the slice cache                     (notebook: "Preprocess")
+# =============================================================================================
+
+def window_hu(image: np.ndarray, window: Sequence[float] = DEFAULT_HU_WINDOW) -> np.ndarray:
+    """Clip HU to ``window`` and scale to [0, 1] (float32).
+
+    The default [-100, 400] keeps fat, soft tissue, contrast-enhanced liver and vessels apart
+    and saturates bone and air; [-200, 250] is a common narrower alternative.
+    """
+    lo, hi = float(window[0]), float(window[1])
+    if hi <= lo:
+        raise ValueError(f"HU window must be (low, high) with high > low, got {window}")
+    out = np.clip(image, lo, hi).astype(np.float32, copy=False)
+    out -= lo
+    out *= 1.0 / (hi - lo)
+    return out
+
+
+def resize_volume_slices(volume: np.ndarray, size: int, is_label: bool = False) -> np.ndarray:
+    """Resize every axial slice of an (X, Y, Z) volume to (size, size); return (Z, size, size).
+
+    Images are resized smoothly (bilinear with anti-aliasing), labels by nearest neighbour.
+    """
+    nx, ny, nz = volume.shape
+    if is_label:
+        ix = np.minimum(((np.arange(size) + 0.5) * nx / size).astype(np.int64), nx - 1)
+        iy = np.minimum(((np.arange(size) + 0.5) * ny / size).astype(np.int64), ny - 1)
+        return np.ascontiguousarray(volume[ix][:, iy].transpose(2, 0, 1))
+    t = torch.from_numpy(np.ascontiguousarray(volume.transpose(2, 0, 1)))[:, None]
+    if (nx, ny) != (size, size):
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=(nx > size or ny > size))
+    return t[:, 0].numpy()
+
+
+def context_indices(n_slices: int, context: int) -> np.ndarray:
+    """(n_slices, context) indices of each slice's neighbours, edges replicated (2.5D input)."""
+    if context < 1 or context % 2 == 0:
+        raise ValueError(f"context must be an odd number >= 1 (1, 3, 5), got {context}")
+    half = context // 2
+    idx = np.arange(n_slices)[:, None] + np.arange(-half, half + 1)[None, :]
+    return np.clip(idx, 0, n_slices - 1)
+
+
+@dataclass
+class CachedCase:
+    """A preprocessed case from the slice cache.
+
+    Attributes:
+        case_id: case name.
+        image: (Z, S, S) float16 windowed slices in [0, 1], memory-mapped.
+        label: (Z, S, S) uint8 resized label, memory-mapped, or None.
+        label_full: (X, Y, Z) uint8 canonical label at full resolution (for 3D scoring) or None.
+        has_liver, has_tumor: per-slice flags (Z,) from the full-resolution label.
+        meta: spacing, shapes, affines and source paths.
+        from_cache: True when nothing was decoded for this case in this call.
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    label_full: np.ndarray | None
+    has_liver: np.ndarray
+    has_tumor: np.ndarray
+    meta: dict
+    from_cache: bool = False
+
+    @property
+    def n_slices(self) -> int:
+        """Number of axial slices."""
+        return int(self.image.shape[0])
+
+
+def _file_fingerprint(path: Path | None) -> list | None:
+    """(absolute path, size, mtime_ns) of a file, for cache keys."""
+    if path is None:
+        return None
+    st = Path(path).stat()
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
+def cache_key(case: CaseFiles, image_size: int, hu_window: Sequence[float]) -> str:
+    """Hash of the input files (path, size, mtime) and every preprocessing parameter."""
+    payload = {"v": CACHE_VERSION, "image": _file_fingerprint(case.image), "label": _file_fingerprint(case.label),
+               "size": int(image_size), "window": [float(hu_window[0]), float(hu_window[1])]}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_cache_dir(cache_dir: Path, data_dirs: Iterable[Path]) -> None:
+    """Refuse a cache folder inside a data folder (inputs are read-only, e.g. /kaggle/input)."""
+    cache_dir = cache_dir.resolve()
+    for d in data_dirs:
+        d = d.resolve()
+        if cache_dir == d or d in cache_dir.parents:
+            raise ValueError(f"Cache folder {cache_dir} lies inside the data folder {d}; "
+                             "choose a writable folder outside it (e.g. OUTPUT_DIR/cache).")
+
+
+def _preprocess_one(case: CaseFiles, out_dir: str, image_size: int, hu_window: tuple) -> str:
+    """Decode one case and write its cache entry atomically (temp folder + rename)."""
+    if _WORKER:
+        torch.set_num_threads(1)
+    loaded = load_case(case.image, case.label, case.case_id)
+    final = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{case.case_id}-", dir=final.parent))
+    try:
+        img = np.clip(resize_volume_slices(window_hu(loaded.image, hu_window), image_size), 0, 1)
+        np.save(tmp / "image.npy", img.astype(np.float16))
+        meta = {"case_id": case.case_id, "image_path": str(case.image),
+                "label_path": str(case.label) if case.label else None,
+                "spacing": list(loaded.spacing), "shape": list(loaded.image.shape),
+                "affine": loaded.affine.tolist(), "source_affine": loaded.source_affine.tolist(),
+                "source_shape": list(loaded.source_shape), "image_size": image_size,
+                "hu_window": list(hu_window)}
+        if loaded.label is not None:
+            np.save(tmp / "label.npy", resize_volume_slices(loaded.label, image_size, is_label=True))
+            np.save(tmp / "label_full.npy", loaded.label)
+            meta["has_liver"] = (loaded.label >= 1).any(axis=(0, 1)).tolist()
+            meta["has_tumor"] = (loaded.label == 2).any(axis=(0, 1)).tolist()
+        else:
+            meta["has_liver"] = meta["has_tumor"] = [False] * img.shape[0]
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if final.exists():  # a concurrent run finished first; its entry is equivalent
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return case.case_id
+
+
+_WORKER = False
+
+
+def _worker_init() -> None:
+    """Mark a pool process so it keeps torch single-threaded."""
+    global _WORKER
+    _WORKER = True
+
+
+def _open_entry(entry: Path, from_cache: bool) -> CachedCase:
+    """Memory-map one finished cache entry."""
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["entry"] = str(entry)
+    has_label = (entry / "label.npy").exists()
+    return CachedCase(
+        meta["case_id"], np.load(entry / "image.npy", mmap_mode="r"),
+        np.load(entry / "label.npy", mmap_mode="r") if has_label else None,
+        np.load(entry / "label_full.npy", mmap_mode="r") if has_label else None,
+        np.asarray(meta["has_liver"], bool), np.asarray(meta["has_tumor"], bool), meta, from_cache)
+
+
+def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike, image_size: int = 256,
+                       hu_window: Sequence[float] = DEFAULT_HU_WINDOW, workers: int | None = None,
+                       progress: bool = True) -> list[CachedCase]:
+    """Window, resize and cache every case once; later calls only memory-map the cache.
+
+    Used in the notebook section "Preprocess".  Each case is keyed by a hash of its input files
+    (path, size, mtime) and of every preprocessing parameter, so changing a parameter or
+    touching a file re-decodes exactly what it should.  Entries are written to a temporary
+    folder and renamed into place, so an interrupted run never leaves an entry a later run trusts.
+
+    Args:
+        cases: from :func:`find_cases`.
+        cache_dir: writable folder outside the data folder.
+        image_size: in-plane size S of the cached slices.
+        hu_window: (low, high) HU window.
+        workers: decoding processes; None = up to 4 when several cases need decoding.
+        progress: show a tqdm bar over volumes.
+
+    Returns:
+        One :class:`CachedCase` per input case, in input order.
+    """
+    cache_dir = Path(cache_dir)
+    _check_cache_dir(cache_dir, {Path(c.image).parent for c in cases}
+                     | {Path(c.label).parent for c in cases if c.label})
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    hu_window = (float(hu_window[0]), float(hu_window[1]))
+    entries = [cache_dir / f"{c.case_id}-{cache_key(c, image_size, hu_window)}" for c in cases]
+    todo = [(c, e) for c, e in zip(cases, entries) if not (e / "meta.json").exists()]
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1) if len(todo) >= 4 else 0
+    bar = tqdm(total=len(todo), desc="preprocess volumes", unit="vol", disable=not progress or not todo)
+    if workers > 1:
+        import multiprocessing as mp
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+            futures = [pool.submit(_preprocess_one, c, str(e), image_size, hu_window) for c, e in todo]
+            for fut in futures:
+                fut.result()
+                bar.update()
+    else:
+        for c, e in todo:
+            _preprocess_one(c, str(e), image_size, hu_window)
+            bar.update()
+    bar.close()
+    done = {e for _, e in todo}
+    return [_open_entry(e, from_cache=e not in done) for e in entries]
+
+
+def clean_cache(cache_dir: str | os.PathLike, keep: Sequence[CachedCase]) -> int:
+    """Delete cache entries not in ``keep`` and interrupted temp folders; return how many."""
+    keep_paths = {Path(c.meta["entry"]).resolve() for c in keep}
+    removed = 0
+    for entry in Path(cache_dir).iterdir():
+        if entry.is_dir() and entry.resolve() not in keep_paths:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+# =============================================================================================
+# 3. Data sets: split, slice selection, on-device batches, augmentation    (notebook: "Preprocess")
+# =============================================================================================
+
+def split_cases(case_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
+    """Patient-level train/validation split, deterministic by seed.
+
+    A case's slices are never in both parts (splitting slices at random leaks neighbouring,
+    nearly identical slices into validation and inflates Dice).
+
+    Returns:
+        (train_ids, val_ids), each in natural order.
+    """
+    ids = sorted(case_ids, key=natural_key)
+    if len(ids) < 2:
+        raise ValueError(f"Need at least 2 labelled cases to split, got {len(ids)}")
+    n_val = min(len(ids) - 1, max(1, int(round(len(ids) * val_fraction))))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    val = {ids[i] for i in order[:n_val]}
+    return [i for i in ids if i not in val], [i for i in ids if i in val]
+
+
+def select_slices(cases: Sequence[CachedCase], empty_fraction: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Global slice indices to train on: every slice with liver plus a share of those without.
+
+    Args:
+        cases: cached cases in the order a :class:`SliceSet` concatenates them.
+        empty_fraction: share of liver-free slices to keep (the model must learn "no liver here").
+        seed: which liver-free slices are kept.
+    """
+    rng = np.random.default_rng(seed)
+    keep, offset = [], 0
+    for c in cases:
+        liver = np.flatnonzero(c.has_liver)
+        empty = np.flatnonzero(~c.has_liver)
+        n_empty = int(round(len(empty) * empty_fraction))
+        chosen = np.sort(np.concatenate([liver, rng.choice(empty, n_empty, replace=False)]))
+        keep.append(chosen + offset)
+        offset += c.n_slices
+    return np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, np.int64)
+
+
+class SliceSet:
+    """The slices of some cached cases as one tensor, with 2.5D neighbour tables.
+
+    Used in the notebook sections "Preprocess" and "Train".  Keeping the whole training set as
+    one float16 tensor on the training device (GPU when it fits) and gathering batches by index
+    removes the DataLoader bottleneck of a 4-core Kaggle machine.
+
+    Args:
+        cases: cached cases (with labels).
+        context: number of adjacent slices given as channels (1, 3 or 5).
+        device: where the tensors live.
+    """
+
+    def __init__(self, cases: Sequence[CachedCase], context: int = 1, device: str | torch.device = "cpu"):
+        if not cases:
+            raise ValueError("SliceSet needs at least one case")
+        self.cases, self.context, self.device = list(cases), context, torch.device(device)
+        total, size = sum(c.n_slices for c in cases), cases[0].image.shape[1:]
+        self.images = torch.empty((total, *size), dtype=torch.float16, device=self.device)
+        self.labels = torch.empty((total, *size), dtype=torch.uint8, device=self.device)
+        offset = 0
+        with warnings.catch_warnings():  # memmaps are read-only; they are only copied from here
+            warnings.simplefilter("ignore", UserWarning)
+            for c in cases:
+                self.images[offset:offset + c.n_slices] = torch.from_numpy(np.asarray(c.image))
+                self.labels[offset:offset + c.n_slices] = torch.from_numpy(np.asarray(c.label))
+                offset += c.n_slices
+        neigh, case_of, offset = [], [], 0
+        for i, c in enumerate(cases):
+            neigh.append(context_indices(c.n_slices, context) + offset)
+            case_of.append(np.full(c.n_slices, i))
+            offset += c.n_slices
+        self.neighbours = torch.from_numpy(np.concatenate(neigh)).to(self.device)
+        self.case_of = np.concatenate(case_of)
+        self.has_liver = np.concatenate([c.has_liver for c in cases])
+        self.has_tumor = np.concatenate([c.has_tumor for c in cases])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batch(self, index: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather slices ``index`` as (B, context, S, S) float32 inputs and (B, S, S) long labels."""
+        index = torch.as_tensor(index, device=self.device)
+        x = self.images[self.neighbours[index]].float()
+        y = self.labels[index].long()
+        return x, y
+
+
+class TumorAwareSampler:
+    """Batches of slice indices with a fixed share drawn from tumour slices and from liver slices.
+
+    As nnU-Net oversamples foreground, a share ``tumor_share`` of each batch comes from slices
+    with tumour and ``liver_share`` from slices with liver; the rest is drawn uniformly from
+    ``pool``.  With both shares 0 this is plain uniform sampling (the baseline recipe).
+    Each epoch is a fixed function of (seed, epoch), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, pool: np.ndarray, has_liver: np.ndarray, has_tumor: np.ndarray, batch_size: int,
+                 tumor_share: float = 0.0, liver_share: float = 0.0, seed: int = 0):
+        self.pool = np.asarray(pool)
+        self.tumor = self.pool[has_tumor[self.pool]]
+        self.liver = self.pool[has_liver[self.pool]]
+        self.batch_size, self.seed = batch_size, seed
+        self.n_tumor = int(round(batch_size * tumor_share)) if len(self.tumor) else 0
+        self.n_liver = int(round(batch_size * liver_share)) if len(self.liver) else 0
+        if self.n_tumor + self.n_liver > batch_size:
+            raise ValueError("tumor_share + liver_share must be <= 1")
+
+    def __len__(self) -> int:
+        return max(1, len(self.pool) // self.batch_size)
+
+    def epoch(self, epoch: int) -> list[np.ndarray]:
+        """The list of index batches for ``epoch``."""
+        rng = np.random.default_rng([self.seed, epoch])
+        n_uniform = self.batch_size - self.n_tumor - self.n_liver
+        perm = rng.permutation(self.pool)
+        batches = []
+        for b in range(len(self)):
+            parts = [perm[b * n_uniform:(b + 1) * n_uniform] if n_uniform else perm[:0]]
+            if self.n_tumor:
+                parts.append(rng.choice(self.tumor, self.n_tumor))
+            if self.n_liver:
+                parts.append(rng.choice(self.liver, self.n_liver))
+            batches.append(np.concatenate(parts))
+        return batches
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+                  rotate_deg: float = 12.0, scale: tuple[float, float] = (0.85, 1.15),
+                  intensity: float = 0.1, noise: float = 0.03, p: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random rotation/scaling, intensity shift/scale and Gaussian noise, on x's device.
+
+    No left-right flip: it would break the prior that the liver lies on the patient's right.
+
+    Args:
+        x: (B, C, S, S) float images in [0, 1]; y: (B, S, S) long labels.
+        generator: torch generator on x's device, for reproducibility.
+        p: probability that a sample is augmented.
+    """
+    b, dev = x.shape[0], x.device
+
+    def rand(*shape):
+        return torch.rand(*shape, device=dev, generator=generator)
+
+    on = (rand(b) < p).float()
+    angle = (rand(b) * 2 - 1) * math.radians(rotate_deg) * on
+    s = 1 + (rand(b) * (scale[1] - scale[0]) + scale[0] - 1) * on
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
+                         torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="border",
+                      align_corners=False)[:, 0].long()
+    gain = 1 + (rand(b, 1, 1, 1) * 2 - 1) * intensity * on.view(b, 1, 1, 1)
+    shift = (rand(b, 1, 1, 1) * 2 - 1) * intensity * on.view(b, 1, 1, 1)
+    x = x * gain + shift
+    if noise > 0:
+        x = x + torch.randn(x.shape, device=dev, generator=generator) * noise * rand(b, 1, 1, 1) * on.view(b, 1, 1, 1)
+    return x, y
+
+
+# @@MODEL_SECTIONS@@
+
+
+# =============================================================================================
+# 9. Synthetic CT set                                           (notebook: "Data", no real CT found)
+# =============================================================================================
+
+class _Grid:
+    """World coordinates (mm, RAS+) of a volume's voxel centres, as broadcastable 1D axes."""
+
+    def __init__(self, shape: tuple[int, int, int], spacing: tuple[float, float, float]):
+        self.shape, self.spacing = shape, spacing
+        self.axes = [(np.arange(n) - (n - 1) / 2) * s if i < 2 else np.arange(n) * s
+                     for i, (n, s) in enumerate(zip(shape, spacing))]
+
+    def box(self, center: Sequence[float], half: Sequence[float]) -> tuple[tuple[slice, ...], list]:
+        """Index slices and (x, y, z) coordinate arrays of the box ``center +- half`` (mm)."""
+        sl, co = [], []
+        for ax, c, h, s in zip(self.axes, center, half, self.spacing):
+            lo = int(np.clip(np.searchsorted(ax, c - h - s), 0, len(ax)))
+            hi = int(np.clip(np.searchsorted(ax, c + h + s), 0, len(ax)))
+            sl.append(slice(lo, hi))
+            co.append(ax[lo:hi])
+        x, y, z = co
+        return tuple(sl), [x[:, None, None], y[None, :, None], z[None, None, :]]
+
+
+def _ellipsoid(coords: list, center: Sequence[float], radii: Sequence[float]) -> np.ndarray:
+    """Normalised ellipsoid radius (1 on the surface) on box coordinates."""
+    x, y, z = coords
+    return np.sqrt(((x - center[0]) / radii[0]) ** 2 + ((y - center[1]) / radii[1]) ** 2
+                   + ((z - center[2]) / radii[2]) ** 2)
+
+
+def _wobble(rng: np.random.Generator, coords: list, amp: float, wavelength: tuple[float, float], n: int = 5):
+    """Smooth random field (sum of plane waves) to make shapes irregular."""
+    x, y, z = coords
+    out = 0.0
+    for _ in range(n):
+        d = rng.normal(size=3)
+        d *= 2 * np.pi / (rng.uniform(*wavelength) * np.linalg.norm(d))
+        out = out + rng.uniform(0.3, 1.0) * np.sin(d[0] * x + d[1] * y + d[2] * z + rng.uniform(0, 2 * np.pi))
+    return amp * out / n * 2
+
+
+def _paint_ellipsoid(vol, lab, grid, rng, center, radii, hu, label=None, wobble=0.0, within=None):
+    """Set ``hu`` (and ``label``) inside a (wobbly) ellipsoid; returns the box slices and mask."""
+    sl, co = grid.box(center, np.asarray(radii) * (1 + wobble * 1.5))
+    f = _ellipsoid(co, center, radii)
+    if wobble:
+        f = f + _wobble(rng, co, wobble, (40, 120))
+    mask = f < 1
+    if within is not None:
+        mask &= within[sl]
+    vol[sl][mask] = hu
+    if label is not None:
+        lab[sl][mask] = label
+    return sl, mask
+
+
+def _tube_mask(grid, p0, p1, radius):
+    """Box slices and mask of a cylinder of ``radius`` around segment p0-p1 (mm)."""
+    p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
+    center, half = (p0 + p1) / 2, np.abs(p1 - p0) / 2 + radius
+    sl, (x, y, z) = grid.box(center, half)
+    d = p1 - p0
+    t = np.clip(((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / max(d @ d, 1e-6), 0, 1)
+    dist2 = (x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (z - p0[2] - t * d[2]) ** 2
+    return sl, dist2 < radius ** 2
+
+
+def synthetic_ct_volume(shape: tuple[int, int, int] = (256, 256, 64), seed: int = 0,
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """One synthetic contrast-enhanced abdominal CT in RAS+ orientation.
+
+    Used by :func:`make_synthetic_dataset`.  The anatomy is built so that intensity alone does
+    not find the liver (spleen, IVC, kidneys and stomach wall share its HU) and tumours stay
+    hard (0-8 lesions of 2-25 mm radius, mostly hypodense by 15-60 HU, some hyperdense or
+    faint, 0.2-7 % of the liver), with noise, blur and partial-volume edges.
+
+    Returns:
+        (image int16 HU (X, Y, Z), label uint8 (X, Y, Z), affine (4x4), facts dict).
+    """
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = shape
+    fov = rng.uniform(340, 420)
+    length = rng.uniform(220, 280)  # cranio-caudal extent (mm)
+    spacing = (fov / nx, fov / ny, length / nz)
+    grid = _Grid(shape, spacing)
+    X, Y, Z = grid.axes[0][:, None, None], grid.axes[1][None, :, None], grid.axes[2][None, None, :]
+    vol = np.full(shape, -1000.0, np.float32)
+    lab = np.zeros(shape, np.uint8)
+
+    # Body: fat shell, muscle wall, visceral fat; the outline changes slowly along z.
+    ax, ay = rng.uniform(140, 175), rng.uniform(100, 125)
+    zmod = 1 + 0.04 * np.sin(Z / 60.0 + rng.uniform(0, 6))
+    fat_t, wall_t = rng.uniform(10, 30), rng.uniform(8, 14)
+    r_body = np.sqrt((X / (ax * zmod)) ** 2 + (Y / (ay * zmod)) ** 2)
+    body = r_body < 1
+    vol[body] = rng.uniform(-110, -90)
+    scale_in = 1 - fat_t / ay
+    vol[r_body < scale_in] = rng.uniform(40, 60)  # abdominal wall muscle
+    cavity = r_body < scale_in - wall_t / ay
+    vol[cavity] = rng.uniform(-100, -70)  # visceral fat
+
+    # Liver geometry (needed to place everything else); it spans ~35-45 % of the slices.
+    share = rng.uniform(0.36, 0.46)
+    rz = share * length / 2
+    cz = rng.uniform(0.52, 0.58) * length
+    liver_c = np.array([ax * rng.uniform(0.32, 0.42), rng.uniform(-5, 15), cz])
+    liver_r = np.array([rng.uniform(60, 78), rng.uniform(65, 85), rz])
+    lobe_c = np.array([rng.uniform(-30, -5), liver_c[1] + rng.uniform(25, 40), cz + rz * rng.uniform(0.1, 0.3)])
+    lobe_r = np.array([rng.uniform(45, 65), rng.uniform(25, 35), rz * rng.uniform(0.4, 0.55)])
+    top = cz + rz
+
+    # Bowel loops with gas in the lower abdomen; psoas muscles.
+    for _ in range(int(rng.integers(10, 18))):
+        c = [rng.uniform(-0.6, 0.6) * ax, rng.uniform(-0.3, 0.6) * ay, rng.uniform(0, cz - 0.5 * rz)]
+        r = rng.uniform(12, 28, size=3)
+        _paint_ellipsoid(vol, lab, grid, rng, c, r, rng.uniform(15, 45), wobble=0.15, within=cavity)
+        if rng.random() < 0.5:
+            _paint_ellipsoid(vol, lab, grid, rng, [c[0], c[1] + r[1] * 0.4, c[2]], r * 0.45,
+                             rng.uniform(-900, -600), within=cavity)
+    for sx in (-1, 1):
+        sl, m = _tube_mask(grid, (sx * 45, -ay * 0.55, 0), (sx * 30, -ay * 0.55, cz - 0.6 * rz), 18)
+        vol[sl][m & cavity[sl]] = rng.uniform(45, 60)
+
+    # Lungs above the liver dome.
+    for sx in (-1, 1):
+        c = [sx * ax * 0.5, -10, top + 0.95 * length * 0.5]
+        _paint_ellipsoid(vol, lab, grid, rng, c, [ax * 0.42, ay * 0.7, length * 0.5], rng.uniform(-870, -820),
+                         wobble=0.05, within=cavity)
+
+    # Spine (vertebral body, posterior arch, canal), ribs.
+    sc = -ay * 0.62
+    sl, m = _tube_mask(grid, (0, sc, -10), (0, sc, length + 10), 22)
+    vol[sl][m] = rng.uniform(700, 950)
+    sl, m = _tube_mask(grid, (0, sc, -10), (0, sc, length + 10), 18)
+    vol[sl][m] = rng.uniform(200, 300)
+    sl, m = _tube_mask(grid, (0, sc - 38, -10), (0, sc - 38, length + 10), 14)
+    vol[sl][m] = rng.uniform(400, 700)
+    sl, m = _tube_mask(grid, (0, sc - 30, -10), (0, sc - 30, length + 10), 7)
+    vol[sl][m] = rng.uniform(0, 20)
+    rib_zone = Z > cz - 0.6 * rz
+    rib_hu = rng.uniform(450, 900)
+    for k, ang in enumerate(np.linspace(0.15 * np.pi, 0.85 * np.pi, 9)):
+        for sx in (-1, 1):
+            rx, ry = sx * np.cos(ang) * ax * (scale_in - 0.04), np.sin(ang - 0.5) * ay * (scale_in - 0.04)
+            band = np.sin(2 * np.pi * Z / rng.uniform(28, 36) + k) > 0.2
+            m = (((X - rx) ** 2 + (Y - ry) ** 2) < 5.5 ** 2) & band & rib_zone
+            vol[m] = rib_hu
+
+    # Great vessels, kidneys, spleen, stomach: the liver's neighbours with liver-like HU.
+    liver_hu = rng.uniform(100, 130)
+    sl, m = _tube_mask(grid, (-15, sc + 35, -10), (-15, sc + 35, length + 10), rng.uniform(10, 13))
+    vol[sl][m] = rng.uniform(140, 190)  # aorta
+    ivc_hu = rng.uniform(110, 140)
+    for sx, dz in ((1, -0.75), (-1, -0.55)):
+        c = [sx * ax * 0.42, sc + 15, cz + dz * rz]
+        _paint_ellipsoid(vol, lab, grid, rng, c, [26, 30, 50], rng.uniform(150, 200), wobble=0.08, within=cavity)
+        _paint_ellipsoid(vol, lab, grid, rng, [c[0] - sx * 8, c[1], c[2]], [9, 12, 25], rng.uniform(10, 30))
+    spleen_hu = liver_hu + rng.uniform(-10, 15)
+    _paint_ellipsoid(vol, lab, grid, rng, [-ax * 0.52, -ay * 0.25, cz + 0.1 * rz], [32, 50, 0.5 * rz],
+                     spleen_hu, wobble=0.12, within=cavity)
+    st_c, st_r = [-ax * 0.28, ay * 0.15, cz + 0.25 * rz], np.array([42, 34, 0.5 * rz])
+    _paint_ellipsoid(vol, lab, grid, rng, st_c, st_r, rng.uniform(60, 90), wobble=0.1, within=cavity)
+    _paint_ellipsoid(vol, lab, grid, rng, st_c, st_r - 5, rng.uniform(0, 20), wobble=0.1, within=cavity)
+    _paint_ellipsoid(vol, lab, grid, rng, [st_c[0], st_c[1] + 20, st_c[2]], [25, 12, 25], -850, within=cavity)
+
+    # Liver: smooth union of right lobe and left lobe, irregular surface, textured, with vessels.
+    sl, co = grid.box(np.minimum(liver_c, lobe_c) / 2 + np.maximum(liver_c, lobe_c) / 2,
+                      np.abs(liver_c - lobe_c) / 2 + np.maximum(liver_r, lobe_r) * 1.3)
+    e1, e2 = _ellipsoid(co, liver_c, liver_r), _ellipsoid(co, lobe_c, lobe_r)
+    k = 0.15
+    f = -k * np.logaddexp(-e1 / k, -e2 / k) + _wobble(rng, co, 0.12, (50, 140))
+    liver = np.zeros(shape, bool)
+    liver[sl] = (f < 1) & cavity[sl]
+    vol[sl][liver[sl]] = (liver_hu + _wobble(rng, co, 4.0, (20, 60)) * np.ones_like(f))[liver[sl]]
+    lab[liver] = 1
+    hilum = liver_c + [-0.35 * liver_r[0], 0, -0.1 * rz]
+    for _ in range(int(rng.integers(4, 8))):
+        tip = liver_c + rng.uniform(-0.8, 0.8, 3) * liver_r
+        sl2, m = _tube_mask(grid, hilum, tip, rng.uniform(2.5, 6))
+        vol[sl2][m & liver[sl2]] = liver_hu + rng.uniform(30, 60)
+    sl2, m = _tube_mask(grid, (22, sc + 38, cz - rz), (22, sc + 38, top + 10), rng.uniform(10, 13))
+    vol[sl2][m] = ivc_hu  # IVC runs through the liver's back; not liver
+    lab[sl2][m] = 0
+    if rng.random() < 0.7:  # gallbladder under the liver: hypodense but not tumour
+        _paint_ellipsoid(vol, lab, grid, rng, liver_c + [-10, 30, -0.55 * rz], [14, 18, 28], rng.uniform(5, 25),
+                         label=0, within=cavity)
+    liver = lab == 1
+
+    # Lesions: count, total burden, sizes, contrast types.
+    n_les = 0 if rng.random() < 0.15 else int(rng.choice(np.arange(1, 9), p=np.array([8, 6, 5, 4, 3, 2, 2, 1]) / 31))
+    liver_ml = liver.sum() * np.prod(spacing) / 1000
+    burden = np.exp(rng.uniform(np.log(0.002), np.log(0.07)))
+    weights = rng.dirichlet(np.ones(max(n_les, 1)) * 0.7)
+    lesions = []
+    liver_idx = np.argwhere(liver)
+    for i in range(n_les):
+        r = float(np.clip((3 * weights[i] * burden * liver_ml * 1000 / (4 * np.pi)) ** (1 / 3), 2.0, 25.0))
+        for _try in range(20):  # centre well inside the liver
+            c = np.asarray(liver_idx[rng.integers(len(liver_idx))]) * 1.0
+            c = np.array([grid.axes[a][int(c[a])] for a in range(3)])
+            sl, co = grid.box(c, [r] * 3)
+            if liver[sl].mean() > 0.8:
+                break
+        kind = rng.choice(["hypo", "hyper", "faint"], p=[0.7, 0.15, 0.15])
+        delta = {"hypo": -rng.uniform(15, 60), "hyper": rng.uniform(15, 40),
+                 "faint": rng.choice([-1, 1]) * rng.uniform(6, 15)}[kind]
+        radii = r * rng.uniform(0.75, 1.25, 3)
+        f = _ellipsoid(co, c, radii) + _wobble(rng, co, 0.1, (10, 30))
+        m = (f < 1) & liver[sl]
+        if not m.any():
+            continue
+        edge = np.clip((1 - f) / 0.3, 0, 1)  # soft rim: partial contrast at the boundary
+        vol[sl][m] = (vol[sl] + delta * (0.6 + 0.4 * edge) + _wobble(rng, co, 6.0, (5, 15)))[m]
+        lab[sl][m] = 2
+        lesions.append({"radius_mm": round(r, 1), "kind": str(kind), "delta_hu": round(float(delta), 1)})
+
+    # Acquisition: partial-volume blur and noise.
+    from scipy.ndimage import gaussian_filter
+    vol = gaussian_filter(vol, sigma=(0.7, 0.7, 0.4), truncate=3.0)
+    sigma = rng.uniform(10, 20)
+    vol += rng.standard_normal(shape, dtype=np.float32) * sigma
+    image = np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [grid.axes[0][0], grid.axes[1][0], grid.axes[2][0]]
+    facts = {"spacing": [round(s, 3) for s in spacing], "noise_hu": round(float(sigma), 1),
+             "liver_hu": round(float(liver_hu), 1), "lesions": lesions}
+    return image, lab, affine, facts
+
+
+def _to_lps(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Store an RAS+ array with an LPS header (x and y flipped), same world positions."""
+    nx, ny = array.shape[:2]
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:3, 3] = [nx - 1, ny - 1, 0]
+    return np.ascontiguousarray(array[::-1, ::-1]), affine @ flip
+
+
+def _save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write a NIfTI file via a temporary name and rename, so readers never see half a file."""
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    nib.save(img, str(tmp))
+    os.replace(tmp, path)
+
+
+def class_statistics(labels: Iterable[np.ndarray]) -> dict:
+    """Share of voxels and of axial slices per class, tumour share of the liver, per set of labels."""
+    vox = np.zeros(3)
+    slices = np.zeros(3)
+    n_slices = 0
+    burdens = []
+    for lab in labels:
+        vox += np.bincount(lab.ravel(), minlength=3)[:3]
+        per_slice = [(lab >= 1).any(axis=(0, 1)), (lab == 2).any(axis=(0, 1))]
+        slices[1] += per_slice[0].sum()
+        slices[2] += per_slice[1].sum()
+        n_slices += lab.shape[2]
+        liver_vox = (lab >= 1).sum()
+        burdens.append((lab == 2).sum() / max(liver_vox, 1))
+    total = vox.sum()
+    return {"voxel_share": {"background": vox[0] / total, "liver": vox[1] / total, "tumor": vox[2] / total},
+            "slice_share_liver": slices[1] / n_slices, "slice_share_tumor": slices[2] / n_slices,
+            "tumor_share_of_liver_median": float(np.median(burdens)),
+            "tumor_share_of_liver_range": [float(np.min(burdens)), float(np.max(burdens))]}
+
+
+def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape: tuple[int, int, int] = (256, 256, 64),
+                           seed: int = 0, lps_fraction: float = 0.3, progress: bool = True) -> dict:
+    """Write a synthetic CT set in the Kaggle layout (images/liver_N.nii.gz, labels/liver_N.nii.gz).
+
+    Used in the notebook section "Data" when no real CT is found.  Deterministic by seed; files
+    already written with the same settings are kept.  A share of the cases is stored with an
+    LPS header, as in LiTS, to exercise the canonical reorientation.
+
+    Args:
+        out_dir: folder to write (it becomes a data folder: nothing else is written into it later).
+        n_cases: number of volumes.
+        shape: (X, Y, Z) voxels per volume.
+        seed: generator seed; case i uses ``(seed, i)``.
+        lps_fraction: share of cases stored with an LPS header.
+        progress: tqdm bar.
+
+    Returns:
+        Dict with ``per_case`` facts (lesions, spacing, orientation) and ``summary`` class
+        statistics (see :func:`class_statistics`), also written to ``synthetic.json``.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    settings = {"n_cases": n_cases, "shape": list(shape), "seed": seed, "lps_fraction": lps_fraction,
+                "generator_version": 1}
+    manifest = out / "synthetic.json"
+    if manifest.exists():
+        old = json.loads(manifest.read_text())
+        if old.get("settings") == settings and all(
+                (out / d / f"liver_{i}.nii.gz").exists() for i in range(n_cases) for d in ("images", "labels")):
+            return old
+    per_case, labels = [], []
+    for i in tqdm(range(n_cases), desc="synthetic CT", unit="vol", disable=not progress):
+        image, label, affine, facts = synthetic_ct_volume(shape, seed=hash_seed(seed, i))
+        labels.append(label)
+        lps = np.random.default_rng(hash_seed(seed, i, 1)).random() < lps_fraction
+        img_store, lab_store, aff = image, label, affine
+        if lps:
+            img_store, aff = _to_lps(image, affine)
+            lab_store, _ = _to_lps(label, affine)
+        _save_nifti_atomic(img_store, aff, out / "images" / f"liver_{i}.nii.gz")
+        _save_nifti_atomic(lab_store, aff, out / "labels" / f"liver_{i}.nii.gz")
+        facts.update(case=f"liver_{i}", orientation="LPS" if lps else "RAS", n_lesions=len(facts["lesions"]))
+        per_case.append(facts)
+    summary = class_statistics(labels)
+    summary["lesions_per_case"] = [p["n_lesions"] for p in per_case]
+    summary["tumor_free_cases"] = sum(p["n_lesions"] == 0 for p in per_case)
+    result = json.loads(json.dumps({"settings": settings, "per_case": per_case, "summary": summary},
+                                   default=float))
+    tmp = manifest.with_name(".tmp-synthetic.json")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, manifest)
+    return result
+
+
+def hash_seed(*parts: int) -> int:
+    """A stable 32-bit seed from several integers (independent streams per case)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
