@@ -26,12 +26,15 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -39,12 +42,6 @@ import torch
 import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 from tqdm.auto import tqdm
-
-__all__ = [
-    "CTDataError", "CaseFiles", "Case", "find_cases", "load_case",
-    "window_hu", "preprocess_dataset", "CachedCase",
-    "split_cases", "SliceSet", "make_synthetic_dataset",
-]
 
 LABEL_NAMES = {0: "background", 1: "liver", 2: "tumor"}
 DEFAULT_HU_WINDOW = (-100.0, 400.0)  # liver soft-tissue window; (-200, 250) is a common alternative
@@ -488,7 +485,9 @@ def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike,
     bar = tqdm(total=len(todo), desc="preprocess volumes", unit="vol", disable=not progress or not todo)
     if workers > 1:
         import multiprocessing as mp
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+        # fork on Linux, as torch's DataLoader does (workers keep torch single-threaded); spawn elsewhere
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
             futures = [pool.submit(_preprocess_one, c, str(e), image_size, hu_window) for c, e in todo]
             for fut in futures:
                 fut.result()
@@ -677,7 +676,764 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
     return x, y
 
 
-# @@MODEL_SECTIONS@@
+# =============================================================================================
+# 4. Model: a small 2D / 2.5D U-Net                                             (notebook: "Model")
+# =============================================================================================
+
+def _norm(kind: str, channels: int) -> torch.nn.Module:
+    """BatchNorm (default) or InstanceNorm (better with batch size <= 4)."""
+    if kind == "batch":
+        return torch.nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return torch.nn.InstanceNorm2d(channels, affine=True)
+    raise ValueError(f"norm must be 'batch' or 'instance', got {kind!r}")
+
+
+class DoubleConv(torch.nn.Sequential):
+    """(3x3 conv -> norm -> ReLU) x 2: the U-Net's basic block."""
+
+    def __init__(self, in_ch: int, out_ch: int, norm: str = "batch"):
+        super().__init__(
+            torch.nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), _norm(norm, out_ch), torch.nn.ReLU(inplace=True),
+            torch.nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False), _norm(norm, out_ch), torch.nn.ReLU(inplace=True))
+
+
+class Down(torch.nn.Sequential):
+    """Downscale by 2 with max-pooling, then DoubleConv."""
+
+    def __init__(self, in_ch: int, out_ch: int, norm: str = "batch"):
+        super().__init__(torch.nn.MaxPool2d(2), DoubleConv(in_ch, out_ch, norm))
+
+
+class Up(torch.nn.Module):
+    """Upscale by 2, pad to the skip connection's size, concatenate, DoubleConv."""
+
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, norm: str = "batch", mode: str = "bilinear"):
+        super().__init__()
+        if mode == "bilinear":
+            self.up = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                                          torch.nn.Conv2d(in_ch, in_ch // 2, 1))
+        elif mode == "transpose":
+            self.up = torch.nn.ConvTranspose2d(in_ch, in_ch // 2, 2, stride=2)
+        else:
+            raise ValueError(f"up mode must be 'bilinear' or 'transpose', got {mode!r}")
+        self.conv = DoubleConv(in_ch // 2 + skip_ch, out_ch, norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
+        if dy or dx:  # odd input sizes: pad so the upsampled map matches the skip
+            x = F.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class OutConv(torch.nn.Conv2d):
+    """1x1 convolution to one logit per class."""
+
+    def __init__(self, in_ch: int, num_classes: int):
+        super().__init__(in_ch, num_classes, 1)
+
+
+class UNet(torch.nn.Module):
+    """2D U-Net (Ronneberger et al. 2015); ``in_channels`` = the 2.5D context (1, 3, 5 slices).
+
+    Args:
+        in_channels: input slices stacked as channels.
+        num_classes: output classes (3: background, liver, tumour).
+        base_channels: channels of the first block; doubled at every level.
+        depth: number of down-sampling steps (input sizes need not be multiples of 2**depth).
+        norm: 'batch' or 'instance'.
+        up: 'bilinear' (upsample + 1x1 conv) or 'transpose' (transposed conv).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 3, base_channels: int = 32, depth: int = 4,
+                 norm: str = "batch", up: str = "bilinear"):
+        super().__init__()
+        ch = [base_channels * 2 ** i for i in range(depth + 1)]
+        self.inc = DoubleConv(in_channels, ch[0], norm)
+        self.downs = torch.nn.ModuleList([Down(ch[i], ch[i + 1], norm) for i in range(depth)])
+        self.ups = torch.nn.ModuleList([Up(ch[i + 1], ch[i], ch[i], norm, up) for i in reversed(range(depth))])
+        self.outc = OutConv(ch[0], num_classes)
+        self.hparams = {"in_channels": in_channels, "num_classes": num_classes, "base_channels": base_channels,
+                        "depth": depth, "norm": norm, "up": up}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.outc(x)
+
+
+def describe_model(model: UNet, image_size: int = 256) -> dict:
+    """Parameter count and a shape check on a (2, C, S, S) input (notebook: "Model")."""
+    c = model.hparams["in_channels"]
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(2, c, image_size, image_size, device=dev))
+    model.train(was_training)
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "input_shape": [2, c, image_size, image_size], "output_shape": list(out.shape)}
+
+
+# =============================================================================================
+# 5. Loss: cross-entropy + soft Dice                                              (notebook: "Loss")
+# =============================================================================================
+
+class DiceCELoss(torch.nn.Module):
+    """Cross-entropy (or focal) + soft multi-class Dice (or Tversky) computed from the softmax.
+
+    Why Dice: tumour is ~1 % of the liver and far less of the slice, so per-voxel cross-entropy
+    is dominated by background and a model can score well by never predicting tumour.  Dice is a
+    ratio of overlap to size *per class*, so a small class weighs as much as a big one.
+    CE keeps the gradients well-behaved early on; the sum trains fast and stably (nnU-Net).
+
+    Args:
+        include_background: also average the Dice of class 0 (off by default: it is trivially high).
+        batch_dice: pool the Dice sums over the whole batch (stable when many slices hold no tumour)
+            instead of averaging per-slice Dice (which is undefined/noisy on empty slices).
+        class_weights: optional CE weights per class.
+        focal_gamma: > 0 turns CE into focal loss (down-weights easy voxels).
+        tversky: (alpha, beta) turns Dice into Tversky; beta > alpha penalises misses (FN) more.
+        dice_weight: weight of the Dice term.
+        smooth: added to numerator and denominator.
+
+    Returns (forward):
+        (total loss, {"ce": ..., "dice": ...}) with detached parts for logging.
+    """
+
+    def __init__(self, include_background: bool = False, batch_dice: bool = True,
+                 class_weights: Sequence[float] | None = None, focal_gamma: float = 0.0,
+                 tversky: tuple[float, float] | None = None, dice_weight: float = 1.0, smooth: float = 1e-5):
+        super().__init__()
+        self.include_background, self.batch_dice = include_background, batch_dice
+        self.register_buffer("class_weights", None if class_weights is None
+                             else torch.as_tensor(class_weights, dtype=torch.float32))
+        self.focal_gamma, self.tversky, self.dice_weight, self.smooth = focal_gamma, tversky, dice_weight, smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        logits = logits.float()
+        if self.focal_gamma > 0:
+            logp = F.log_softmax(logits, 1)
+            logp_t = logp.gather(1, target[:, None])[:, 0]
+            w = 1.0 if self.class_weights is None else self.class_weights[target]
+            ce = (-w * (1 - logp_t.exp()) ** self.focal_gamma * logp_t).mean()
+        else:
+            ce = F.cross_entropy(logits, target, weight=self.class_weights)
+        probs = logits.softmax(1)
+        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+        if not self.include_background:
+            probs, onehot = probs[:, 1:], onehot[:, 1:]
+        dims = (0, 2, 3) if self.batch_dice else (2, 3)
+        tp = (probs * onehot).sum(dims)
+        fp = (probs * (1 - onehot)).sum(dims)
+        fn = ((1 - probs) * onehot).sum(dims)
+        a, b = self.tversky if self.tversky else (0.5, 0.5)
+        score = (tp + self.smooth) / (tp + a * fp + b * fn + self.smooth)
+        dice_loss = 1 - score.mean()
+        return ce + self.dice_weight * dice_loss, {"ce": ce.detach(), "dice": dice_loss.detach()}
+
+
+def make_loss(name: str = "dice_ce", **kwargs: Any) -> DiceCELoss:
+    """Loss by name: 'dice_ce' (default), 'focal_dice', 'tversky_ce' (alpha 0.3, beta 0.7)."""
+    presets = {"dice_ce": {}, "focal_dice": {"focal_gamma": 2.0}, "tversky_ce": {"tversky": (0.3, 0.7)}}
+    if name not in presets:
+        raise ValueError(f"loss must be one of {sorted(presets)}, got {name!r}")
+    return DiceCELoss(**{**presets[name], **kwargs})
+
+
+# =============================================================================================
+# 6. Training                                                                    (notebook: "Train")
+# =============================================================================================
+
+RECIPES: dict[str, dict] = {
+    # the seed notebook's setup: plain 2D, one slice in, uniform sampling over all slices, no post-processing
+    "baseline": {"context": 1, "tumor_share": 0.0, "liver_share": 0.0, "empty_fraction": 1.0,
+                 "loss": "dice_ce", "postprocess": False},
+    # our default: 2.5D context, tumour/liver oversampling, fewer empty slices, post-processing
+    "default": {"context": 3, "tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2,
+                "loss": "dice_ce", "postprocess": True},
+}
+
+
+def recipe(name: str) -> dict:
+    """The settings of a named recipe ('baseline' or 'default'); a copy you may change."""
+    if name not in RECIPES:
+        raise ValueError(f"RECIPE must be one of {sorted(RECIPES)}, got {name!r}")
+    return dict(RECIPES[name])
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """'auto' -> CUDA, then Apple MPS, then CPU; or the named device."""
+    if preference != "auto":
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def set_determinism(seed: int) -> None:
+    """Seed Python, NumPy and torch, and ask torch for deterministic kernels (same seed, same run on CPU)."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.cuda.is_available():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (the notebook's configuration cell fills these)."""
+
+    epochs: int = 20                    # passes over the training slices
+    batch_size: int = 16                # slices per optimizer step
+    lr: float = 1e-3                    # AdamW peak learning rate
+    weight_decay: float = 1e-4          # AdamW weight decay
+    warmup_epochs: float = 1.0          # linear warm-up, then cosine decay to 0
+    grad_clip: float = 1.0              # max gradient norm
+    steps_per_epoch: int | None = None  # None = len(selected slices) // batch_size
+    tumor_share: float = 0.0            # share of each batch drawn from tumour slices
+    liver_share: float = 0.0            # share of each batch drawn from liver slices
+    loss: str = "dice_ce"               # 'dice_ce' | 'focal_dice' | 'tversky_ce'
+    augment: bool = True                # rotation/scale/intensity/noise on the device
+    amp: bool = True                    # mixed precision on CUDA (bf16 where supported, else fp16)
+    channels_last: bool = True          # memory format (faster convs on GPU and CPU)
+    seed: int = 0                       # fixes sampling and augmentation per epoch
+    val_batch_size: int = 64            # slices per validation forward pass
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same folder, then rename (never a half-written file)."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write text via a temp file and rename."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain data only)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    """Mixed-precision context on CUDA (bf16 where supported, else fp16); a no-op elsewhere."""
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def validate_slices(model: torch.nn.Module, data: SliceSet, index: np.ndarray, loss_fn: DiceCELoss,
+                    device: torch.device, batch_size: int = 64, amp: bool = True) -> dict:
+    """Cheap per-epoch validation: CE, Dice loss and 2D Dice pooled over the given slices.
+
+    This is an approximation for monitoring (2D, on the resized slices); the final numbers come
+    from :func:`evaluate`, which scores full 3D volumes on their original grid.
+    """
+    model.eval()
+    inter, size, ce, dl, n = np.zeros(3), np.zeros(3), 0.0, 0.0, 0
+    for start in range(0, len(index), batch_size):
+        x, y = data.batch(index[start:start + batch_size])
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+        _, parts = loss_fn(logits, y)
+        pred = logits.argmax(1)
+        for c in (1, 2):
+            inter[c] += ((pred == c) & (y == c)).sum().item()
+            size[c] += (pred == c).sum().item() + (y == c).sum().item()
+        ce += parts["ce"].item() * len(x)
+        dl += parts["dice"].item() * len(x)
+        n += len(x)
+    model.train()
+    d = [2 * inter[c] / size[c] if size[c] else float("nan") for c in (1, 2)]
+    return {"val_ce": ce / n, "val_dice_loss": dl / n, "val_dice_liver_2d": d[0], "val_dice_tumor_2d": d[1],
+            "val_dice_mean_2d": float(np.nanmean(d)) if not all(math.isnan(v) for v in d) else float("nan")}
+
+
+def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray, cfg: TrainConfig,
+          output_dir: str | os.PathLike, val_data: SliceSet | None = None, val_index: np.ndarray | None = None,
+          device: torch.device | str | None = None, resume: bool = True, progress: bool = True,
+          extra_state: dict | None = None) -> list[dict]:
+    """Train with CE + Dice, AdamW, warm-up + cosine, clipping; checkpoint and log every epoch.
+
+    Used in the notebook section "Train".  Writes ``history.csv`` / ``history.json`` (one row
+    per epoch), ``last.pt`` (every epoch) and ``best.pt`` (best validation mean Dice) into
+    ``output_dir``, all atomically.  With ``resume=True`` a run finds ``last.pt`` and goes on
+    from the next epoch: a run killed mid-epoch loses at most that epoch, and on CPU with a
+    fixed seed ends with the same weights as an uninterrupted run.
+
+    Args:
+        model: the network (moved to ``device``).
+        train_data: training slices; ``train_index`` selects which are sampled.
+        cfg: :class:`TrainConfig`.
+        output_dir: where logs and checkpoints go.
+        val_data, val_index: validation slices for the per-epoch 2D check (optional).
+        device: None = ``train_data``'s device.
+        resume: continue from ``output_dir/last.pt`` when present.
+        progress: tqdm bars.
+        extra_state: plain data saved in the checkpoints (e.g. the notebook's config).
+
+    Returns:
+        The history: one dict per epoch.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device is not None else train_data.device
+    memfmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memfmt)
+    loss_fn = make_loss(cfg.loss).to(device)
+    sampler = TumorAwareSampler(train_index, train_data.has_liver, train_data.has_tumor, cfg.batch_size,
+                                cfg.tumor_share, cfg.liver_share, cfg.seed)
+    steps = cfg.steps_per_epoch or len(sampler)
+    total = steps * cfg.epochs
+    warm = max(1, int(cfg.warmup_epochs * steps))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+    history: list[dict] = []
+    start_epoch, best = 0, -1.0
+    if resume and (out / "last.pt").exists():
+        ck = load_checkpoint(out / "last.pt", map_location=device)
+        if ck["train_config"] != asdict_plain(cfg):
+            raise ValueError(f"{out / 'last.pt'} was written with other training settings; use another "
+                             "OUTPUT_DIR or delete it to start afresh.\n"
+                             f"checkpoint: {ck['train_config']}\nnow: {asdict_plain(cfg)}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        start_epoch, history, best = ck["epoch"] + 1, ck["history"], ck["best"]
+        if progress and start_epoch < cfg.epochs:
+            print(f"Resuming from {out / 'last.pt'} at epoch {start_epoch + 1}/{cfg.epochs}")
+    model.train()
+    ebar = tqdm(range(start_epoch, cfg.epochs), desc="epochs", unit="ep", disable=not progress)
+    for epoch in ebar:
+        t0 = time.perf_counter()
+        batches = sampler.epoch(epoch)
+        while len(batches) < steps:  # steps_per_epoch larger than one pass: keep drawing
+            batches += sampler.epoch(epoch + 100_000 * (len(batches) // len(sampler) + 1))
+        batches = batches[:steps]
+        gen = torch.Generator(device=device)
+        gen.manual_seed(hash_seed(cfg.seed, epoch, 7))
+        sums = {"ce": 0.0, "dice": 0.0}
+        bbar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not progress)
+        for idx in bbar:
+            x, y = train_data.batch(idx)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.augment:
+                x, y = augment_batch(x, y, generator=gen)
+            x = x.contiguous(memory_format=memfmt)
+            with _autocast(device, use_amp):
+                logits = model(x)
+            loss, parts = loss_fn(logits, y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            sums["ce"] += parts["ce"].item()
+            sums["dice"] += parts["dice"].item()
+            bbar.set_postfix(loss=f"{loss.item():.3f}")
+        secs = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "train_ce": sums["ce"] / steps, "train_dice_loss": sums["dice"] / steps,
+               "lr": opt.param_groups[0]["lr"], "epoch_seconds": secs,
+               "slices_per_second": steps * cfg.batch_size / secs}
+        if val_data is not None and val_index is not None and len(val_index):
+            row.update(validate_slices(model, val_data, val_index, loss_fn, device, cfg.val_batch_size, use_amp))
+        row = {k: float(v) if k != "epoch" else v for k, v in row.items()}
+        history.append(row)
+        score = row.get("val_dice_mean_2d", -row["train_dice_loss"])
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
+                 "train_config": asdict_plain(cfg), "model_hparams": getattr(model, "hparams", {}),
+                 "best": max(best, score), "extra": extra_state or {}}
+        if score > best:
+            best = score
+            _atomic_torch_save(state, out / "best.pt")
+        _atomic_torch_save(state, out / "last.pt")
+        write_history(history, out)
+        ebar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("train_ce", "val_dice_liver_2d",
+                                                                         "val_dice_tumor_2d")})
+    return history
+
+
+def asdict_plain(obj: Any) -> dict:
+    """A dataclass as a dict of plain Python values (JSON- and weights_only-safe)."""
+    from dataclasses import asdict
+    return json.loads(json.dumps(asdict(obj), default=float))
+
+
+def write_history(history: list[dict], output_dir: str | os.PathLike) -> None:
+    """Write ``history.json`` and ``history.csv`` (one row per epoch) atomically."""
+    out = Path(output_dir)
+    _atomic_write_text(out / "history.json", json.dumps(history, indent=1))
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    lines = [",".join(keys)] + [",".join(f"{row.get(k, '')}" for k in keys) for row in history]
+    _atomic_write_text(out / "history.csv", "\n".join(lines) + "\n")
+
+
+# =============================================================================================
+# 7. Evaluation and inference                                     (notebook: "Evaluate", "Inference")
+# =============================================================================================
+
+def dice(pred: np.ndarray, truth: np.ndarray, empty: float = float("nan")) -> float:
+    """Dice 2|P∩T| / (|P|+|T|) of two boolean masks; ``empty`` when both are empty."""
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    denom = p.sum() + t.sum()
+    return float(2.0 * np.logical_and(p, t).sum() / denom) if denom else empty
+
+
+def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> tuple[float, float]:
+    """(HD95, ASSD) in mm between two non-empty masks; (nan, nan) when either is empty.
+
+    HD95 is the larger of the two directed 95th-percentile surface distances (as in medpy);
+    ASSD is the mean of all surface-to-surface distances in both directions.
+    """
+    from scipy import ndimage
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    if not p.any() or not t.any():
+        return float("nan"), float("nan")
+    both = np.argwhere(p | t)
+    lo, hi = np.maximum(both.min(0) - 2, 0), both.max(0) + 3
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    p, t = p[box], t[box]
+    surf_p = p & ~ndimage.binary_erosion(p, border_value=0)
+    surf_t = t & ~ndimage.binary_erosion(t, border_value=0)
+    dt_t = ndimage.distance_transform_edt(~surf_t, sampling=spacing)
+    dt_p = ndimage.distance_transform_edt(~surf_p, sampling=spacing)
+    d_pt, d_tp = dt_t[surf_p], dt_p[surf_t]
+    hd95 = max(np.percentile(d_pt, 95), np.percentile(d_tp, 95))
+    return float(hd95), float(np.concatenate([d_pt, d_tp]).mean())
+
+
+def postprocess(pred: np.ndarray) -> np.ndarray:
+    """Keep the largest connected liver(+tumour) component; drop tumour that touches no liver."""
+    from scipy import ndimage
+    fg = pred >= 1
+    if not fg.any():
+        return pred.copy()
+    lab, n = ndimage.label(fg)
+    if n > 1:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        fg = lab == sizes.argmax()
+    out = np.where(fg, pred, 0).astype(np.uint8)
+    tum, nt = ndimage.label(out == 2)
+    if nt:
+        near_liver = ndimage.binary_dilation(out == 1)
+        touching = np.unique(tum[near_liver & (tum > 0)])
+        out[(tum > 0) & ~np.isin(tum, touching)] = 1  # enclosed by liver tissue otherwise: call it liver
+    return out
+
+
+@torch.no_grad()
+def predict_slices(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[int, int], context: int,
+                   device: torch.device | str, batch_size: int = 32, amp: bool = True) -> np.ndarray:
+    """Label every slice of a (Z, S, S) windowed stack, upsampled to ``out_shape``: returns (X, Y, Z) uint8.
+
+    The logits are resized to the original in-plane grid before the argmax (smoother than
+    resizing a label map).
+    """
+    device = torch.device(device)
+    model.eval()
+    nz = slices.shape[0]
+    neigh = context_indices(nz, context)
+    out = np.zeros((*out_shape, nz), np.uint8)
+    stack = torch.from_numpy(np.asarray(slices, np.float32))
+    for start in range(0, nz, batch_size):
+        idx = neigh[start:start + batch_size]
+        x = stack[torch.from_numpy(idx)].to(device).contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            logits = model(x)
+        logits = F.interpolate(logits.float(), size=out_shape, mode="bilinear", align_corners=False)
+        out[:, :, start:start + len(idx)] = logits.argmax(1).permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+    return out
+
+
+def score_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
+    """3D metrics of one case: Dice per class, LiTS liver Dice, tumour FP volume, HD95/ASSD."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    has_tumor = bool((truth == 2).any())
+    row = {"dice_liver": dice(pred == 1, truth == 1),
+           "dice_tumor": dice(pred == 2, truth == 2) if has_tumor else float("nan"),
+           "dice_liver_lits": dice(pred >= 1, truth >= 1),
+           "has_tumor": has_tumor,
+           "fp_tumor_ml": float(((pred == 2) & (truth != 2)).sum() * voxel_ml),
+           "tumor_ml": float((truth == 2).sum() * voxel_ml),
+           "pred_tumor_ml": float((pred == 2).sum() * voxel_ml)}
+    row["dice_mean"] = float(np.nanmean([row["dice_liver"], row["dice_tumor"]]))
+    row["hd95_liver_mm"], row["assd_liver_mm"] = surface_distances(pred >= 1, truth >= 1, spacing)
+    row["hd95_tumor_mm"], row["assd_tumor_mm"] = (surface_distances(pred == 2, truth == 2, spacing)
+                                                  if has_tumor else (float("nan"), float("nan")))
+    return row
+
+
+def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, device: torch.device | str,
+             postprocess_pred: bool = True, batch_size: int = 32, amp: bool = True,
+             keep_predictions: bool = True, progress: bool = True) -> dict:
+    """Full-volume 3D evaluation of each case on its original (canonical) grid, LiTS-style.
+
+    Used in the notebook section "Evaluate".  Every slice is predicted with its 2.5D context,
+    logits are resized back to the original in-plane size, and Dice, HD95 and ASSD are computed
+    in 3D with the voxel spacing.  Tumour Dice is averaged only over cases that have tumour;
+    tumour-free cases report ``fp_tumor_ml`` instead, so they are neither hidden nor scored 0/1.
+
+    Returns:
+        ``{"per_case": [...], "summary": {...}, "predictions": {case_id: (X, Y, Z) uint8}}``;
+        per-case values are post-processed when ``postprocess_pred`` (raw values beside them,
+        suffixed ``_raw``); ``summary`` holds per-case means and ``*_global`` pooled Dice.
+    """
+    rows, preds = [], {}
+    pooled = {k: np.zeros(2) for k in ("liver", "tumor", "liver_lits", "liver_raw", "tumor_raw")}
+    for c in tqdm(cases, desc="evaluate (3D)", unit="case", disable=not progress):
+        shape = tuple(c.label_full.shape)
+        raw = predict_slices(model, c.image, shape[:2], context, device, batch_size, amp)
+        final = postprocess(raw) if postprocess_pred else raw
+        truth = np.asarray(c.label_full)
+        row = {"case": c.case_id, **score_case(final, truth, c.meta["spacing"])}
+        raw_row = score_case(raw, truth, c.meta["spacing"]) if postprocess_pred else row
+        for k in ("dice_liver", "dice_tumor", "dice_liver_lits", "fp_tumor_ml"):
+            row[f"{k}_raw"] = raw_row[k]
+        for key, p, t in (("liver", final == 1, truth == 1), ("tumor", final == 2, truth == 2),
+                          ("liver_lits", final >= 1, truth >= 1), ("liver_raw", raw == 1, truth == 1),
+                          ("tumor_raw", raw == 2, truth == 2)):
+            pooled[key] += [2 * np.logical_and(p, t).sum(), p.sum() + t.sum()]
+        rows.append(row)
+        if keep_predictions:
+            preds[c.case_id] = final
+    return {"per_case": rows, "summary": summarize(rows, pooled), "predictions": preds}
+
+
+def summarize(rows: list[dict], pooled: dict) -> dict:
+    """Per-case means (tumour over cases with tumour) and pooled global Dice."""
+    def mean(key):
+        vals = [r[key] for r in rows if not math.isnan(r[key])]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    def glob(key):
+        num, den = pooled[key]
+        return float(num / den) if den else float("nan")
+
+    s = {"n_cases": len(rows), "n_cases_with_tumor": sum(r["has_tumor"] for r in rows),
+         "dice_liver": mean("dice_liver"), "dice_tumor": mean("dice_tumor"),
+         "dice_liver_lits": mean("dice_liver_lits"),
+         "dice_liver_global": glob("liver"), "dice_tumor_global": glob("tumor"),
+         "dice_liver_lits_global": glob("liver_lits"),
+         "dice_liver_raw": mean("dice_liver_raw"), "dice_tumor_raw": mean("dice_tumor_raw"),
+         "dice_liver_global_raw": glob("liver_raw"), "dice_tumor_global_raw": glob("tumor_raw"),
+         "hd95_liver_mm": mean("hd95_liver_mm"), "assd_liver_mm": mean("assd_liver_mm"),
+         "fp_tumor_ml_tumor_free_cases": float(np.mean([r["fp_tumor_ml"] for r in rows if not r["has_tumor"]]))
+         if any(not r["has_tumor"] for r in rows) else float("nan")}
+    s["dice_mean"] = float(np.nanmean([s["dice_liver"], s["dice_tumor"]]))
+    s["dice_mean_raw"] = float(np.nanmean([s["dice_liver_raw"], s["dice_tumor_raw"]]))
+    return s
+
+
+def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_size: int, context: int,
+                   hu_window: Sequence[float] = DEFAULT_HU_WINDOW, device: torch.device | str = "cpu",
+                   postprocess_pred: bool = True, out_path: str | os.PathLike | None = None,
+                   batch_size: int = 32) -> np.ndarray:
+    """Segment one CT NIfTI file; return labels in the input's own grid (and save them as NIfTI).
+
+    Used in the notebook section "Inference".  The saved file carries the input's affine and
+    header, so it opens aligned over the CT in 3D Slicer or ITK-SNAP.
+
+    Args:
+        model: trained U-Net.
+        nifti_path: CT volume (any orientation).
+        image_size, context, hu_window: as used for training.
+        device: where to run.
+        postprocess_pred: keep the largest liver component.
+        out_path: where to write the label NIfTI (uint8), or None.
+
+    Returns:
+        (X, Y, Z) uint8 labels in the input file's voxel order.
+    """
+    case = load_case(nifti_path)
+    slices = resize_volume_slices(window_hu(case.image, hu_window), image_size)
+    pred = predict_slices(model, slices, case.image.shape[:2], context, device, batch_size)
+    if postprocess_pred:
+        pred = postprocess(pred)
+    native = from_canonical(pred, case.source_affine)
+    if out_path is not None:
+        src = nib.load(str(nifti_path))
+        hdr = src.header.copy()
+        hdr.set_data_dtype(np.uint8)
+        img = nib.Nifti1Image(native, src.affine, hdr)
+        img.header.set_slope_inter(1, 0)
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(f".tmp-{os.getpid()}-{out_path.name}")
+        nib.save(img, str(tmp))
+        os.replace(tmp, out_path)
+    return native
+
+
+def environment(device: torch.device | str | None = None) -> dict:
+    """Versions and device facts recorded with every result."""
+    import platform
+    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "numpy": np.__version__,
+           "nibabel": nib.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "device": str(device) if device is not None else str(pick_device())}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def print_env() -> None:
+    """Print Python, torch, CUDA, GPU, nibabel and numpy versions (notebook: "Imports")."""
+    for k, v in environment().items():
+        print(f"{k:>15}: {v}")
+
+
+def write_metrics(output_dir: str | os.PathLike, config: dict, env: dict, timing: dict, per_case: list[dict],
+                  summary: dict, **extra: Any) -> Path:
+    """Write ``metrics.json`` (config, env, timing, per_case, summary) atomically; NaN becomes null."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, (float, np.floating)):
+            return None if math.isnan(v) else float(v)
+        if isinstance(v, (np.integer, np.bool_)):
+            return v.item()
+        if isinstance(v, Path):
+            return str(v)
+        return v
+    path = Path(output_dir) / "metrics.json"
+    body = {"config": config, "env": env, "timing": timing, "per_case": per_case, "summary": summary, **extra}
+    _atomic_write_text(path, json.dumps(clean(body), indent=1))
+    return path
+
+
+# =============================================================================================
+# 8. Plots                                                  (notebook: "Curves", "Look at predictions")
+# =============================================================================================
+
+def _save(fig, output_dir: str | os.PathLike | None, name: str) -> None:
+    """Save a figure as PNG in ``output_dir`` (when given)."""
+    if output_dir is not None:
+        fig.savefig(Path(output_dir) / name, dpi=110, bbox_inches="tight")
+
+
+def plot_history(history: list[dict], output_dir: str | os.PathLike | None = None, title: str = ""):
+    """Training curves: CE and Dice loss (train/val) and per-class validation Dice per epoch."""
+    import matplotlib.pyplot as plt
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for key, style in (("train_ce", "-"), ("val_ce", "--")):
+        if key in history[0]:
+            axes[0].plot(ep, [h[key] for h in history], style, label=key)
+    for key, style in (("train_dice_loss", "-"), ("val_dice_loss", "--")):
+        if key in history[0]:
+            axes[1].plot(ep, [h[key] for h in history], style, label=key)
+    for key, color in (("val_dice_liver_2d", "tab:green"), ("val_dice_tumor_2d", "tab:red"),
+                       ("val_dice_mean_2d", "k")):
+        if key in history[0]:
+            axes[2].plot(ep, [h[key] for h in history], color=color, label=key.replace("val_dice_", ""))
+    for ax, t in zip(axes, ("cross-entropy", "Dice loss", "validation Dice (2D, pooled slices)")):
+        ax.set_title(t)
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    axes[2].set_ylim(0, 1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, output_dir, "training_curves.png")
+    return fig
+
+
+def plot_per_case(per_case: list[dict], output_dir: str | os.PathLike | None = None, title: str = ""):
+    """Per-case 3D Dice for liver and tumour (tumour-free cases marked), sorted by liver Dice."""
+    import matplotlib.pyplot as plt
+    rows = sorted(per_case, key=lambda r: r["dice_liver"])
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 2), 3.8))
+    ax.bar(x - 0.2, [r["dice_liver"] for r in rows], 0.4, color="tab:green", label="liver")
+    ax.bar(x + 0.2, [0 if math.isnan(r["dice_tumor"]) else r["dice_tumor"] for r in rows], 0.4,
+           color="tab:red", label="tumour")
+    for i, r in enumerate(rows):
+        if not r["has_tumor"]:
+            ax.text(i + 0.2, 0.02, "no tumour", rotation=90, fontsize=7, ha="center", va="bottom")
+    ax.set_xticks(x, [r["case"] for r in rows], rotation=60, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("3D Dice")
+    ax.legend(loc="lower right")
+    ax.set_title(title or "per-case 3D Dice (validation)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, output_dir, "per_case_dice.png")
+    return fig
+
+
+def plot_overlays(cases: Sequence[CachedCase], predictions: dict, per_case: list[dict],
+                  output_dir: str | os.PathLike | None = None, title: str = "",
+                  hu_window: Sequence[float] = DEFAULT_HU_WINDOW):
+    """Best, median and worst validation case (by mean Dice): CT with ground-truth and predicted contours.
+
+    Each row shows the slice with the most tumour (or liver) of the case: CT, ground truth
+    (green liver, red tumour), prediction (same colours), radiological view.
+    """
+    import matplotlib.pyplot as plt
+    ranked = sorted(per_case, key=lambda r: r["dice_mean"])
+    picks = {"worst": ranked[0], "median": ranked[len(ranked) // 2], "best": ranked[-1]}
+    by_id = {c.case_id: c for c in cases}
+    fig, axes = plt.subplots(3, 3, figsize=(11, 11))
+    for row_axes, (name, r) in zip(axes, picks.items()):
+        c = by_id[r["case"]]
+        truth, pred = np.asarray(c.label_full), predictions[r["case"]]
+        per_slice = (truth == 2).sum((0, 1)) * 1000 + (truth >= 1).sum((0, 1))
+        z = int(per_slice.argmax())
+        ct = _resize2d(np.asarray(c.image[z], np.float32), truth.shape[:2])
+        for ax, lab, t in zip(row_axes, (None, truth[:, :, z], pred[:, :, z]), ("CT", "ground truth", "prediction")):
+            ax.imshow(show_slice(ct), cmap="gray", vmin=0, vmax=1)
+            if lab is not None:
+                ax.contour(show_slice(lab >= 1), levels=[0.5], colors="lime", linewidths=1)
+                if (lab == 2).any():
+                    ax.contour(show_slice(lab == 2), levels=[0.5], colors="red", linewidths=1)
+            ax.set_title(f"{name}: {r['case']} z={z} — {t}" if t == "CT" else t, fontsize=9)
+            ax.axis("off")
+        row_axes[2].text(0.01, 0.01, f"liver {r['dice_liver']:.2f}  tumour "
+                         + ("n/a" if math.isnan(r["dice_tumor"]) else f"{r['dice_tumor']:.2f}"),
+                         transform=row_axes[2].transAxes, color="yellow", fontsize=9, va="bottom")
+    fig.suptitle(title or "validation cases: worst, median, best (green liver, red tumour)")
+    fig.tight_layout()
+    _save(fig, output_dir, "overlays.png")
+    return fig
+
+
+def _resize2d(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of one 2D image (for display)."""
+    t = torch.from_numpy(np.ascontiguousarray(img))[None, None]
+    return F.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 # =============================================================================================

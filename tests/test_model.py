@@ -1,0 +1,310 @@
+"""Model, loss, training (resume, determinism), evaluation metrics, inference, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import write_nifti
+
+import unet_helpers as uh
+
+matplotlib.use("Agg")
+torch.set_num_threads(2)
+
+
+# ---------------------------------------------------------------- U-Net
+@pytest.mark.parametrize("in_ch", [1, 3, 5])
+@pytest.mark.parametrize("size", [(37, 51), (64, 64), (100, 80)])
+def test_unet_shapes_any_size(in_ch, size):
+    m = uh.UNet(in_ch, 3, base_channels=4, depth=3)
+    out = m(torch.randn(2, in_ch, *size))
+    assert out.shape == (2, 3, *size)
+
+
+@pytest.mark.parametrize("norm,up", [("batch", "bilinear"), ("instance", "transpose")])
+def test_unet_gradients_flow(norm, up):
+    m = uh.UNet(3, 3, base_channels=4, depth=2, norm=norm, up=up)
+    loss, _ = uh.DiceCELoss()(m(torch.randn(2, 3, 33, 33)), torch.randint(0, 3, (2, 33, 33)))
+    loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert sum(float(p.grad.abs().sum()) for p in m.parameters()) > 0
+    info = uh.describe_model(m, 48)
+    assert info["output_shape"] == [2, 3, 48, 48]
+    assert info["parameters"] == sum(p.numel() for p in m.parameters())
+
+
+def test_unet_bad_options():
+    with pytest.raises(ValueError, match="norm"):
+        uh.UNet(1, norm="group")
+    with pytest.raises(ValueError, match="up mode"):
+        uh.UNet(1, up="pixelshuffle")
+
+
+def _toy_slice(size=48, seed=0):
+    """One slice: a bright disc (liver) holding a dark blob (tumour), with noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    liver = (xx - 26) ** 2 + (yy - 22) ** 2 < 15 ** 2
+    tumor = (xx - 30) ** 2 + (yy - 20) ** 2 < 5 ** 2
+    img = 0.2 + 0.4 * liver - 0.25 * tumor + rng.normal(0, 0.03, (size, size))
+    lab = liver.astype(np.int64) + tumor
+    return torch.tensor(img, dtype=torch.float32)[None, None], torch.tensor(lab)[None]
+
+
+def test_tiny_unet_overfits_one_slice():
+    torch.manual_seed(0)
+    x, y = _toy_slice()
+    m = uh.UNet(1, 3, base_channels=8, depth=2)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    loss_fn = uh.DiceCELoss()
+    for _step in range(150):
+        loss, _ = loss_fn(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    pred = m(x).argmax(1)[0].numpy()
+    assert uh.dice(pred == 1, y[0].numpy() == 1) > 0.9
+    assert uh.dice(pred == 2, y[0].numpy() == 2) > 0.9
+
+
+# ---------------------------------------------------------------- loss
+def test_dice_ce_loss_parts_and_variants():
+    y = torch.zeros(2, 8, 8, dtype=torch.long)
+    y[:, 2:6, 2:6] = 1
+    y[:, 3:5, 3:5] = 2
+    perfect = torch.nn.functional.one_hot(y, 3).permute(0, 3, 1, 2).float() * 40
+    total, parts = uh.DiceCELoss()(perfect, y)
+    assert parts["ce"] < 1e-6 and parts["dice"] < 1e-4 and total < 1e-3
+    wrong = torch.zeros_like(perfect)
+    wrong[:, 0] = 40  # predicts background everywhere
+    _, bad = uh.DiceCELoss()(wrong, y)
+    assert bad["dice"] > 0.99  # both foreground classes missed
+    _, with_bg = uh.DiceCELoss(include_background=True)(wrong, y)
+    assert with_bg["dice"] < bad["dice"]  # background Dice is high and dilutes the loss
+    logits = torch.randn(2, 3, 8, 8)
+    vals = {n: uh.make_loss(n)(logits, y)[0].item() for n in ("dice_ce", "focal_dice", "tversky_ce")}
+    assert len({round(v, 6) for v in vals.values()}) == 3
+    # per-sample vs batch Dice differ when one sample has no tumour
+    y2 = y.clone()
+    y2[1][y2[1] == 2] = 1
+    b = uh.DiceCELoss(batch_dice=True)(logits, y2)[1]["dice"]
+    s = uh.DiceCELoss(batch_dice=False)(logits, y2)[1]["dice"]
+    assert not torch.isclose(b, s)
+    with pytest.raises(ValueError, match="loss must be"):
+        uh.make_loss("mse")
+
+
+# ---------------------------------------------------------------- metrics
+def test_dice_hand_computed():
+    z = np.zeros(10, bool)
+    one = z.copy()
+    one[3] = True
+    two = one.copy()
+    two[4] = True
+    assert math.isnan(uh.dice(z, z)) and uh.dice(z, z, empty=1.0) == 1.0  # both empty
+    assert uh.dice(one, z) == 0.0  # empty truth, false positive
+    assert uh.dice(two, two) == 1.0  # perfect
+    other = z.copy()
+    other[7] = True
+    assert uh.dice(one, other) == 0.0  # disjoint
+    assert uh.dice(one, one) == 1.0  # one voxel
+    assert uh.dice(two, one) == pytest.approx(2 / 3)
+
+
+def _vol(shape=(20, 20, 10)):
+    return np.zeros(shape, np.uint8)
+
+
+def test_score_case_lits_convention_and_empty_tumour():
+    truth = _vol()
+    truth[5:15, 5:15, 2:8] = 1
+    truth[8:10, 8:10, 4:6] = 2
+    pred = truth.copy()
+    pred[pred == 2] = 1  # tumour called liver
+    r = uh.score_case(pred, truth, (1, 1, 2))
+    assert r["dice_liver_lits"] == 1.0  # label >= 1 vs >= 1
+    assert r["dice_liver"] < 1.0 and r["dice_tumor"] == 0.0 and r["has_tumor"]
+    t2 = truth.copy()
+    t2[t2 == 2] = 1  # tumour-free case with a false-positive tumour
+    p2 = t2.copy()
+    p2[5:7, 5:7, 2:3] = 2
+    r2 = uh.score_case(p2, t2, (1, 1, 2))
+    assert math.isnan(r2["dice_tumor"]) and not r2["has_tumor"]
+    assert r2["fp_tumor_ml"] == pytest.approx(4 * 2 / 1000)
+
+
+def test_per_case_vs_global_dice():
+    big, small = _vol(), _vol()
+    big[2:18, 2:18, 1:9] = 1
+    small[9:11, 9:11, 4:5] = 1
+    rows, pooled = [], {k: np.zeros(2) for k in ("liver", "tumor", "liver_lits", "liver_raw", "tumor_raw")}
+    for t, p in ((big, big), (small, _vol())):  # big perfect, small missed
+        r = {"case": "x", **uh.score_case(p, t, (1, 1, 1))}
+        for k in ("dice_liver", "dice_tumor", "dice_liver_lits", "fp_tumor_ml"):
+            r[f"{k}_raw"] = r[k]
+        rows.append(r)
+        pooled["liver"] += [2 * ((p == 1) & (t == 1)).sum(), (p == 1).sum() + (t == 1).sum()]
+    s = uh.summarize(rows, pooled)
+    assert s["dice_liver"] == pytest.approx(0.5)  # mean of 1 and 0
+    n_big, n_small = (big == 1).sum(), (small == 1).sum()
+    assert s["dice_liver_global"] == pytest.approx(2 * n_big / (2 * n_big + n_small))
+    assert math.isnan(s["dice_tumor"])  # no case has tumour
+
+
+def test_surface_distances_concentric_spheres():
+    g = np.mgrid[:40, :40, :40] - 19.5
+    r = np.sqrt((g ** 2).sum(0))
+    a, b = r < 10, r < 13
+    hd, assd = uh.surface_distances(a, b, (2.0, 2.0, 2.0))
+    assert 4.0 <= hd <= 8.0 and 4.0 <= assd <= 7.5  # ~3 voxels x 2 mm
+    assert uh.surface_distances(a, a, (1, 1, 1)) == (0.0, 0.0)
+    assert all(math.isnan(v) for v in uh.surface_distances(a, np.zeros_like(a), (1, 1, 1)))
+
+
+def test_postprocess_keeps_largest_component():
+    p = _vol()
+    p[2:12, 2:12, 2:8] = 1
+    p[5:7, 5:7, 4:6] = 2
+    p[16:18, 16:18, 1:2] = 1  # a stray island
+    q = uh.postprocess(p)
+    assert q[16:18, 16:18, 1].sum() == 0 and (q == 2).sum() == 8 and (q == 1).sum() == (p == 1).sum() - 4
+
+
+# ---------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def tiny_data(synthetic_dir, tmp_path_factory):
+    cached = uh.preprocess_dataset(uh.find_cases(synthetic_dir), tmp_path_factory.mktemp("cache"), image_size=32,
+                                   workers=0, progress=False)
+    train, val = cached[:4], cached[4:]
+    ts, vs = uh.SliceSet(train, context=3), uh.SliceSet(val, context=3)
+    return {"cached": cached, "train": ts, "val": vs, "ti": uh.select_slices(train, 0.2, 0),
+            "vi": uh.select_slices(val, 0.2, 0), "val_cases": val}
+
+
+def _run(data, out, epochs=2, seed=0, **kw):
+    uh.set_determinism(seed)
+    m = uh.UNet(3, 3, base_channels=4, depth=2)
+    cfg = uh.TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, steps_per_epoch=3, tumor_share=0.25, seed=seed)
+    h = uh.train(m, data["train"], data["ti"], cfg, out, data["val"], data["vi"], progress=False, **kw)
+    return m, h
+
+
+def _strip(history):
+    return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "slices_per_second")} for r in history]
+
+
+def test_training_logs_checkpoints_and_determinism(tiny_data, tmp_path):
+    m1, h1 = _run(tiny_data, tmp_path / "a")
+    _, h2 = _run(tiny_data, tmp_path / "b")
+    assert _strip(h1) == _strip(h2)  # same seed, same history on CPU
+    for f in ("history.csv", "history.json", "last.pt", "best.pt"):
+        assert (tmp_path / "a" / f).exists()
+    assert not list((tmp_path / "a").glob(".tmp-*"))
+    row = h1[-1]
+    for k in ("train_ce", "train_dice_loss", "val_ce", "val_dice_loss", "val_dice_liver_2d", "val_dice_tumor_2d",
+              "val_dice_mean_2d", "lr", "epoch_seconds", "slices_per_second"):
+        assert k in row
+    assert json.loads((tmp_path / "a" / "history.json").read_text())[-1]["epoch"] == 2
+    assert (tmp_path / "a" / "history.csv").read_text().count("\n") == 3
+    ck = uh.load_checkpoint(tmp_path / "a" / "last.pt")
+    assert ck["epoch"] == 1 and ck["model_hparams"]["in_channels"] == 3
+
+
+def test_resume_after_kill_gives_same_weights(tiny_data, tmp_path, monkeypatch):
+    ref, href = _run(tiny_data, tmp_path / "ref")
+    real = uh.augment_batch
+    calls = {"n": 0}
+
+    def killer(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2, second batch
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(uh, "augment_batch", killer)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_data, tmp_path / "run")
+    monkeypatch.setattr(uh, "augment_batch", real)
+    assert uh.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 0  # epoch 1 was kept
+    resumed, hres = _run(tiny_data, tmp_path / "run")
+    assert _strip(hres) == _strip(href)
+    for (n, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_resume_refuses_other_settings(tiny_data, tmp_path):
+    _run(tiny_data, tmp_path / "x", epochs=1)
+    with pytest.raises(ValueError, match="other training settings"):
+        _run(tiny_data, tmp_path / "x", epochs=1, seed=5)
+
+
+def test_weights_only_refuses_pickled_objects(tmp_path):
+    torch.save({"model": {}, "payload": uh.TrainConfig()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+        uh.load_checkpoint(tmp_path / "evil.pt")
+
+
+# ---------------------------------------------------------------- evaluation, inference, results, plots
+def test_evaluate_metrics_and_plots(tiny_data, tmp_path):
+    m, h = _run(tiny_data, tmp_path / "run")
+    ev = uh.evaluate(m, tiny_data["val_cases"], 3, "cpu", postprocess_pred=True, progress=False)
+    assert len(ev["per_case"]) == 2
+    for r in ev["per_case"]:
+        assert 0 <= r["dice_liver_lits"] <= 1 and "dice_liver_raw" in r and "hd95_liver_mm" in r
+        assert ev["predictions"][r["case"]].shape == tuple(tiny_data["val_cases"][0].label_full.shape)
+    s = ev["summary"]
+    for k in ("dice_liver", "dice_tumor", "dice_mean", "dice_liver_lits", "dice_liver_global", "dice_tumor_global"):
+        assert k in s
+    path = uh.write_metrics(tmp_path, {"RECIPE": "default"}, uh.environment(), {"train_seconds": 1.0},
+                            ev["per_case"], s)
+    body = json.loads(path.read_text())  # NaN written as null: valid JSON
+    assert set(body) >= {"config", "env", "timing", "per_case", "summary"}
+    uh.plot_history(h, tmp_path)
+    uh.plot_per_case(ev["per_case"], tmp_path)
+    uh.plot_overlays(tiny_data["val_cases"], ev["predictions"], ev["per_case"], tmp_path)
+    for f in ("training_curves.png", "per_case_dice.png", "overlays.png"):
+        assert (tmp_path / f).stat().st_size > 10_000
+
+
+def test_predict_volume_keeps_input_grid_ras_and_lps(synthetic_dir, tmp_path):
+    m = uh.UNet(3, 3, base_channels=4, depth=2)
+    src = nib.load(str(synthetic_dir / "images" / "liver_0.nii.gz"))
+    data = np.asanyarray(src.dataobj)
+    lps_img, lps_aff = uh._to_lps(data, src.affine) if nib.aff2axcodes(src.affine)[0] == "R" else (data, src.affine)
+    ras_img, ras_aff = uh._to_lps(lps_img, lps_aff)  # flipping twice gives RAS back
+    write_nifti(tmp_path / "ras.nii.gz", ras_img, ras_aff)
+    write_nifti(tmp_path / "lps.nii.gz", lps_img, lps_aff)
+    outs = {}
+    for name in ("ras", "lps"):
+        outs[name] = uh.predict_volume(m, tmp_path / f"{name}.nii.gz", 32, 3, out_path=tmp_path / f"{name}_pred.nii.gz")
+        saved = nib.load(str(tmp_path / f"{name}_pred.nii.gz"))
+        assert saved.shape == data.shape
+        assert np.allclose(saved.affine, nib.load(str(tmp_path / f"{name}.nii.gz")).affine)
+        assert saved.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(np.asanyarray(saved.dataobj), outs[name])
+    np.testing.assert_array_equal(outs["ras"][::-1, ::-1], outs["lps"])  # same anatomy, same labels
+
+
+def test_predict_volume_real_lps_ct(real_ct, tmp_path):
+    m = uh.UNet(1, 3, base_channels=4, depth=2)
+    path = real_ct / "chest_abdomen_ct_1p5mm_lps.nii.gz"
+    out = uh.predict_volume(m, path, 64, 1, out_path=tmp_path / "pred.nii.gz")
+    src = nib.load(str(path))
+    saved = nib.load(str(tmp_path / "pred.nii.gz"))
+    assert out.shape == src.shape and np.allclose(saved.affine, src.affine)
+    assert nib.aff2axcodes(saved.affine) == ("L", "P", "S")
+
+
+def test_recipes_one_word_apart():
+    b, d = uh.recipe("baseline"), uh.recipe("default")
+    assert set(b) == set(d) and b["context"] == 1 and not b["postprocess"] and b["tumor_share"] == 0
+    with pytest.raises(ValueError, match="RECIPE must be one of"):
+        uh.recipe("fancy")
