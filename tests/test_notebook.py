@@ -1,0 +1,90 @@
+"""Run the tutorial notebook headless in a tiny CPU configuration (papermill), check what it writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import nibabel as nib
+import pytest
+from conftest import ROOT
+
+papermill = pytest.importorskip("papermill", reason="papermill is in requirements.txt; install it to run the notebook")
+
+TINY = {"SYNTHETIC_CASES": 5, "SYNTHETIC_SHAPE": [64, 64, 24], "IMAGE_SIZE": 32, "EPOCHS": 2, "BATCH_SIZE": 8,
+        "BASE_CHANNELS": 4, "DEPTH": 2, "STEPS_PER_EPOCH": 3, "VAL_FRACTION": 0.4, "DEVICE": "cpu",
+        "OUTPUT_DIR": "out"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Execute the notebook once in a fresh folder holding only the notebook and the helper module."""
+    work = tmp_path_factory.mktemp("nb")
+    for name in ("liver_segmentation.ipynb", "unet_helpers.py"):
+        shutil.copy(ROOT / name, work / name)
+    papermill.execute_notebook(str(work / "liver_segmentation.ipynb"), str(work / "executed.ipynb"),
+                               parameters={**TINY, "RECIPE": "default"}, cwd=str(work), progress_bar=False,
+                               kernel_name="python3")
+    return work
+
+
+def test_notebook_writes_metrics_figures_and_prediction(tiny_run):
+    out = tiny_run / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("dice_liver", "dice_tumor", "dice_mean", "dice_liver_lits", "dice_liver_global", "dice_tumor_global"):
+        v = metrics["summary"][key]
+        assert v is None or 0.0 <= v <= 1.0, (key, v)  # None only where no validation case has tumour
+    assert metrics["summary"]["dice_liver"] is not None and 0 <= metrics["summary"]["dice_liver"] <= 1
+    for row in metrics["per_case"]:
+        assert 0 <= row["dice_liver_lits"] <= 1
+    assert metrics["data"]["synthetic"] is True
+    for k, v in TINY.items():  # every -p setting is honoured and recorded
+        assert metrics["config"][k] == v, k
+    assert metrics["timing"]["train_seconds"] > 0 and metrics["env"]["torch"]
+    for fig in ("training_curves.png", "per_case_dice.png", "overlays.png"):
+        assert (out / fig).stat().st_size > 10_000, fig
+    preds = list((out / "predictions").glob("*_pred.nii.gz"))
+    assert len(preds) == 1
+    case = preds[0].name.replace("_pred.nii.gz", "")
+    src = nib.load(str(tiny_run / "data" / "synthetic" / "images" / f"{case}.nii.gz"))
+    pred = nib.load(str(preds[0]))
+    assert pred.shape == src.shape and (pred.affine == src.affine).all()
+    for name in ("last.pt", "best.pt", "history.csv"):
+        assert (out / name).exists()
+
+
+def test_notebook_outputs_are_short_and_labelled(tiny_run):
+    nb = json.loads((tiny_run / "executed.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    for c in code:
+        for o in c.get("outputs", []):
+            assert o["output_type"] != "error", o.get("evalue")
+        text = "".join("".join(o.get("text", "")) for o in c.get("outputs", []) if o["output_type"] == "stream")
+        lines = [ln for ln in text.replace("\r", "\n").split("\n") if ln.strip()]
+        assert len(lines) <= 60, (c["source"][:80], len(lines))
+    all_text = json.dumps(nb)
+    assert "SYNTHETIC DATA" in all_text
+
+
+def test_baseline_recipe_from_parameters_alone(tmp_path):
+    for name in ("liver_segmentation.ipynb", "unet_helpers.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    papermill.execute_notebook(str(tmp_path / "liver_segmentation.ipynb"), str(tmp_path / "executed.ipynb"),
+                               parameters={**TINY, "EPOCHS": 1, "RECIPE": "baseline"}, cwd=str(tmp_path),
+                               progress_bar=False, kernel_name="python3")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["config"]["RECIPE"] == "baseline" and metrics["config"]["CONTEXT_SLICES"] == 1
+    assert metrics["config"]["RECIPE_SETTINGS"]["postprocess"] is False
+    assert all(math.isfinite(r["dice_liver"]) for r in metrics["per_case"])
+
+
+def test_committed_notebook_is_one_clean_run():
+    nb = json.loads((ROOT / "liver_segmentation.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1
+    counts = [c.get("execution_count") for c in code]
+    if any(counts):  # committed with outputs: one top-to-bottom run, no errors
+        assert counts == list(range(1, len(code) + 1))
+        assert not any(o["output_type"] == "error" for c in code for o in c.get("outputs", []))
