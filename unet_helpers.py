@@ -379,6 +379,34 @@ def context_indices(n_slices: int, context: int) -> np.ndarray:
     return np.clip(idx, 0, n_slices - 1)
 
 
+def liver_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float = 15.0) -> tuple[int, ...] | None:
+    """In-plane and z bounding box (x0, x1, y0, y1, z0, z1) of a 3D mask plus a margin in mm; None if empty.
+
+    Used by the two-stage cascade: stage 2 works on this box of the full-resolution slices.
+    The in-plane box is made square (in mm) so resizing it to the network input keeps the aspect.
+    """
+    idx = np.argwhere(mask)
+    if not len(idx):
+        return None
+    lo, hi = idx.min(0), idx.max(0) + 1
+    m = [int(math.ceil(margin_mm / s)) for s in spacing]
+    lo = [max(0, int(a) - d) for a, d in zip(lo, m)]
+    hi = [min(n, int(b) + d) for b, d, n in zip(hi, m, mask.shape)]
+    ext = max((hi[0] - lo[0]) * spacing[0], (hi[1] - lo[1]) * spacing[1])  # square side in mm
+    for a in (0, 1):
+        want = min(mask.shape[a], max(hi[a] - lo[a], int(round(ext / spacing[a]))))
+        start = int(round((lo[a] + hi[a] - want) / 2))
+        lo[a] = min(max(0, start), mask.shape[a] - want)
+        hi[a] = lo[a] + want
+    return (lo[0], hi[0], lo[1], hi[1], lo[2], hi[2])
+
+
+def crop_box(volume: np.ndarray, box: Sequence[int]) -> np.ndarray:
+    """``volume[x0:x1, y0:y1, z0:z1]``."""
+    x0, x1, y0, y1, z0, z1 = box
+    return volume[x0:x1, y0:y1, z0:z1]
+
+
 @dataclass
 class CachedCase:
     """A preprocessed case from the slice cache.
@@ -389,7 +417,9 @@ class CachedCase:
         label: (Z, S, S) uint8 resized label, memory-mapped, or None.
         label_full: (X, Y, Z) uint8 canonical label at full resolution (for 3D scoring) or None.
         has_liver, has_tumor: per-slice flags (Z,) from the full-resolution label.
-        meta: spacing, shapes, affines and source paths.
+        meta: spacing, shapes, affines and source paths (and ``roi_box`` for the cascade).
+        roi_image, roi_label: (Zb, R, R) ground-truth liver box of the full-resolution slices,
+            resized to R (cascade stage 2 training), when preprocessed with ``roi_size``.
         from_cache: True when nothing was decoded for this case in this call.
     """
 
@@ -401,6 +431,8 @@ class CachedCase:
     has_tumor: np.ndarray
     meta: dict
     from_cache: bool = False
+    roi_image: np.ndarray | None = None
+    roi_label: np.ndarray | None = None
 
     @property
     def n_slices(self) -> int:
@@ -416,10 +448,12 @@ def _file_fingerprint(path: Path | None) -> list | None:
     return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
 
 
-def cache_key(case: CaseFiles, image_size: int, hu_window: Sequence[float]) -> str:
+def cache_key(case: CaseFiles, image_size: int, hu_window: Sequence[float], roi: Sequence[float] | None = None) -> str:
     """Hash of the input files (path, size, mtime) and every preprocessing parameter."""
     payload = {"v": CACHE_VERSION, "image": _file_fingerprint(case.image), "label": _file_fingerprint(case.label),
                "size": int(image_size), "window": [float(hu_window[0]), float(hu_window[1])]}
+    if roi is not None:
+        payload["roi"] = [int(roi[0]), float(roi[1])]
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -433,7 +467,8 @@ def _check_cache_dir(cache_dir: Path, data_dirs: Iterable[Path]) -> None:
                              "choose a writable folder outside it (e.g. OUTPUT_DIR/cache).")
 
 
-def _preprocess_one(case: CaseFiles, out_dir: str, image_size: int, hu_window: tuple) -> str:
+def _preprocess_one(case: CaseFiles, out_dir: str, image_size: int, hu_window: tuple,
+                    roi: tuple[int, float] | None = None) -> str:
     """Decode one case and write its cache entry atomically (temp folder + rename)."""
     if _WORKER:
         torch.set_num_threads(1)
@@ -441,7 +476,8 @@ def _preprocess_one(case: CaseFiles, out_dir: str, image_size: int, hu_window: t
     final = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{case.case_id}-", dir=final.parent))
     try:
-        img = np.clip(resize_volume_slices(window_hu(loaded.image, hu_window), image_size), 0, 1)
+        windowed = window_hu(loaded.image, hu_window)
+        img = np.clip(resize_volume_slices(windowed, image_size), 0, 1)
         np.save(tmp / "image.npy", img.astype(np.float16))
         meta = {"case_id": case.case_id, "image_path": str(case.image),
                 "label_path": str(case.label) if case.label else None,
@@ -454,6 +490,12 @@ def _preprocess_one(case: CaseFiles, out_dir: str, image_size: int, hu_window: t
             np.save(tmp / "label_full.npy", loaded.label)
             meta["has_liver"] = (loaded.label >= 1).any(axis=(0, 1)).tolist()
             meta["has_tumor"] = (loaded.label == 2).any(axis=(0, 1)).tolist()
+            box = liver_box(loaded.label >= 1, loaded.spacing, roi[1]) if roi else None
+            if box is not None:
+                roi_img = np.clip(resize_volume_slices(crop_box(windowed, box), roi[0]), 0, 1)
+                np.save(tmp / "roi_image.npy", roi_img.astype(np.float16))
+                np.save(tmp / "roi_label.npy", resize_volume_slices(crop_box(loaded.label, box), roi[0], True))
+                meta["roi_box"] = [int(b) for b in box]
         else:
             meta["has_liver"] = meta["has_tumor"] = [False] * img.shape[0]
         (tmp / "meta.json").write_text(json.dumps(meta))
@@ -485,12 +527,15 @@ def _open_entry(entry: Path, from_cache: bool) -> CachedCase:
         meta["case_id"], np.load(entry / "image.npy", mmap_mode="r"),
         np.load(entry / "label.npy", mmap_mode="r") if has_label else None,
         np.load(entry / "label_full.npy", mmap_mode="r") if has_label else None,
-        np.asarray(meta["has_liver"], bool), np.asarray(meta["has_tumor"], bool), meta, from_cache)
+        np.asarray(meta["has_liver"], bool), np.asarray(meta["has_tumor"], bool), meta, from_cache,
+        np.load(entry / "roi_image.npy", mmap_mode="r") if (entry / "roi_image.npy").exists() else None,
+        np.load(entry / "roi_label.npy", mmap_mode="r") if (entry / "roi_label.npy").exists() else None)
 
 
 def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike, image_size: int = 256,
                        hu_window: Sequence[float] = DEFAULT_HU_WINDOW, workers: int | None = None,
-                       progress: bool = True) -> list[CachedCase]:
+                       progress: bool = True, roi_size: int | None = None,
+                       roi_margin_mm: float = 15.0) -> list[CachedCase]:
     """Window, resize and cache every case once; later calls only memory-map the cache.
 
     Used in the notebook section "Preprocess".  Each case is keyed by a hash of its input files
@@ -505,6 +550,8 @@ def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike,
         hu_window: (low, high) HU window.
         workers: decoding processes; None = up to 4 when several cases need decoding.
         progress: show a tqdm bar over volumes.
+        roi_size: also cache each labelled case's liver box (ground truth + ``roi_margin_mm``) from the
+            full-resolution slices, resized to ``roi_size`` (training data of the cascade's stage 2).
 
     Returns:
         One :class:`CachedCase` per input case, in input order.
@@ -514,7 +561,8 @@ def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike,
                      | {Path(c.label).parent for c in cases if c.label})
     cache_dir.mkdir(parents=True, exist_ok=True)
     hu_window = (float(hu_window[0]), float(hu_window[1]))
-    entries = [cache_dir / f"{c.case_id}-{cache_key(c, image_size, hu_window)}" for c in cases]
+    roi = (int(roi_size), float(roi_margin_mm)) if roi_size else None
+    entries = [cache_dir / f"{c.case_id}-{cache_key(c, image_size, hu_window, roi)}" for c in cases]
     todo = [(c, e) for c, e in zip(cases, entries) if not (e / "meta.json").exists()]
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if len(todo) >= 4 else 0
@@ -524,13 +572,13 @@ def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike,
         # fork on Linux, as torch's DataLoader does (workers keep torch single-threaded); spawn elsewhere
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-            futures = [pool.submit(_preprocess_one, c, str(e), image_size, hu_window) for c, e in todo]
+            futures = [pool.submit(_preprocess_one, c, str(e), image_size, hu_window, roi) for c, e in todo]
             for fut in futures:
                 fut.result()
                 bar.update()
     else:
         for c, e in todo:
-            _preprocess_one(c, str(e), image_size, hu_window)
+            _preprocess_one(c, str(e), image_size, hu_window, roi)
             bar.update()
     bar.close()
     done = {e for _, e in todo}
@@ -546,6 +594,20 @@ def clean_cache(cache_dir: str | os.PathLike, keep: Sequence[CachedCase]) -> int
             shutil.rmtree(entry, ignore_errors=True)
             removed += 1
     return removed
+
+
+def roi_cases(cases: Sequence[CachedCase]) -> list[CachedCase]:
+    """The cascade's stage-2 view of cached cases: their liver-box slices as cases of their own."""
+    out = []
+    for c in cases:
+        if c.roi_image is None:
+            continue
+        lab = np.asarray(c.roi_label)
+        out.append(CachedCase(c.case_id, c.roi_image, c.roi_label, None, (lab >= 1).any(axis=(1, 2)),
+                              (lab == 2).any(axis=(1, 2)), c.meta, c.from_cache))
+    if not out:
+        raise ValueError("No liver boxes in these cached cases: preprocess with roi_size=... (and labels)")
+    return out
 
 
 # =============================================================================================
@@ -678,9 +740,9 @@ class TumorAwareSampler:
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
-                  rotate_deg: float = 12.0, scale: tuple[float, float] = (0.85, 1.15),
+                  rotate_deg: float = 12.0, scale: tuple[float, float] = (0.85, 1.15), translate: float = 0.04,
                   intensity: float = 0.1, noise: float = 0.03, p: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random rotation/scaling, intensity shift/scale and Gaussian noise, on x's device.
+    """Random rotation/scaling/shift, intensity shift/scale and Gaussian noise, on x's device.
 
     No left-right flip: it would break the prior that the liver lies on the patient's right.
 
@@ -698,8 +760,8 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
     angle = (rand(b) * 2 - 1) * math.radians(rotate_deg) * on
     s = 1 + (rand(b) * (scale[1] - scale[0]) + scale[0] - 1) * on
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
-                         torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+    tx, ty = ((rand(2, b) * 2 - 1) * 2 * translate * on).unbind(0)  # grid units span 2
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="border",
@@ -1259,6 +1321,40 @@ def predict_slices(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[
     return out
 
 
+@dataclass
+class Stage2:
+    """The cascade's second stage: a U-Net on the liver box at ``roi_size``, and the box margin."""
+
+    model: torch.nn.Module
+    roi_size: int
+    margin_mm: float = 15.0
+
+
+def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing: Sequence[float], stage2: Stage2,
+                    context: int, device: torch.device | str, batch_size: int = 32, amp: bool = True) -> np.ndarray:
+    """Refine a stage-1 label volume inside its liver box at full resolution (Christ et al. 2016).
+
+    Stage 1's largest liver component gives the box (plus ``margin_mm``); its slices are cropped
+    from the full-resolution windowed volume, resized to ``roi_size``, segmented by stage 2 and
+    pasted back at the box's own resolution. Outside the box the result is background.
+
+    Args:
+        stage1_pred: (X, Y, Z) labels from stage 1 (post-processed or not).
+        windowed_full: (X, Y, Z) windowed image in [0, 1] at full resolution.
+        spacing: voxel size in mm.
+        stage2: the stage-2 model and box settings.
+    """
+    box = liver_box(postprocess(stage1_pred) >= 1, spacing, stage2.margin_mm)
+    if box is None:
+        return stage1_pred
+    x0, x1, y0, y1, z0, z1 = box
+    crop = resize_volume_slices(crop_box(windowed_full, box), stage2.roi_size)
+    inner = predict_slices(stage2.model, np.clip(crop, 0, 1), (x1 - x0, y1 - y0), context, device, batch_size, amp)
+    out = np.zeros_like(stage1_pred)
+    out[x0:x1, y0:y1, z0:z1] = inner
+    return out
+
+
 def score_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
     """3D metrics of one case: Dice per class, LiTS liver Dice, tumour FP volume, HD95/ASSD."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -1279,13 +1375,17 @@ def score_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) ->
 
 def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, device: torch.device | str,
              postprocess_pred: bool = True, batch_size: int = 32, amp: bool = True,
-             keep_predictions: bool = True, progress: bool = True) -> dict:
+             keep_predictions: bool = True, progress: bool = True, stage2: Stage2 | None = None) -> dict:
     """Full-volume 3D evaluation of each case on its original (canonical) grid, LiTS-style.
 
     Used in the notebook section "Evaluate".  Every slice is predicted with its 2.5D context,
     logits are resized back to the original in-plane size, and Dice, HD95 and ASSD are computed
     in 3D with the voxel spacing.  Tumour Dice is averaged only over cases that have tumour;
     tumour-free cases report ``fp_tumor_ml`` instead, so they are neither hidden nor scored 0/1.
+
+    With ``stage2`` (the cascade), stage 1's prediction is refined in its liver box by
+    :func:`predict_cascade`; this decodes each validation NIfTI once more for its full-resolution
+    slices.
 
     Returns:
         ``{"per_case": [...], "summary": {...}, "predictions": {case_id: (X, Y, Z) uint8}}``;
@@ -1297,6 +1397,9 @@ def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, 
     for c in tqdm(cases, desc="evaluate (3D)", unit="case", disable=not progress):
         shape = tuple(c.label_full.shape)
         raw = predict_slices(model, c.image, shape[:2], context, device, batch_size, amp)
+        if stage2 is not None:
+            full = window_hu(load_case(c.meta["image_path"]).image, c.meta["hu_window"])
+            raw = predict_cascade(raw, full, c.meta["spacing"], stage2, context, device, batch_size, amp)
         final = postprocess(raw) if postprocess_pred else raw
         truth = np.asarray(c.label_full)
         row = {"case": c.case_id, **score_case(final, truth, c.meta["spacing"])}
@@ -1341,7 +1444,7 @@ def summarize(rows: list[dict], pooled: dict) -> dict:
 def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_size: int, context: int,
                    hu_window: Sequence[float] = DEFAULT_HU_WINDOW, device: torch.device | str = "cpu",
                    postprocess_pred: bool = True, out_path: str | os.PathLike | None = None,
-                   batch_size: int = 32) -> np.ndarray:
+                   batch_size: int = 32, stage2: Stage2 | None = None) -> np.ndarray:
     """Segment one CT NIfTI file; return labels in the input's own grid (and save them as NIfTI).
 
     Used in the notebook section "Inference".  The saved file carries the input's affine and
@@ -1354,13 +1457,17 @@ def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_
         device: where to run.
         postprocess_pred: keep the largest liver component.
         out_path: where to write the label NIfTI (uint8), or None.
+        stage2: the cascade's second stage, or None.
 
     Returns:
         (X, Y, Z) uint8 labels in the input file's voxel order.
     """
     case = load_case(nifti_path)
-    slices = resize_volume_slices(window_hu(case.image, hu_window), image_size)
+    windowed = window_hu(case.image, hu_window)
+    slices = resize_volume_slices(windowed, image_size)
     pred = predict_slices(model, slices, case.image.shape[:2], context, device, batch_size)
+    if stage2 is not None:
+        pred = predict_cascade(pred, windowed, case.spacing, stage2, context, device, batch_size)
     if postprocess_pred:
         pred = postprocess(pred)
     native = from_canonical(pred, case.source_affine)

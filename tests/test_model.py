@@ -308,3 +308,66 @@ def test_recipes_one_word_apart():
     assert set(b) == set(d) and b["context"] == 1 and not b["postprocess"] and b["tumor_share"] == 0
     with pytest.raises(ValueError, match="RECIPE must be one of"):
         uh.recipe("fancy")
+
+
+# ---------------------------------------------------------------- two-stage cascade
+def test_liver_box_margin_square_and_border():
+    m = np.zeros((100, 80, 30), bool)
+    m[40:60, 30:40, 10:20] = True
+    box = uh.liver_box(m, (1.0, 1.0, 2.0), margin_mm=4)
+    x0, x1, y0, y1, z0, z1 = box
+    assert (x0, x1) == (36, 64) and (z0, z1) == (8, 22)
+    assert x1 - x0 == y1 - y0 and y0 <= 26 and y1 >= 44  # square in mm, still covers the mask + margin
+    assert uh.crop_box(m, box).sum() == m.sum()
+    edge = np.zeros((50, 50, 5), bool)
+    edge[0:5, 10:40, :] = True
+    b = uh.liver_box(edge, (1, 1, 1), 3)
+    assert b[0] == 0 and b[1] - b[0] == b[3] - b[2] and b[1] <= 50
+    assert uh.liver_box(np.zeros((4, 4, 4), bool), (1, 1, 1)) is None
+
+
+def test_roi_cache_and_stage2_view(synthetic_dir, tmp_path):
+    cases = uh.find_cases(synthetic_dir)[:2]
+    plain = uh.preprocess_dataset(cases, tmp_path, 32, workers=0, progress=False)
+    roi = uh.preprocess_dataset(cases, tmp_path, 32, workers=0, progress=False, roi_size=48, roi_margin_mm=10)
+    assert plain[0].roi_image is None and not any(c.from_cache for c in roi)  # a new key
+    c = roi[0]
+    x0, x1, y0, y1, z0, z1 = c.meta["roi_box"]
+    full = np.asarray(c.label_full)
+    assert full[x0:x1, y0:y1, z0:z1].astype(bool).sum() == full.astype(bool).sum()  # the box holds the liver
+    assert c.roi_image.shape == (z1 - z0, 48, 48) and c.roi_label.shape == (z1 - z0, 48, 48)
+    view = uh.roi_cases(roi)
+    assert view[0].n_slices == z1 - z0 and view[0].has_liver.sum() >= 1
+    with pytest.raises(ValueError, match="roi_size"):
+        uh.roi_cases(plain)
+
+
+class _Threshold(torch.nn.Module):
+    """A stand-in stage-2 model: liver where the centre channel is bright."""
+
+    def forward(self, x):
+        c = x[:, x.shape[1] // 2: x.shape[1] // 2 + 1]
+        return torch.cat([0.5 - c, c - 0.5, torch.full_like(c, -10.0)], 1) * 20
+
+
+def test_predict_cascade_pastes_at_full_resolution():
+    full = np.zeros((120, 120, 10), np.float32)
+    full[30:71, 50:93, 2:8] = 1.0  # the "liver" at full resolution
+    coarse = np.zeros((120, 120, 10), np.uint8)
+    coarse[28:72, 48:96, 2:8] = 1  # a blocky stage-1 prediction
+    out = uh.predict_cascade(coarse, full, (1.0, 1.0, 1.0), uh.Stage2(_Threshold(), roi_size=64, margin_mm=5),
+                             context=1, device="cpu")
+    assert uh.dice(out == 1, full > 0.5) > 0.97
+    assert uh.dice(coarse == 1, full > 0.5) < uh.dice(out == 1, full > 0.5)
+    assert out[:20].sum() == 0  # background outside the box
+    empty = np.zeros_like(coarse)
+    assert uh.predict_cascade(empty, full, (1, 1, 1), uh.Stage2(_Threshold(), 64), 1, "cpu").sum() == 0
+
+
+def test_cascade_in_evaluate_and_predict_volume(tiny_data, synthetic_dir, tmp_path):
+    m, _ = _run(tiny_data, tmp_path / "s1", epochs=1)
+    s2 = uh.Stage2(uh.UNet(3, 3, base_channels=4, depth=2), roi_size=32, margin_mm=10)
+    ev = uh.evaluate(m, tiny_data["val_cases"], 3, "cpu", progress=False, stage2=s2)
+    assert len(ev["per_case"]) == 2 and "dice_liver" in ev["summary"]
+    out = uh.predict_volume(m, synthetic_dir / "images" / "liver_4.nii.gz", 32, 3, stage2=s2)
+    assert out.shape == nib.load(str(synthetic_dir / "images" / "liver_4.nii.gz")).shape
