@@ -1,0 +1,165 @@
+"""Training throughput: slices/s, achieved FLOP/s as a share of measured matmul peak, data-wait share.
+
+Two data/compute paths in the same process, on the default CPU (quick-preset) U-Net:
+  plain: contiguous tensors, a standard torch DataLoader reading the memory-mapped cache per slice;
+  ours:  channels_last, the whole training set as one resident tensor gathered by index (uh.SliceSet),
+         augmentation on the training device.
+
+    python bench/bench_train.py [--steps 15] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from common import WORK, md_table, stamp, write_table
+from torch.utils.flop_counter import FlopCounterMode
+
+import unet_helpers as uh
+
+
+class MemmapSlices(torch.utils.data.Dataset):
+    """The usual map-style Dataset: one 2.5D slice stack per item, read from the memory-mapped cache."""
+
+    def __init__(self, cases, index, context):
+        self.items = []
+        offset = 0
+        for ci, c in enumerate(cases):
+            self.items += [(ci, z) for z in range(c.n_slices)]
+            offset += c.n_slices
+        self.items = [self.items[i] for i in index]
+        self.cases, self.context = cases, context
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        ci, z = self.items[i]
+        c = self.cases[ci]
+        idx = uh.context_indices(c.n_slices, self.context)[z]
+        x = torch.from_numpy(np.asarray(c.image[idx], np.float32))
+        return x, torch.from_numpy(np.asarray(c.label[z], np.int64))
+
+
+def matmul_peak(n: int = 2048, repeats: int = 7) -> float:
+    """Dense fp32 matmul FLOP/s of this machine (median)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def step_flops(model, x, y, loss_fn) -> int:
+    """FLOPs of one forward + backward pass (torch.utils.flop_counter)."""
+    with FlopCounterMode(display=False) as fc:
+        loss, _ = loss_fn(model(x), y)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops()
+
+
+def _loop(model, opt, loss_fn, batches, fmt, augment=True, gen=None):
+    """Run training steps; return (total seconds, seconds spent getting/augmenting data)."""
+    data_t = 0.0
+    t0 = time.perf_counter()
+    it = iter(batches)
+    while True:
+        td = time.perf_counter()
+        try:
+            x, y = next(it)
+        except StopIteration:
+            break
+        if augment:
+            x, y = uh.augment_batch(x, y, generator=gen)
+        x = x.contiguous(memory_format=fmt)
+        data_t += time.perf_counter() - td
+        loss, _ = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0, data_t
+
+
+def run(image_size: int = 128, base: int = 16, depth: int = 4, context: int = 3, batch: int = 16, steps: int = 15,
+        repeats: int = 3, n_cases: int = 4, write: bool = True, command: str = "python bench/bench_train.py") -> dict:
+    """Measure both paths; return (and optionally write) the numbers."""
+    data = WORK / "train_data"
+    uh.make_synthetic_dataset(data, n_cases=n_cases, shape=(192, 192, 48), seed=5, progress=False)
+    cached = uh.preprocess_dataset(uh.find_cases(data), WORK / "train_cache", image_size, progress=False)
+    index = uh.select_slices(cached, 0.2, seed=0)
+    resident = uh.SliceSet(cached, context)
+    sampler = uh.TumorAwareSampler(index, resident.has_liver, resident.has_tumor, batch, 0.33, 0.17, seed=0)
+    loader = torch.utils.data.DataLoader(MemmapSlices(cached, index, context), batch_size=batch, shuffle=True,
+                                         num_workers=0, drop_last=True)
+    peak = matmul_peak()
+    loss_fn = uh.make_loss("dice_ce")
+    results = {}
+    for name, fmt in (("plain", torch.contiguous_format), ("ours", torch.channels_last)):
+        torch.manual_seed(0)
+        model = uh.UNet(context, 3, base, depth).to(memory_format=fmt)
+        opt = torch.optim.AdamW(model.parameters(), 1e-3)
+        x0, y0 = resident.batch(sampler.epoch(0)[0])
+        flops = step_flops(model, x0.contiguous(memory_format=fmt), y0, loss_fn)
+        gen = torch.Generator().manual_seed(0)
+        per = []
+        for r in range(repeats + 1):  # first repeat warms up
+            if name == "plain":
+                batches = _LazyLoader(loader, steps)
+            else:
+                batches = (resident.batch(b) for b in sampler.epoch(r)[:steps])
+            total, data_t = _loop(model, opt, loss_fn, batches, fmt, gen=gen)
+            if r:
+                per.append((total, data_t))
+        total = statistics.median(t for t, _ in per)
+        data_t = statistics.median(d for _, d in per)
+        results[name] = {"slices_per_s": steps * batch / total, "flops_per_step": flops,
+                         "achieved_flops": flops * steps / total, "share_of_peak": flops * steps / total / peak,
+                         "compute_share_of_peak": flops * steps / (total - data_t) / peak,
+                         "data_wait": data_t / total}
+    results["peak_flops"] = peak
+    if write:
+        rows = [[n, f"{r['slices_per_s']:.1f}", f"{r['achieved_flops'] / 1e9:.0f}", f"{r['share_of_peak']:.0%}",
+                 f"{r['compute_share_of_peak']:.0%}", f"{r['data_wait']:.1%}",
+                 f"{r['slices_per_s'] / results['plain']['slices_per_s']:.2f}×"]
+                for n, r in results.items() if n != "peak_flops"]
+        write_table("train", stamp(command) + f"\n\nU-Net base {base}, depth {depth}, {context}-slice input, "
+                    f"{image_size}², batch {batch}, fp32, training steps incl. augmentation; {steps} steps, median "
+                    f"of {repeats} repeats. One step = {results['ours']['flops_per_step'] / 1e9:.1f} GFLOP "
+                    f"(torch.utils.flop_counter). Measured dense fp32 matmul peak (2048²): "
+                    f"{peak / 1e9:.0f} GFLOP/s.\n\n" + md_table(
+                        ["path", "slices/s", "GFLOP/s", "share of matmul peak", "same, compute only",
+                         "data wait", "vs plain"], rows))
+    return results
+
+
+class _LazyLoader:
+    """Yield ``steps`` batches from a DataLoader, loading each inside the timed loop."""
+
+    def __init__(self, loader, steps):
+        self.it, self.steps = iter(loader), steps
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.steps == 0:
+            raise StopIteration
+        self.steps -= 1
+        return next(self.it)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    print(run(steps=a.steps, repeats=a.repeats,
+              command=f"python bench/bench_train.py --steps {a.steps} --repeats {a.repeats}"))

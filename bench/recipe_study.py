@@ -1,0 +1,203 @@
+"""The recipe study: tumour (and liver) Dice of the baseline, single changes, the default, and more budget.
+
+Every arm trains from scratch with the same number of optimizer steps (×2 / ×4 arms excepted) on a
+synthetic training set and is scored in 3D on a validation set generated from another seed; each
+arm runs with several training seeds. Results go to bench/results/recipe_study.json (one entry per
+arm and seed, so an interrupted study resumes) and to the recipe table of BENCHMARKS.md.
+
+    python bench/recipe_study.py --seeds 0 1 2            # the quick arms (about 1 hour on 2 CPU cores)
+    python bench/recipe_study.py --full --seeds 0 1 2     # every arm, incl. focal, size 160 and ×4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from common import ROOT, WORK, md_table, stamp, write_table
+
+import unet_helpers as uh
+
+RESULTS = ROOT / "bench" / "results" / "recipe_study.json"
+BASE = {**uh.RECIPES["baseline"], "image_size": 128, "cascade": False, "budget": 1}
+ARMS: dict[str, dict | None] = {
+    "baseline": {},
+    "baseline + post-processing": None,  # the baseline's models, scored with post-processing
+    "baseline + tumour oversampling": {"tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2},
+    "baseline + 2.5D context 3": {"context": 3},
+    "baseline + 2.5D context 5": {"context": 5},
+    "baseline + Tversky loss": {"loss": "tversky_ce"},
+    "baseline + focal loss": {"loss": "focal_dice"},
+    "baseline + image size 160": {"image_size": 160},
+    "baseline + liver-box cascade": {"cascade": True},
+    "default": {**uh.RECIPES["default"]},
+    "baseline ×2 steps": {"budget": 2},
+    "default ×2 steps": {**uh.RECIPES["default"], "budget": 2},
+    "baseline ×4 steps": {"budget": 4},
+    "default ×4 steps": {**uh.RECIPES["default"], "budget": 4},
+}
+QUICK = ["baseline", "baseline + tumour oversampling", "baseline + 2.5D context 3", "baseline + 2.5D context 5",
+         "baseline + Tversky loss", "baseline + liver-box cascade", "default", "baseline ×2 steps",
+         "default ×2 steps"]
+
+
+def datasets(n_train: int, n_val: int, shape) -> tuple[list, list]:
+    """Training and validation case files, generated from different seeds."""
+    tr = WORK / f"study_train_{n_train}"
+    va = WORK / f"study_val_{n_val}"
+    uh.make_synthetic_dataset(tr, n_train, tuple(shape), seed=100, progress=False)
+    uh.make_synthetic_dataset(va, n_val, tuple(shape), seed=200, progress=False)
+    return uh.find_cases(tr), uh.find_cases(va)
+
+
+def run_arm(arm: str, cfg: dict, seed: int, steps: int, batch: int, train_files, val_files, base: int = 16,
+            depth: int = 4, lr: float = 2e-3) -> list[dict]:
+    """Train one arm with one seed and score it; returns one result row (two for the baseline)."""
+    size = cfg["image_size"]
+    roi = size if cfg["cascade"] else None
+    tr = uh.preprocess_dataset(train_files, WORK / "study_cache_train", size, progress=False, roi_size=roi)
+    va = uh.preprocess_dataset(val_files, WORK / "study_cache_val", size, progress=False)
+    total = steps * cfg["budget"]
+    stage_steps = total // 2 if cfg["cascade"] else total
+    out = WORK / "study_runs" / f"{arm.replace(' ', '_')}_{seed}"
+
+    def fit(cases, subdir):
+        uh.set_determinism(seed)
+        model = uh.UNet(cfg["context"], 3, base, depth)
+        data = uh.SliceSet(cases, cfg["context"])
+        index = uh.select_slices(cases, cfg["empty_fraction"], seed)
+        tc = uh.TrainConfig(epochs=4, batch_size=batch, lr=lr, steps_per_epoch=stage_steps // 4, seed=seed,
+                            tumor_share=cfg["tumor_share"], liver_share=cfg["liver_share"], loss=cfg["loss"])
+        uh.train(model, data, index, tc, out / subdir, resume=False, progress=False)
+        return model
+
+    t0 = time.perf_counter()
+    model = fit(tr, "stage1")
+    stage2 = uh.Stage2(fit(uh.roi_cases(tr), "stage2"), roi) if cfg["cascade"] else None
+    train_s = time.perf_counter() - t0
+    ev = uh.evaluate(model, va, cfg["context"], "cpu", postprocess_pred=True, keep_predictions=False,
+                     progress=False, stage2=stage2)
+    rows = []
+    variants = [(arm, cfg["postprocess"])]
+    if arm == "baseline":
+        variants = [("baseline", False), ("baseline + post-processing", True)]
+    for name, post in variants:
+        per_case = [{"case": r["case"], "has_tumor": r["has_tumor"],
+                     "dice_liver": r["dice_liver" if post else "dice_liver_raw"],
+                     "dice_tumor": r["dice_tumor" if post else "dice_tumor_raw"],
+                     "fp_tumor_ml": r["fp_tumor_ml" if post else "fp_tumor_ml_raw"]} for r in ev["per_case"]]
+        s = ev["summary"]
+        sfx = "" if post else "_raw"
+        rows.append({"arm": name, "seed": seed, "steps": total, "batch": batch, "train_seconds": train_s,
+                     "summary": {"dice_liver": s["dice_liver" + sfx], "dice_tumor": s["dice_tumor" + sfx],
+                                 "dice_liver_global": s["dice_liver_global" + sfx],
+                                 "dice_tumor_global": s["dice_tumor_global" + sfx],
+                                 "fp_tumor_ml_tumor_free_cases": float(np.mean(
+                                     [r["fp_tumor_ml"] for r in per_case if not r["has_tumor"]] or [math.nan]))},
+                     "per_case": per_case})
+    return rows
+
+
+def load(path: Path = RESULTS) -> list[dict]:
+    """Stored results."""
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def save(rows: list[dict], path: Path = RESULTS) -> None:
+    """Store results atomically (NaN as null)."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return None if isinstance(v, float) and math.isnan(v) else v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(clean(rows), indent=1))
+    tmp.replace(path)
+
+
+def _ms(vals: list[float | None]) -> str:
+    """'mean ± std' of the non-missing values."""
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
+    if not vals:
+        return "-"
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+
+
+def table(rows: list[dict], command: str, setup: str) -> str:
+    """The recipe table: mean ± std over seeds of per-case and global Dice, per arm."""
+    by_arm: dict[str, list[dict]] = {}
+    for r in rows:
+        by_arm.setdefault(r["arm"], []).append(r)
+    base_vals = [r["summary"]["dice_tumor"] for r in by_arm.get("baseline", []) if r["summary"]["dice_tumor"] is not None]
+    base_t = statistics.mean(base_vals) if base_vals else math.nan
+    out = []
+    for arm in ARMS:
+        if arm not in by_arm:
+            continue
+        rs = by_arm[arm]
+        t = [r["summary"]["dice_tumor"] for r in rs if r["summary"]["dice_tumor"] is not None]
+        out.append([arm, rs[0]["steps"], len(rs), _ms([r["summary"]["dice_liver"] for r in rs]), _ms(t),
+                    _ms([r["summary"]["dice_tumor_global"] for r in rs]),
+                    _ms([r["summary"]["dice_liver_global"] for r in rs]),
+                    _ms([r["summary"]["fp_tumor_ml_tumor_free_cases"] for r in rs]),
+                    f"{statistics.mean(t) / base_t:.2f}×" if t and base_t and not math.isnan(base_t) else "-",
+                    f"{statistics.mean(r['train_seconds'] for r in rs):.0f}"])
+    return (stamp(command) + "\n\n" + setup + "\n\n" + md_table(
+        ["arm", "steps", "seeds", "liver Dice (per case)", "tumour Dice (per case)", "tumour Dice (global)",
+         "liver Dice (global)", "FP tumour mL (tumour-free cases)", "tumour vs baseline", "train s"], out))
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--full", action="store_true", help="every arm (focal, size 160, ×4 budgets too)")
+    ap.add_argument("--arms", nargs="*", help="only these arms")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--train-cases", type=int, default=24)
+    ap.add_argument("--val-cases", type=int, default=12)
+    ap.add_argument("--shape", type=int, nargs=3, default=[192, 192, 48])
+    ap.add_argument("--base", type=int, default=16)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args(argv)
+    arms = a.arms or (list(ARMS) if a.full else QUICK)
+    train_files, val_files = datasets(a.train_cases, a.val_cases, a.shape)
+    rows = load(a.results)
+    done = {(r["arm"], r["seed"], r["steps"]) for r in rows}
+    for seed in a.seeds:
+        for arm in arms:
+            cfg = ARMS[arm]
+            if cfg is None:
+                continue
+            cfg = {**BASE, **cfg}
+            if (arm, seed, a.steps * cfg["budget"]) in done:
+                continue
+            t0 = time.perf_counter()
+            new = run_arm(arm, cfg, seed, a.steps, a.batch, train_files, val_files, a.base)
+            rows = [r for r in load(a.results)
+                    if not any((r["arm"], r["seed"]) == (n["arm"], n["seed"]) for n in new)] + new
+            save(rows, a.results)
+            print(f"{arm} seed {seed}: liver {new[0]['summary']['dice_liver']:.3f} tumour "
+                  f"{new[0]['summary']['dice_tumor']:.3f} global {new[0]['summary']['dice_tumor_global']:.3f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    if not a.no_write:
+        setup = (f"Synthetic CT only. Train: {a.train_cases} cases (generator seed 100); validation: {a.val_cases} "
+                 f"cases (seed 200), {'×'.join(map(str, a.shape))} voxels. U-Net base {a.base}, depth 4, 128² input "
+                 f"(160² for that arm), batch {a.batch}, AdamW 2e-3 with warm-up + cosine, {a.steps} optimizer steps "
+                 "per arm (the cascade splits them between its two stages). 3D per-case Dice (tumour over cases "
+                 "with tumour) and global Dice; mean ± std over training seeds.")
+        write_table("recipes", table(rows, "python bench/recipe_study.py " + " ".join(argv or []), setup))
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])
