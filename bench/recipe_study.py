@@ -135,7 +135,8 @@ def table(rows: list[dict], command: str, setup: str) -> str:
     by_arm: dict[str, list[dict]] = {}
     for r in rows:
         by_arm.setdefault(r["arm"], []).append(r)
-    base_vals = [r["summary"]["dice_tumor"] for r in by_arm.get("baseline", []) if r["summary"]["dice_tumor"] is not None]
+    base_vals = [r["summary"]["dice_tumor"] for r in by_arm.get("baseline", [])
+                 if r["summary"]["dice_tumor"] is not None]
     base_t = statistics.mean(base_vals) if base_vals else math.nan
     out = []
     for arm in ARMS:
