@@ -45,7 +45,7 @@ class MemmapSlices(torch.utils.data.Dataset):
         return x, torch.from_numpy(np.asarray(c.label[z], np.int64))
 
 
-def matmul_peak(n: int = 2048, repeats: int = 7) -> float:
+def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
     """Dense fp32 matmul FLOP/s of this machine (median)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -67,8 +67,8 @@ def step_flops(model, x, y, loss_fn) -> int:
 
 
 def _loop(model, opt, loss_fn, batches, fmt, augment=True, gen=None):
-    """Run training steps; return (total seconds, seconds spent getting/augmenting data)."""
-    data_t = 0.0
+    """Run training steps; return (total seconds, seconds getting/augmenting data, slices processed)."""
+    data_t, n = 0.0, 0
     t0 = time.perf_counter()
     it = iter(batches)
     while True:
@@ -85,7 +85,8 @@ def _loop(model, opt, loss_fn, batches, fmt, augment=True, gen=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return time.perf_counter() - t0, data_t
+        n += len(x)
+    return time.perf_counter() - t0, data_t, n
 
 
 def run(image_size: int = 128, base: int = 16, depth: int = 4, context: int = 3, batch: int = 16, steps: int = 15,
@@ -97,8 +98,9 @@ def run(image_size: int = 128, base: int = 16, depth: int = 4, context: int = 3,
     index = uh.select_slices(cached, 0.2, seed=0)
     resident = uh.SliceSet(cached, context)
     sampler = uh.TumorAwareSampler(index, resident.has_liver, resident.has_tumor, batch, 0.33, 0.17, seed=0)
-    loader = torch.utils.data.DataLoader(MemmapSlices(cached, index, context), batch_size=batch, shuffle=True,
-                                         num_workers=0, drop_last=True)
+    loader = torch.utils.data.DataLoader(MemmapSlices(cached, index, context), batch_size=batch, num_workers=0,
+                                         sampler=torch.utils.data.RandomSampler(index, replacement=True,
+                                                                                num_samples=10**6))
     peak = matmul_peak()
     loss_fn = uh.make_loss("dice_ce")
     results = {}
@@ -114,8 +116,10 @@ def run(image_size: int = 128, base: int = 16, depth: int = 4, context: int = 3,
             if name == "plain":
                 batches = _LazyLoader(loader, steps)
             else:
-                batches = (resident.batch(b) for b in sampler.epoch(r)[:steps])
-            total, data_t = _loop(model, opt, loss_fn, batches, fmt, gen=gen)
+                epochs = [b for e in range(r * 100, r * 100 + 100) for b in sampler.epoch(e)]
+                batches = (resident.batch(b) for b in epochs[:steps])
+            total, data_t, n = _loop(model, opt, loss_fn, batches, fmt, gen=gen)
+            assert n == steps * batch, (n, steps * batch)
             if r:
                 per.append((total, data_t))
         total = statistics.median(t for t, _ in per)
@@ -123,7 +127,7 @@ def run(image_size: int = 128, base: int = 16, depth: int = 4, context: int = 3,
         results[name] = {"slices_per_s": steps * batch / total, "flops_per_step": flops,
                          "achieved_flops": flops * steps / total, "share_of_peak": flops * steps / total / peak,
                          "compute_share_of_peak": flops * steps / (total - data_t) / peak,
-                         "data_wait": data_t / total}
+                         "data_wait": data_t / total, "steps": steps}
     results["peak_flops"] = peak
     if write:
         rows = [[n, f"{r['slices_per_s']:.1f}", f"{r['achieved_flops'] / 1e9:.0f}", f"{r['share_of_peak']:.0%}",
@@ -133,7 +137,7 @@ def run(image_size: int = 128, base: int = 16, depth: int = 4, context: int = 3,
         write_table("train", stamp(command) + f"\n\nU-Net base {base}, depth {depth}, {context}-slice input, "
                     f"{image_size}², batch {batch}, fp32, training steps incl. augmentation; {steps} steps, median "
                     f"of {repeats} repeats. One step = {results['ours']['flops_per_step'] / 1e9:.1f} GFLOP "
-                    f"(torch.utils.flop_counter). Measured dense fp32 matmul peak (2048²): "
+                    f"(torch.utils.flop_counter). Measured dense fp32 matmul peak (4096²): "
                     f"{peak / 1e9:.0f} GFLOP/s.\n\n" + md_table(
                         ["path", "slices/s", "GFLOP/s", "share of matmul peak", "same, compute only",
                          "data wait", "vs plain"], rows))
