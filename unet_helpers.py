@@ -1003,10 +1003,10 @@ def make_loss(name: str = "dice_ce", **kwargs: Any) -> DiceCELoss:
 RECIPES: dict[str, dict] = {
     # the seed notebook's setup: plain 2D, one slice in, uniform sampling over all slices, no post-processing
     "baseline": {"context": 1, "tumor_share": 0.0, "liver_share": 0.0, "empty_fraction": 1.0,
-                 "loss": "dice_ce", "postprocess": False},
+                 "loss": "dice_ce", "postprocess": False, "cascade": False},
     # our default: 2.5D context, tumour/liver oversampling, fewer empty slices, post-processing
     "default": {"context": 3, "tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2,
-                "loss": "dice_ce", "postprocess": True},
+                "loss": "dice_ce", "postprocess": True, "cascade": False},
 }
 
 
@@ -1051,8 +1051,8 @@ PRESETS: dict[str, dict] = {
 def resolve_settings(settings: dict, device: torch.device, synthetic: bool) -> tuple[dict, list[str]]:
     """Fill settings left at None from the preset and the recipe (notebook: "Configuration").
 
-    The preset is "full" on a CUDA GPU with real data, else "quick"; ``CONTEXT_SLICES`` and the
-    sampling/post-processing options come from ``RECIPE``.
+    The preset is "full" on a CUDA GPU with real data, else "quick"; ``CONTEXT_SLICES``,
+    ``CASCADE`` and the sampling/post-processing options come from ``RECIPE``.
 
     Returns:
         (completed settings, lines saying what was chosen and why).
@@ -1073,6 +1073,11 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool) -> t
     if s.get("CONTEXT_SLICES") is None:
         s["CONTEXT_SLICES"] = rec["context"]
         notes.append(f"CONTEXT_SLICES = {rec['context']} (recipe {s['RECIPE']!r})")
+    if s.get("CASCADE") is None:
+        s["CASCADE"] = rec["cascade"]
+        notes.append(f"CASCADE = {rec['cascade']} (recipe {s['RECIPE']!r})")
+    if s["CASCADE"]:
+        notes.append(f"cascade: stage 1 and stage 2 train {max(1, s['EPOCHS'] // 2)} epochs each (same budget)")
     s["RECIPE_SETTINGS"] = rec
     return s, notes
 

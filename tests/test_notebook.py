@@ -79,6 +79,19 @@ def test_baseline_recipe_from_parameters_alone(tmp_path):
     assert all(math.isfinite(r["dice_liver"]) for r in metrics["per_case"])
 
 
+def test_cascade_from_parameters_alone(tmp_path):
+    for name in ("liver_segmentation.ipynb", "unet_helpers.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    papermill.execute_notebook(str(tmp_path / "liver_segmentation.ipynb"), str(tmp_path / "executed.ipynb"),
+                               parameters={**TINY, "CASCADE": True}, cwd=str(tmp_path), progress_bar=False,
+                               kernel_name="python3")
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["CASCADE"] is True
+    assert (out / "stage2" / "best.pt").exists() and (out / "stage2" / "training_curves.png").exists()
+    assert len(metrics["history"]) == 1  # the budget is split: EPOCHS 2 -> 1 epoch per stage
+
+
 def test_committed_notebook_is_one_clean_run():
     nb = json.loads((ROOT / "liver_segmentation.ipynb").read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
