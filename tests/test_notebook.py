@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 
+import nbformat
 import nibabel as nib
 import pytest
 from conftest import ROOT
@@ -101,3 +103,21 @@ def test_committed_notebook_is_one_clean_run():
     if any(counts):  # committed with outputs: one top-to-bottom run, no errors
         assert counts == list(range(1, len(code) + 1))
         assert not any(o["output_type"] == "error" for c in code for o in c.get("outputs", []))
+
+
+def test_coalesce_streams_renders_progress_bars_like_a_terminal():
+    sys.path.insert(0, str(ROOT / "tools"))
+    from coalesce_streams import coalesce, collapse
+
+    # the sequence tqdm writes for an outer bar and a nested leave=False bar (captured from a real run)
+    bars = ("\repochs: 0%" "\n" "\repoch 1: 0%" "\x1b[A" "\n" "\repoch 1: 50%" "\x1b[A" "\n" "\r          \r"
+            "\x1b[A" "\repochs: 100%" "\n")
+    assert collapse(bars) == "epochs: 100%\n"
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="\rbar 1"),
+                    nbformat.v4.new_output("stream", name="stderr", text="\rbar 2\n"),
+                    nbformat.v4.new_output("stream", name="stdout", text="result\n\nkept blank line\n")]
+    nb.cells = [cell]
+    out = coalesce(nb).cells[0].outputs
+    assert [o.text for o in out] == ["bar 2\n", "result\n\nkept blank line\n"]
