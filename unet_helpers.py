@@ -1452,13 +1452,12 @@ def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, 
     rows, preds = [], {}
     pooled = {k: np.zeros(2) for k in ("liver", "tumor", "liver_lits", "liver_raw", "tumor_raw")}
     for c in tqdm(cases, desc="evaluate (3D)", unit="case", disable=not progress):
-        shape = tuple(c.label_full.shape)
-        raw = predict_slices(model, c.image, shape[:2], context, device, batch_size, amp)
+        truth = c.label_full
+        raw = predict_slices(model, c.image, truth.shape[:2], context, device, batch_size, amp)
         if stage2 is not None:
             full = window_hu(load_case(c.meta["image_path"]).image, c.meta["hu_window"])
             raw = predict_cascade(raw, full, c.meta["spacing"], stage2, context, device, batch_size, amp)
         final = postprocess(raw) if postprocess_pred else raw
-        truth = np.asarray(c.label_full)
         row = {"case": c.case_id, **score_case(final, truth, c.meta["spacing"])}
         raw_row = score_case(raw, truth, c.meta["spacing"]) if postprocess_pred else row
         for k in ("dice_liver", "dice_tumor", "dice_liver_lits", "fp_tumor_ml"):
