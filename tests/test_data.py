@@ -404,3 +404,57 @@ def test_synthetic_statistics_like_lits():
     assert max(n_les) <= 8
     radii = [les["radius_mm"] for f in facts for les in f["lesions"]]
     assert min(radii) >= 2 and max(radii) <= 25
+
+
+# ---------------------------------------------------------------- notebook helpers
+def test_find_data_order_and_synthetic_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(uh, "KAGGLE_INPUT", tmp_path / "kaggle_input")
+    assert uh.find_data() == ([], None)  # nothing anywhere
+    uh.make_synthetic_dataset("data/synthetic", n_cases=2, shape=(32, 32, 12), seed=0, progress=False)
+    cases, root = uh.find_data()
+    assert root == tmp_path / "data" / "synthetic" or str(root) == "data/synthetic"
+    assert uh.is_synthetic(cases) and len(cases) == 2
+    _pair(tmp_path / "data" / "real", "images", "labels", ["liver_0"])  # real data beside the synthetic set
+    cases, root = uh.find_data()
+    assert [c.case_id for c in cases] == ["liver_0"] and not uh.is_synthetic(cases)  # synthetic excluded
+    _pair(tmp_path / "kaggle_input" / "ds" / "Task03_Liver_rs", "images", "labels", ["liver_5", "liver_7"])
+    cases, root = uh.find_data()
+    assert [c.case_id for c in cases] == ["liver_5", "liver_7"]  # the Kaggle mount comes first
+    cases, root = uh.find_data(tmp_path / "data" / "real")  # DATA_DIR wins over everything
+    assert [c.case_id for c in cases] == ["liver_0"]
+
+
+def test_find_data_explicit_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(uh.CTDataError, match="No CT cases found"):
+        uh.find_data(tmp_path / "empty")
+
+
+def test_resolve_settings_presets_and_recipe():
+    import torch
+    base = {"RECIPE": "default", "PRESET": None, "EPOCHS": None, "IMAGE_SIZE": None, "BATCH_SIZE": 8,
+            "LR": None, "BASE_CHANNELS": None, "DEPTH": None, "CONTEXT_SLICES": None, "CASCADE": None}
+    s, notes = uh.resolve_settings(base, torch.device("cpu"), synthetic=False)
+    assert s["PRESET"] == "quick" and s["IMAGE_SIZE"] == 128 and s["BATCH_SIZE"] == 8  # set values are kept
+    assert s["CONTEXT_SLICES"] == uh.RECIPES["default"]["context"] and any("no CUDA GPU" in n for n in notes)
+    s, _ = uh.resolve_settings(base, torch.device("cuda"), synthetic=False)
+    assert s["PRESET"] == "full" and s["IMAGE_SIZE"] == 256
+    s, _ = uh.resolve_settings(base, torch.device("cuda"), synthetic=True)
+    assert s["PRESET"] == "quick"
+    s, _ = uh.resolve_settings({**base, "RECIPE": "baseline", "CASCADE": True}, torch.device("cpu"), False)
+    assert s["CONTEXT_SLICES"] == 1 and s["CASCADE"] is True
+    with pytest.raises(ValueError, match="PRESET"):
+        uh.resolve_settings({**base, "PRESET": "huge"}, torch.device("cpu"), False)
+
+
+def test_format_table_and_describe_results():
+    rows = [{"case": "liver_1", "dice": 0.91234, "t": float("nan")}]
+    text = uh.format_table(rows, ["case", "dice", "t"])
+    assert text.splitlines()[1].split() == ["liver_1", "0.912", "-"]
+    summary = {"n_cases": 3, "n_cases_with_tumor": 2, "dice_liver": 0.95, "dice_liver_lits": 0.96,
+               "dice_tumor": 0.4, "dice_tumor_global": 0.6, "fp_tumor_ml_tumor_free_cases": 0.5,
+               "dice_liver_raw": 0.94, "dice_tumor_raw": 0.38}
+    words = uh.describe_results(summary, synthetic=True)
+    assert "SYNTHETIC" in words and "0.950" in words and "not comparable" in words
+    assert "SYNTHETIC" not in uh.describe_results(summary, synthetic=False)
