@@ -1131,10 +1131,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def _native_bf16() -> bool:
+    """True when the CUDA GPU computes bf16 natively (Ampere and newer; not emulated on a T4/P100)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch without the argument
+        return torch.cuda.is_bf16_supported()
+
+
 def _autocast(device: torch.device, enabled: bool):
-    """Mixed-precision context on CUDA (bf16 where supported, else fp16); a no-op elsewhere."""
+    """Mixed-precision context on CUDA (bf16 where native, else fp16 with a grad scaler); a no-op elsewhere."""
     if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if _native_bf16() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return torch.autocast(device.type, enabled=False)
 
@@ -1214,7 +1224,7 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not _native_bf16())
     history: list[dict] = []
     start_epoch, best = 0, -1.0
     if resume and (out / "last.pt").exists():
@@ -1240,7 +1250,7 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
         batches = batches[:steps]
         gen = torch.Generator(device=device)
         gen.manual_seed(hash_seed(cfg.seed, epoch, 7))
-        sums = {"ce": 0.0, "dice": 0.0}
+        sums = torch.zeros(2, device=device)  # CE, Dice loss; read once per epoch (no GPU sync per step)
         bbar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not progress,
                     mininterval=2.0)
         for idx in bbar:
@@ -1259,11 +1269,12 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
             scaler.step(opt)
             scaler.update()
             sched.step()
-            sums["ce"] += parts["ce"].item()
-            sums["dice"] += parts["dice"].item()
-            bbar.set_postfix(loss=f"{loss.item():.3f}")
+            sums += torch.stack([parts["ce"], parts["dice"]])
+            if bbar.n % 10 == 0:  # live loss without a device sync at every step
+                bbar.set_postfix(loss=f"{loss.item():.3f}")
+        ce_sum, dice_sum = sums.tolist()
         secs = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_ce": sums["ce"] / steps, "train_dice_loss": sums["dice"] / steps,
+        row = {"epoch": epoch + 1, "train_ce": ce_sum / steps, "train_dice_loss": dice_sum / steps,
                "lr": opt.param_groups[0]["lr"], "epoch_seconds": secs,
                "slices_per_second": steps * cfg.batch_size / secs}
         if val_data is not None and val_index is not None and len(val_index):

@@ -45,7 +45,7 @@ def run(image_size: int = 256, batch: int = 32, steps: int = 40, write: bool = F
                                                  num_workers=4, pin_memory=True, drop_last=True,
                                                  persistent_workers=True)
             batches = lambda loader=loader: _LazyLoader(loader, steps)  # noqa: E731
-        scaler = torch.amp.GradScaler("cuda", enabled=fast and not torch.cuda.is_bf16_supported())
+        scaler = torch.amp.GradScaler("cuda", enabled=fast and not uh._native_bf16())
         for _rep in range(2):  # the first pass warms up cuDNN and the loader
             torch.cuda.synchronize()
             t0 = time.perf_counter()
