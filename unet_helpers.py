@@ -704,52 +704,88 @@ def select_slices(cases: Sequence[CachedCase], empty_fraction: float = 0.1, seed
     return np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, np.int64)
 
 
-class SliceSet:
-    """The slices of some cached cases as one tensor, with 2.5D neighbour tables.
+def available_ram() -> int:
+    """Bytes of physical memory available now (Linux/macOS), or 0 when unknown."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
-    Used in the notebook sections "Preprocess" and "Train".  Keeping the whole training set as
-    one float16 tensor on the training device (GPU when it fits) and gathering batches by index
-    removes the DataLoader bottleneck of a 4-core Kaggle machine.
+
+class SliceSet:
+    """The slices of some cached cases, gathered by index into 2.5D batches.
+
+    Used in the notebook sections "Preprocess" and "Train".  Resident mode keeps the whole set as
+    one float16 tensor on ``device`` (the GPU when it fits) and gathers batches by index, which
+    removes the DataLoader bottleneck of a 4-core Kaggle machine.  Lazy mode reads each batch
+    from the memory-mapped cache, so a data set larger than RAM still trains.
 
     Args:
         cases: cached cases (with labels).
         context: number of adjacent slices given as channels (1, 3 or 5).
-        device: where the tensors live.
+        device: where resident tensors live.
+        resident: True / False, or None = resident when the slices take under half the free RAM
+            (or are meant for a GPU).
     """
 
-    def __init__(self, cases: Sequence[CachedCase], context: int = 1, device: str | torch.device = "cpu"):
+    def __init__(self, cases: Sequence[CachedCase], context: int = 1, device: str | torch.device = "cpu",
+                 resident: bool | None = None):
         if not cases:
             raise ValueError("SliceSet needs at least one case")
         self.cases, self.context, self.device = list(cases), context, torch.device(device)
-        total, size = sum(c.n_slices for c in cases), cases[0].image.shape[1:]
-        self.images = torch.empty((total, *size), dtype=torch.float16, device=self.device)
-        self.labels = torch.empty((total, *size), dtype=torch.uint8, device=self.device)
-        offset = 0
-        with warnings.catch_warnings():  # memmaps are read-only; they are only copied from here
-            warnings.simplefilter("ignore", UserWarning)
-            for c in cases:
-                self.images[offset:offset + c.n_slices] = torch.from_numpy(np.asarray(c.image))
-                self.labels[offset:offset + c.n_slices] = torch.from_numpy(np.asarray(c.label))
-                offset += c.n_slices
-        neigh, case_of, offset = [], [], 0
-        for i, c in enumerate(cases):
-            neigh.append(context_indices(c.n_slices, context) + offset)
-            case_of.append(np.full(c.n_slices, i))
-            offset += c.n_slices
-        self.neighbours = torch.from_numpy(np.concatenate(neigh)).to(self.device)
-        self.case_of = np.concatenate(case_of)
+        counts = [c.n_slices for c in cases]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.case_of = np.repeat(np.arange(len(cases)), counts)
+        self.neighbours_np = np.concatenate([context_indices(n, context) + o for n, o in zip(counts, self.offsets)])
         self.has_liver = np.concatenate([c.has_liver for c in cases])
         self.has_tumor = np.concatenate([c.has_tumor for c in cases])
+        size = cases[0].image.shape[1:]
+        n_bytes = sum(counts) * int(np.prod(size)) * 3  # float16 image + uint8 label
+        ram = available_ram()
+        self.resident = resident if resident is not None else (
+            self.device.type != "cpu" or not ram or n_bytes < ram // 2)
+        if not self.resident:
+            return
+        self.images = torch.empty((sum(counts), *size), dtype=torch.float16, device=self.device)
+        self.labels = torch.empty((sum(counts), *size), dtype=torch.uint8, device=self.device)
+        with warnings.catch_warnings():  # memmaps are read-only; they are only copied from here
+            warnings.simplefilter("ignore", UserWarning)
+            for c, o in zip(cases, self.offsets):
+                self.images[o:o + c.n_slices] = torch.from_numpy(np.asarray(c.image))
+                self.labels[o:o + c.n_slices] = torch.from_numpy(np.asarray(c.label))
+        self.neighbours = torch.from_numpy(self.neighbours_np).to(self.device)
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return len(self.case_of)
 
-    def batch(self, index: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather slices ``index`` as (B, context, S, S) float32 inputs and (B, S, S) long labels."""
-        index = torch.as_tensor(index, device=self.device)
-        x = self.images[self.neighbours[index]].float()
-        y = self.labels[index].long()
-        return x, y
+    def batch(self, index: torch.Tensor | np.ndarray,
+              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather slices ``index`` as (B, context, S, S) float32 inputs and (B, S, S) long labels on ``device``.
+
+        Slices travel as float16/uint8 and are converted on the target device (half the transfer).
+        """
+        device = torch.device(device) if device is not None else self.device
+        if self.resident:
+            index = torch.as_tensor(index, device=self.device)
+            x, y = self.images[self.neighbours[index]], self.labels[index]
+        else:
+            x, y = self._gather_lazy(np.asarray(index))
+        x = x.to(device, non_blocking=True).float()
+        return x, y.to(device, non_blocking=True).long()
+
+    def _gather_lazy(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read one batch from the memory-mapped cache."""
+        neigh = self.neighbours_np[index]
+        case, local = self.case_of[neigh], neigh - self.offsets[self.case_of[neigh]]
+        size = self.cases[0].image.shape[1:]
+        x = np.empty((*neigh.shape, *size), np.float16)
+        y = np.empty((len(index), *size), np.uint8)
+        for b in range(neigh.shape[0]):
+            for j in range(neigh.shape[1]):
+                x[b, j] = self.cases[case[b, j]].image[local[b, j]]
+            ci = self.case_of[index[b]]
+            y[b] = self.cases[ci].label[index[b] - self.offsets[ci]]
+        return torch.from_numpy(x), torch.from_numpy(y)
 
 
 class TumorAwareSampler:
@@ -1160,8 +1196,7 @@ def validate_slices(model: torch.nn.Module, data: SliceSet, index: np.ndarray, l
     model.eval()
     inter, size, ce, dl, n = np.zeros(3), np.zeros(3), 0.0, 0.0, 0
     for start in range(0, len(index), batch_size):
-        x, y = data.batch(index[start:start + batch_size])
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = data.batch(index[start:start + batch_size], device)
         with _autocast(device, amp):
             logits = model(x.contiguous(memory_format=torch.channels_last))
         _, parts = loss_fn(logits, y)
@@ -1254,8 +1289,7 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
         bbar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not progress,
                     mininterval=2.0)
         for idx in bbar:
-            x, y = train_data.batch(idx)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = train_data.batch(idx, device)
             if cfg.augment:
                 x, y = augment_batch(x, y, generator=gen)
             x = x.contiguous(memory_format=memfmt)

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_ct, write_nifti
 
 import unet_helpers as uh
@@ -349,6 +350,10 @@ def test_slice_selection_set_and_sampler(synthetic_dir, tmp_path):
     np.testing.assert_array_equal(x[1, 0].numpy(), x[1, 1].numpy())
     np.testing.assert_array_equal(x[1, 1].numpy(), np.asarray(cached[1].image[0], np.float32))
     np.testing.assert_array_equal(y[2].numpy(), cached[2].label[23])
+    lazy = uh.SliceSet(cached, context=3, resident=False)  # reads the memory-mapped cache per batch
+    assert s.resident and not lazy.resident
+    for a, b in zip(s.batch(np.array([0, 24, 71])), lazy.batch(np.array([0, 24, 71]))):
+        assert torch.equal(a, b)
     samp = uh.TumorAwareSampler(sel, s.has_liver, s.has_tumor, batch_size=8, tumor_share=0.5, seed=0)
     batches = samp.epoch(0)
     if s.has_tumor.any():
