@@ -36,6 +36,7 @@ ARMS: dict[str, dict | None] = {
     "baseline + image size 160": {"image_size": 160},
     "baseline + liver-box cascade": {"cascade": True},
     "default": {**uh.RECIPES["default"]},
+    "default + liver-box cascade": {**uh.RECIPES["default"], "cascade": True},
     "baseline ×2 steps": {"budget": 2},
     "default ×2 steps": {**uh.RECIPES["default"], "budget": 2},
     "baseline ×4 steps": {"budget": 4},
