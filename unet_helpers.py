@@ -1080,7 +1080,7 @@ PRESETS: dict[str, dict] = {
     # Kaggle/Colab GPU with the real data: native 256x256 slices, a wider and deeper U-Net
     "full": {"IMAGE_SIZE": 256, "BATCH_SIZE": 32, "EPOCHS": 40, "LR": 1e-3, "BASE_CHANNELS": 32, "DEPTH": 5},
     # laptop CPU or the synthetic set: small slices and a slim U-Net, minutes not hours
-    "quick": {"IMAGE_SIZE": 128, "BATCH_SIZE": 16, "EPOCHS": 16, "LR": 2e-3, "BASE_CHANNELS": 16, "DEPTH": 4},
+    "quick": {"IMAGE_SIZE": 128, "BATCH_SIZE": 16, "EPOCHS": 20, "LR": 2e-3, "BASE_CHANNELS": 16, "DEPTH": 4},
 }
 
 
