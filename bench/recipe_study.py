@@ -131,6 +131,42 @@ def _ms(vals: list[float | None]) -> str:
     return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
 
 
+def _ratio(value: float, base: float) -> str:
+    """'value / base' as 'N.NN×', or a note when the baseline is 0."""
+    if math.isnan(value) or math.isnan(base):
+        return "-"
+    if base == 0:
+        return "baseline is 0" if value > 0 else "0 = 0"
+    return f"{value / base:.2f}×"
+
+
+def per_case_table(rows: list[dict], arms: list[str]) -> str:
+    """Per validation case: 3D liver and tumour Dice, mean over seeds, for the given arms."""
+    header, cases = ["case", "tumour"], None
+    cols = []
+    for arm in arms:
+        rs = [r for r in rows if r["arm"] == arm]
+        if not rs:
+            continue
+        header += [f"{arm}: liver", f"{arm}: tumour"]
+        cases = cases or [(c["case"], c["has_tumor"]) for c in rs[0]["per_case"]]
+        by_case = {}
+        for r in rs:
+            for c in r["per_case"]:
+                by_case.setdefault(c["case"], []).append(c)
+        cols.append(by_case)
+    body = []
+    for case, has_tumor in cases or []:
+        line = [case, "yes" if has_tumor else "none"]
+        for by_case in cols:
+            cs = by_case[case]
+            line += [f"{statistics.mean(c['dice_liver'] for c in cs):.3f}",
+                     f"{statistics.mean(c['dice_tumor'] for c in cs):.3f}" if has_tumor else
+                     f"FP {statistics.mean(c['fp_tumor_ml'] for c in cs):.2f} mL"]
+        body.append(line)
+    return md_table(header, body)
+
+
 def table(rows: list[dict], command: str, setup: str) -> str:
     """The recipe table: mean ± std over seeds of per-case and global Dice, per arm."""
     by_arm: dict[str, list[dict]] = {}
@@ -149,7 +185,7 @@ def table(rows: list[dict], command: str, setup: str) -> str:
                     _ms([r["summary"]["dice_tumor_global"] for r in rs]),
                     _ms([r["summary"]["dice_liver_global"] for r in rs]),
                     _ms([r["summary"]["fp_tumor_ml_tumor_free_cases"] for r in rs]),
-                    f"{statistics.mean(t) / base_t:.2f}×" if t and base_t and not math.isnan(base_t) else "-",
+                    _ratio(statistics.mean(t) if t else math.nan, base_t),
                     f"{statistics.mean(r['train_seconds'] for r in rs):.0f}"])
     return (stamp(command) + "\n\n" + setup + "\n\n" + md_table(
         ["arm", "steps", "seeds", "liver Dice (per case)", "tumour Dice (per case)", "tumour Dice (global)",
@@ -197,6 +233,9 @@ def main(argv=None) -> list[dict]:
                  "per arm (the cascade splits them between its two stages). 3D per-case Dice (tumour over cases "
                  "with tumour) and global Dice; mean ± std over training seeds.")
         write_table("recipes", table(rows, "python bench/recipe_study.py " + " ".join(argv or []), setup))
+        write_table("recipes_per_case", "Per validation case, mean over seeds (synthetic CT; tumour-free cases show "
+                    "the false-positive tumour volume instead of a Dice):\n\n"
+                    + per_case_table(rows, ["baseline", "baseline + tumour oversampling", "default"]))
     return rows
 
 
