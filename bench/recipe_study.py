@@ -36,15 +36,18 @@ ARMS: dict[str, dict | None] = {
     "baseline + image size 160": {"image_size": 160},
     "baseline + liver-box cascade": {"cascade": True},
     "default": {**uh.RECIPES["default"]},
-    "default + liver-box cascade": {**uh.RECIPES["default"], "cascade": True},
+    "default + 2.5D context 3": {**uh.RECIPES["default"], "context": 3},  # the first default recipe
+    "default + 2.5D context 3 + liver-box cascade": {**uh.RECIPES["default"], "context": 3, "cascade": True},
     "baseline ×2 steps": {"budget": 2},
     "default ×2 steps": {**uh.RECIPES["default"], "budget": 2},
+    "default + 2.5D context 3, ×2 steps": {**uh.RECIPES["default"], "context": 3, "budget": 2},
     "baseline ×4 steps": {"budget": 4},
     "default ×4 steps": {**uh.RECIPES["default"], "budget": 4},
 }
 QUICK = ["baseline", "baseline + tumour oversampling", "baseline + 2.5D context 3", "baseline + 2.5D context 5",
-         "baseline + Tversky loss", "baseline + liver-box cascade", "default", "baseline ×2 steps",
-         "default ×2 steps"]
+         "baseline + Tversky loss", "baseline + liver-box cascade", "default", "default + 2.5D context 3",
+         "default + 2.5D context 3 + liver-box cascade", "baseline ×2 steps", "default ×2 steps",
+         "default + 2.5D context 3, ×2 steps"]
 
 
 def datasets(n_train: int, n_val: int, shape) -> tuple[list, list]:
