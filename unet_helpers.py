@@ -1641,22 +1641,25 @@ def print_env() -> None:
 def write_metrics(output_dir: str | os.PathLike, config: dict, env: dict, timing: dict, per_case: list[dict],
                   summary: dict, **extra: Any) -> Path:
     """Write ``metrics.json`` (config, env, timing, per_case, summary) atomically; NaN becomes null."""
-    def clean(v):
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if isinstance(v, (float, np.floating)):
-            return None if math.isnan(v) else float(v)
-        if isinstance(v, (np.integer, np.bool_)):
-            return v.item()
-        if isinstance(v, Path):
-            return str(v)
-        return v
     path = Path(output_dir) / "metrics.json"
     body = {"config": config, "env": env, "timing": timing, "per_case": per_case, "summary": summary, **extra}
-    _atomic_write_text(path, json.dumps(clean(body), indent=1))
+    _atomic_write_text(path, json.dumps(json_safe(body), indent=1))
     return path
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON data: NaN -> None, NumPy scalars -> Python, Paths -> str (recursively)."""
+    if isinstance(value, dict):
+        return {k: json_safe(x) for k, x in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(x) for x in value]
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 # =============================================================================================

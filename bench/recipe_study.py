@@ -114,15 +114,9 @@ def load(path: Path = RESULTS) -> list[dict]:
 
 def save(rows: list[dict], path: Path = RESULTS) -> None:
     """Store results atomically (NaN as null)."""
-    def clean(v):
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return None if isinstance(v, float) and math.isnan(v) else v
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(clean(rows), indent=1))
+    tmp.write_text(json.dumps(uh.json_safe(rows), indent=1))
     tmp.replace(path)
 
 
