@@ -1024,12 +1024,22 @@ class DiceCELoss(torch.nn.Module):
         return ce + self.dice_weight * dice_loss, {"ce": ce.detach(), "dice": dice_loss.detach()}
 
 
+LOSSES: dict[str, dict] = {  # named DiceCELoss settings (the notebook's LOSS, the recipe study's loss arms)
+    "dice_ce": {},
+    "dice_ce_per_slice": {"batch_dice": False},
+    "focal_dice": {"focal_gamma": 2.0},
+    "tversky_ce": {"tversky": (0.3, 0.7)},
+}
+
+
 def make_loss(name: str = "dice_ce", **kwargs: Any) -> DiceCELoss:
-    """Loss by name: 'dice_ce' (default), 'focal_dice', 'tversky_ce' (alpha 0.3, beta 0.7)."""
-    presets = {"dice_ce": {}, "focal_dice": {"focal_gamma": 2.0}, "tversky_ce": {"tversky": (0.3, 0.7)}}
-    if name not in presets:
-        raise ValueError(f"loss must be one of {sorted(presets)}, got {name!r}")
-    return DiceCELoss(**{**presets[name], **kwargs})
+    """Loss by name: 'dice_ce' (default), 'dice_ce_per_slice', 'focal_dice', 'tversky_ce' (alpha 0.3, beta 0.7).
+
+    'dice_ce_per_slice' averages the Dice of each slice instead of pooling the batch (``batch_dice=False``).
+    """
+    if name not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {name!r}")
+    return DiceCELoss(**{**LOSSES[name], **kwargs})
 
 
 # =============================================================================================
@@ -1089,7 +1099,7 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool) -> t
     """Fill settings left at None from the preset and the recipe (notebook: "Configuration").
 
     The preset is "full" on a CUDA GPU with real data, else "quick"; ``CONTEXT_SLICES``,
-    ``CASCADE`` and the sampling/post-processing options come from ``RECIPE``.
+    ``CASCADE``, ``LOSS`` and the sampling/post-processing options come from ``RECIPE``.
 
     Returns:
         (completed settings, lines saying what was chosen and why).
@@ -1113,6 +1123,12 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool) -> t
     if s.get("CASCADE") is None:
         s["CASCADE"] = rec["cascade"]
         notes.append(f"CASCADE = {rec['cascade']} (recipe {s['RECIPE']!r})")
+    if s.get("LOSS") is None:
+        s["LOSS"] = rec["loss"]
+        notes.append(f"LOSS = {rec['loss']!r} (recipe {s['RECIPE']!r})")
+    elif s["LOSS"] not in LOSSES:
+        raise ValueError(f"LOSS must be one of {sorted(LOSSES)} or None, got {s['LOSS']!r}")
+    rec["loss"] = s["LOSS"]
     if s["CASCADE"]:
         notes.append(f"cascade: stage 1 and stage 2 train {max(1, s['EPOCHS'] // 2)} epochs each (same budget)")
     s["RECIPE_SETTINGS"] = rec
@@ -1400,15 +1416,27 @@ def postprocess(pred: np.ndarray) -> np.ndarray:
     return out
 
 
+def inference_batch_size(device: torch.device | str, image_size: int = 128) -> int:
+    """Slices per forward pass when none is given: 32 on a GPU; on the CPU 8 at ≤ 128² and 1 above.
+
+    Measured in BENCHMARKS.md (inference): on 2 CPU cores the quick U-Net is fastest at 8 slices,
+    the full one at 1 (its 256² activations of several slices no longer fit in cache).
+    """
+    if torch.device(device).type != "cpu":
+        return 32
+    return 8 if image_size <= 128 else 1
+
+
 @torch.no_grad()
 def predict_slices(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[int, int], context: int,
-                   device: torch.device | str, batch_size: int = 32, amp: bool = True) -> np.ndarray:
+                   device: torch.device | str, batch_size: int | None = None, amp: bool = True) -> np.ndarray:
     """Label every slice of a (Z, S, S) windowed stack, upsampled to ``out_shape``: returns (X, Y, Z) uint8.
 
     The logits are resized to the original in-plane grid before the argmax (smoother than
-    resizing a label map).
+    resizing a label map).  ``batch_size`` None picks ``inference_batch_size(device)``.
     """
     device = torch.device(device)
+    batch_size = batch_size or inference_batch_size(device, max(slices.shape[1:]))
     model.eval()
     nz = slices.shape[0]
     neigh = context_indices(nz, context)
@@ -1434,7 +1462,8 @@ class Stage2:
 
 
 def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing: Sequence[float], stage2: Stage2,
-                    context: int, device: torch.device | str, batch_size: int = 32, amp: bool = True) -> np.ndarray:
+                    context: int, device: torch.device | str, batch_size: int | None = None,
+                    amp: bool = True) -> np.ndarray:
     """Refine a stage-1 label volume inside its liver box at full resolution (Christ et al. 2016).
 
     Stage 1's largest liver component gives the box (plus ``margin_mm``); its slices are cropped
@@ -1477,7 +1506,7 @@ def score_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) ->
 
 
 def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, device: torch.device | str,
-             postprocess_pred: bool = True, batch_size: int = 32, amp: bool = True,
+             postprocess_pred: bool = True, batch_size: int | None = None, amp: bool = True,
              keep_predictions: bool = True, progress: bool = True, stage2: Stage2 | None = None) -> dict:
     """Full-volume 3D evaluation of each case on its original (canonical) grid, LiTS-style.
 
@@ -1488,7 +1517,7 @@ def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, 
 
     With ``stage2`` (the cascade), stage 1's prediction is refined in its liver box by
     :func:`predict_cascade`; this decodes each validation NIfTI once more for its full-resolution
-    slices.
+    slices.  ``batch_size`` None picks :func:`inference_batch_size` for the device.
 
     Returns:
         ``{"per_case": [...], "summary": {...}, "predictions": {case_id: (X, Y, Z) uint8}}``;
@@ -1546,7 +1575,7 @@ def summarize(rows: list[dict], pooled: dict) -> dict:
 def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_size: int, context: int,
                    hu_window: Sequence[float] = DEFAULT_HU_WINDOW, device: torch.device | str = "cpu",
                    postprocess_pred: bool = True, out_path: str | os.PathLike | None = None,
-                   batch_size: int = 32, stage2: Stage2 | None = None) -> np.ndarray:
+                   batch_size: int | None = None, stage2: Stage2 | None = None) -> np.ndarray:
     """Segment one CT NIfTI file; return labels in the input's own grid (and save them as NIfTI).
 
     Used in the notebook section "Inference".  The saved file carries the input's affine and
@@ -1559,6 +1588,7 @@ def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_
         device: where to run.
         postprocess_pred: keep the largest liver component.
         out_path: where to write the label NIfTI (uint8), or None.
+        batch_size: slices per forward pass; None picks :func:`inference_batch_size` for the device.
         stage2: the cascade's second stage, or None.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Inference time for one 256×256×200 volume: batched slices vs one slice at a time (same process).
+"""Inference time for one 256×256×200 volume at several batch sizes (slices per forward pass; same process).
 
     python bench/bench_infer.py [--repeats 3] [--full]
 """
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import numpy as np
 import torch
@@ -14,9 +15,9 @@ from common import md_table, median_time, stamp, write_table
 import unet_helpers as uh
 
 
-def run(shape=(256, 256, 200), repeats: int = 3, presets=("quick",), write: bool = True,
+def run(shape=(256, 256, 200), repeats: int = 3, presets=("quick",), batches=(1, 4, 8, 32), write: bool = True,
         command: str = "python bench/bench_infer.py") -> dict:
-    """Seconds per volume for each preset's U-Net, batched (32 slices) vs unbatched (1 slice)."""
+    """Seconds per volume for each preset's U-Net at each batch size (slices per forward pass)."""
     rng = np.random.default_rng(0)
     volume = rng.random(shape, dtype=np.float32)
     res, rows = {}, []
@@ -25,15 +26,25 @@ def run(shape=(256, 256, 200), repeats: int = 3, presets=("quick",), write: bool
         torch.manual_seed(0)
         model = uh.UNet(3, 3, p["BASE_CHANNELS"], p["DEPTH"]).to(memory_format=torch.channels_last).eval()
         slices = uh.resize_volume_slices(volume, p["IMAGE_SIZE"])
-        batched, _ = median_time(lambda m=model, x=slices: uh.predict_slices(m, x, shape[:2], 3, "cpu", 32), repeats, 1)
-        single, _ = median_time(lambda m=model, x=slices: uh.predict_slices(m, x, shape[:2], 3, "cpu", 1), repeats, 0)
-        res[preset] = {"batched_s": batched, "single_s": single}
-        rows.append([f"{preset} ({p['IMAGE_SIZE']}², base {p['BASE_CHANNELS']}, depth {p['DEPTH']})", "cpu",
-                     f"{single:.2f}", f"{batched:.2f}", f"{single / batched:.2f}×"])
+        uh.predict_slices(model, slices[:8], shape[:2], 3, "cpu", 8)  # warm-up
+        times = {b: [] for b in batches}
+        for _ in range(repeats):  # interleaved, so a slow spell of the machine hits every batch size alike
+            for b in batches:
+                times[b] += median_time(lambda m=model, x=slices, b=b: uh.predict_slices(m, x, shape[:2], 3, "cpu", b),
+                                        1)[1]
+        secs = {b: statistics.median(t) for b, t in times.items()}
+        res[preset] = {f"batch_{b}_s": t for b, t in secs.items()}
+        best, auto = min(secs, key=secs.get), uh.inference_batch_size("cpu", p["IMAGE_SIZE"])
+        rows.append([f"{preset} ({p['IMAGE_SIZE']}², base {p['BASE_CHANNELS']}, depth {p['DEPTH']})", "cpu"]
+                    + [f"{secs[b]:.2f}" + (" (auto)" if b == auto else "") for b in batches]
+                    + [f"{best} ({secs[batches[0]] / secs[best]:.2f}× batch {batches[0]})"])
     if write:
         write_table("infer", stamp(command) + f"\n\nOne {'×'.join(map(str, shape))} volume, 3-slice context, logits "
-                    f"resized to 256² before argmax; median of {repeats}.\n\n"
-                    + md_table(["U-Net", "device", "1 slice/batch (s)", "32 slices/batch (s)", "speed-up"], rows))
+                    f"resized to 256² before argmax; seconds per volume, median of {repeats} interleaved repeats, by "
+                    f"slices per forward "
+                    f"pass. \"auto\" marks what `uh.predict_slices` uses on the CPU when no batch size is given "
+                    f"(`uh.inference_batch_size`).\n\n"
+                    + md_table(["U-Net", "device"] + [f"batch {b} (s)" for b in batches] + ["fastest"], rows))
     return res
 
 

@@ -6,7 +6,9 @@ arm runs with several training seeds. Results go to bench/results/recipe_study.j
 arm and seed, so an interrupted study resumes) and to the recipe table of BENCHMARKS.md.
 
     python bench/recipe_study.py --seeds 0 1 2            # the quick arms (about 1 hour on 2 CPU cores)
-    python bench/recipe_study.py --full --seeds 0 1 2     # every arm, incl. focal, size 160 and ×4
+    python bench/recipe_study.py --full --seeds 0 1 2     # every arm (about 3.5 hours), as in BENCHMARKS.md
+
+A paired comparison (same seeds, same validation cases, bootstrap over cases) tells ties from differences.
 """
 
 from __future__ import annotations
@@ -33,16 +35,28 @@ ARMS: dict[str, dict | None] = {
     "baseline + 2.5D context 5": {"context": 5},
     "baseline + Tversky loss": {"loss": "tversky_ce"},
     "baseline + focal loss": {"loss": "focal_dice"},
+    "baseline + per-slice Dice": {"loss": "dice_ce_per_slice"},
     "baseline + image size 160": {"image_size": 160},
     "baseline + liver-box cascade": {"cascade": True},
     "default": {**uh.RECIPES["default"]},
     "default + 2.5D context 3": {**uh.RECIPES["default"], "context": 3},  # the first default recipe
     "default + 2.5D context 3 + liver-box cascade": {**uh.RECIPES["default"], "context": 3, "cascade": True},
+    # with the baseline's sampling no loss or input change finds tumour at all, so the same changes are
+    # also tried on top of the default, where they can be told apart
+    "default + 2.5D context 5": {**uh.RECIPES["default"], "context": 5},
+    "default + per-slice Dice": {**uh.RECIPES["default"], "loss": "dice_ce_per_slice"},
+    "default + Tversky loss": {**uh.RECIPES["default"], "loss": "tversky_ce"},
+    "default + focal loss": {**uh.RECIPES["default"], "loss": "focal_dice"},
+    "default + image size 160": {**uh.RECIPES["default"], "image_size": 160},
+    # a milder oversampling: does a smaller tumour share hold up better with more steps?
+    "default, milder oversampling": {**uh.RECIPES["default"], "tumor_share": 0.15, "liver_share": 0.1},
     "baseline ×2 steps": {"budget": 2},
     "default ×2 steps": {**uh.RECIPES["default"], "budget": 2},
     "default + 2.5D context 3, ×2 steps": {**uh.RECIPES["default"], "context": 3, "budget": 2},
     "baseline ×4 steps": {"budget": 4},
     "default ×4 steps": {**uh.RECIPES["default"], "budget": 4},
+    "default, milder oversampling, ×4 steps": {**uh.RECIPES["default"], "tumor_share": 0.15, "liver_share": 0.1,
+                                               "budget": 4},
 }
 QUICK = ["baseline", "baseline + tumour oversampling", "baseline + 2.5D context 3", "baseline + 2.5D context 5",
          "baseline + Tversky loss", "baseline + liver-box cascade", "default", "default + 2.5D context 3",
@@ -164,14 +178,61 @@ def per_case_table(rows: list[dict], arms: list[str]) -> str:
     return md_table(header, body)
 
 
+PAIRS = [("default", "baseline + tumour oversampling"), ("default", "default + image size 160"),
+         ("default", "default + Tversky loss"), ("default", "default + 2.5D context 3"),
+         ("default ×4 steps", "baseline ×4 steps"), ("default ×4 steps", "default, milder oversampling, ×4 steps")]
+
+
+def paired(rows: list[dict], arm_a: str, arm_b: str, key: str = "dice_tumor", n_boot: int = 10000,
+           seed: int = 0) -> dict | None:
+    """Paired difference A − B of a per-case Dice: same seeds, same validation cases.
+
+    Each case's difference is averaged over the seeds both arms ran; the 95 % interval is a
+    bootstrap over validation cases (the unit that varies most).  Tumour Dice uses only the
+    cases with tumour.  None when either arm is missing.
+    """
+    def by(arm):
+        return {(r["seed"], c["case"]): c[key] for r in rows if r["arm"] == arm for c in r["per_case"]
+                if key != "dice_tumor" or c["has_tumor"]}
+    a, b = by(arm_a), by(arm_b)
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return None
+    cases = sorted({k[1] for k in keys})
+    per_case = np.array([np.mean([a[k] - b[k] for k in keys if k[1] == case]) for case in cases])
+    rng = np.random.default_rng(seed)
+    boot = per_case[rng.integers(0, len(per_case), (n_boot, len(per_case)))].mean(1)
+    return {"mean": float(per_case.mean()), "low": float(np.percentile(boot, 2.5)),
+            "high": float(np.percentile(boot, 97.5)), "cases": len(cases),
+            "seeds": len({k[0] for k in keys}), "a_better": int((per_case > 0).sum()),
+            "b_better": int((per_case < 0).sum())}
+
+
+def paired_table(rows: list[dict], pairs=PAIRS) -> str:
+    """Paired differences of per-case tumour and liver Dice for chosen pairs of arms."""
+    body = []
+    for a, b in pairs:
+        t, liv = paired(rows, a, b), paired(rows, a, b, "dice_liver")
+        if t is None or liv is None:
+            continue
+        body.append([a, b, f"{t['mean']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}]",
+                     f"{t['a_better']} / {t['b_better']}",
+                     f"{liv['mean']:+.3f} [{liv['low']:+.3f}, {liv['high']:+.3f}]",
+                     f"{t['cases']} × {t['seeds']}"])
+    return md_table(["arm A", "arm B", "tumour Dice A − B, mean [95 % CI]", "cases A better / B better",
+                     "liver Dice A − B", "tumour cases × seeds"], body)
+
+
 def table(rows: list[dict], command: str, setup: str) -> str:
     """The recipe table: mean ± std over seeds of per-case and global Dice, per arm."""
     by_arm: dict[str, list[dict]] = {}
     for r in rows:
         by_arm.setdefault(r["arm"], []).append(r)
-    base_vals = [r["summary"]["dice_tumor"] for r in by_arm.get("baseline", [])
-                 if r["summary"]["dice_tumor"] is not None]
-    base_t = statistics.mean(base_vals) if base_vals else math.nan
+    base_t = {}  # the baseline's mean tumour Dice at each budget (400, 800, 1600 steps)
+    for name in ("baseline", "baseline ×2 steps", "baseline ×4 steps"):
+        vals = [r["summary"]["dice_tumor"] for r in by_arm.get(name, []) if r["summary"]["dice_tumor"] is not None]
+        if vals:
+            base_t[by_arm[name][0]["steps"]] = statistics.mean(vals)
     out = []
     for arm in ARMS:
         if arm not in by_arm:
@@ -182,11 +243,12 @@ def table(rows: list[dict], command: str, setup: str) -> str:
                     _ms([r["summary"]["dice_tumor_global"] for r in rs]),
                     _ms([r["summary"]["dice_liver_global"] for r in rs]),
                     _ms([r["summary"]["fp_tumor_ml_tumor_free_cases"] for r in rs]),
-                    _ratio(statistics.mean(t) if t else math.nan, base_t),
+                    _ratio(statistics.mean(t) if t else math.nan, base_t.get(rs[0]["steps"], math.nan)),
                     f"{statistics.mean(r['train_seconds'] for r in rs):.0f}"])
     return (stamp(command) + "\n\n" + setup + "\n\n" + md_table(
         ["arm", "steps", "seeds", "liver Dice (per case)", "tumour Dice (per case)", "tumour Dice (global)",
-         "liver Dice (global)", "FP tumour mL (tumour-free cases)", "tumour vs baseline", "train s"], out))
+         "liver Dice (global)", "FP tumour mL (tumour-free cases)", "tumour vs baseline at equal steps",
+         "train s"], out))
 
 
 def main(argv=None) -> list[dict]:
@@ -227,12 +289,17 @@ def main(argv=None) -> list[dict]:
         setup = (f"Synthetic CT only. Train: {a.train_cases} cases (generator seed 100); validation: {a.val_cases} "
                  f"cases (seed 200), {'×'.join(map(str, a.shape))} voxels. U-Net base {a.base}, depth 4, 128² input "
                  f"(160² for that arm), batch {a.batch}, AdamW 2e-3 with warm-up + cosine, {a.steps} optimizer steps "
-                 "per arm (the cascade splits them between its two stages). 3D per-case Dice (tumour over cases "
-                 "with tumour) and global Dice; mean ± std over training seeds.")
+                 "per arm (×2 / ×4 arms: twice / four times as many; the cascade splits them between its two "
+                 "stages). 3D per-case Dice (tumour over cases with tumour) and global Dice; mean ± std over "
+                 "training seeds. Every arm × seed is stored in `bench/results/recipe_study.json`; the command "
+                 "resumes from it (the arms were run in several sittings) and rebuilds these tables.")
         write_table("recipes", table(rows, "python bench/recipe_study.py " + " ".join(argv or []), setup))
         write_table("recipes_per_case", "Per validation case, mean over seeds (synthetic CT; tumour-free cases show "
                     "the false-positive tumour volume instead of a Dice):\n\n"
-                    + per_case_table(rows, ["baseline", "baseline + tumour oversampling", "default"]))
+                    + per_case_table(rows, ["baseline", "default", "baseline ×4 steps", "default ×4 steps"]))
+        write_table("recipes_paired", "Paired differences (synthetic CT): per validation case, arm A minus arm B "
+                    "averaged over the training seeds; 95 % bootstrap interval over validation cases. An interval "
+                    "that contains 0 is a tie at this sample size.\n\n" + paired_table(rows))
     return rows
 
 

@@ -40,7 +40,8 @@ def test_tiny_preprocess_train_infer(work):
     assert tr["ours"]["flops_per_step"] == tr["plain"]["flops_per_step"] > 0
     assert 0 <= tr["ours"]["data_wait"] < 1 and tr["peak_flops"] > 0
     inf = bench_infer.run(shape=(32, 32, 4), repeats=1, write=False)
-    assert inf["quick"]["batched_s"] > 0
+    assert set(inf["quick"]) == {"batch_1_s", "batch_4_s", "batch_8_s", "batch_32_s"}
+    assert all(t > 0 for t in inf["quick"].values())
 
 
 def test_tiny_recipe_study(work, tmp_path, monkeypatch):
@@ -58,3 +59,21 @@ def test_tiny_recipe_study(work, tmp_path, monkeypatch):
     assert out.read_text() == before
     table = recipe_study.table(rows, "cmd", "setup")
     assert "baseline + liver-box cascade" in table and "tumour Dice (per case)" in table
+
+
+def test_paired_comparison_of_arms():
+    def row(arm, seed, tumour, liver):
+        cases = [{"case": f"c{i}", "has_tumor": i < 3, "dice_tumor": t if i < 3 else None, "dice_liver": liver,
+                  "fp_tumor_ml": 0.0} for i, t in enumerate(tumour + [None])]
+        return {"arm": arm, "seed": seed, "per_case": cases}
+
+    rows = [row("A", s, [0.5, 0.6, 0.7], 0.95) for s in (0, 1)] + [row("B", s, [0.4, 0.5, 0.6], 0.96)
+                                                                   for s in (0, 1)]
+    t = recipe_study.paired(rows, "A", "B")
+    assert t["cases"] == 3 and t["seeds"] == 2 and t["a_better"] == 3 and t["b_better"] == 0
+    assert abs(t["mean"] - 0.1) < 1e-9 and abs(t["low"] - 0.1) < 1e-9 and abs(t["high"] - 0.1) < 1e-9
+    liver = recipe_study.paired(rows, "A", "B", "dice_liver")
+    assert liver["cases"] == 4 and abs(liver["mean"] + 0.01) < 1e-9  # liver uses every case
+    assert recipe_study.paired(rows, "A", "missing") is None
+    table = recipe_study.paired_table(rows, [("A", "B")])
+    assert "+0.100" in table and "3 / 0" in table

@@ -451,6 +451,12 @@ def test_resolve_settings_presets_and_recipe():
     assert s["CONTEXT_SLICES"] == 1 and s["CASCADE"] is True
     with pytest.raises(ValueError, match="PRESET"):
         uh.resolve_settings({**base, "PRESET": "huge"}, torch.device("cpu"), False)
+    s, _ = uh.resolve_settings(base, torch.device("cpu"), False)
+    assert s["LOSS"] == s["RECIPE_SETTINGS"]["loss"] == "dice_ce"
+    s, _ = uh.resolve_settings({**base, "LOSS": "tversky_ce"}, torch.device("cpu"), False)
+    assert s["RECIPE_SETTINGS"]["loss"] == "tversky_ce" and uh.RECIPES["default"]["loss"] == "dice_ce"
+    with pytest.raises(ValueError, match="LOSS must be one of"):
+        uh.resolve_settings({**base, "LOSS": "mse"}, torch.device("cpu"), False)
 
 
 def test_format_table_and_describe_results():

@@ -98,6 +98,7 @@ def test_dice_ce_loss_parts_and_variants():
     b = uh.DiceCELoss(batch_dice=True)(logits, y2)[1]["dice"]
     s = uh.DiceCELoss(batch_dice=False)(logits, y2)[1]["dice"]
     assert not torch.isclose(b, s)
+    assert torch.isclose(uh.make_loss("dice_ce_per_slice")(logits, y2)[1]["dice"], s)
     with pytest.raises(ValueError, match="loss must be"):
         uh.make_loss("mse")
 
@@ -272,6 +273,18 @@ def test_evaluate_metrics_and_plots(tiny_data, tmp_path):
     uh.plot_overlays(tiny_data["val_cases"], ev["predictions"], ev["per_case"], tmp_path)
     for f in ("training_curves.png", "per_case_dice.png", "overlays.png"):
         assert (tmp_path / f).stat().st_size > 10_000
+
+
+def test_inference_batch_size_and_batching_do_not_change_labels():
+    assert uh.inference_batch_size("cpu", 128) == 8 and uh.inference_batch_size("cpu", 256) == 1
+    assert uh.inference_batch_size("cuda", 256) == 32
+    torch.manual_seed(0)
+    m = uh.UNet(3, 3, 4, 2).eval()
+    slices = np.random.default_rng(0).random((7, 16, 16), dtype=np.float32)
+    one = uh.predict_slices(m, slices, (20, 20), 3, "cpu", batch_size=1)
+    assert one.shape == (20, 20, 7)
+    np.testing.assert_array_equal(uh.predict_slices(m, slices, (20, 20), 3, "cpu"), one)
+    np.testing.assert_array_equal(uh.predict_slices(m, slices, (20, 20), 3, "cpu", batch_size=5), one)
 
 
 def test_predict_volume_keeps_input_grid_ras_and_lps(synthetic_dir, tmp_path):
