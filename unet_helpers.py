@@ -1305,7 +1305,7 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
         sums = torch.zeros(2, device=device)  # CE, Dice loss; read once per epoch (no GPU sync per step)
         bbar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not progress,
                     mininterval=2.0)
-        for idx in bbar:
+        for step, idx in enumerate(bbar):
             x, y = train_data.batch(idx, device)
             if cfg.augment:
                 x, y = augment_batch(x, y, generator=gen)
@@ -1321,7 +1321,7 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
             scaler.update()
             sched.step()
             sums += torch.stack([parts["ce"], parts["dice"]])
-            if bbar.n % 10 == 0:  # live loss without a device sync at every step
+            if progress and step % 10 == 0:  # live loss, synced every 10th step only (bbar.n lags; 0 when off)
                 bbar.set_postfix(loss=f"{loss.item():.3f}")
         ce_sum, dice_sum = sums.tolist()
         secs = time.perf_counter() - t0

@@ -41,9 +41,8 @@ def run(shape=(256, 256, 200), repeats: int = 3, presets=("quick",), batches=(1,
     if write:
         write_table("infer", stamp(command) + f"\n\nOne {'×'.join(map(str, shape))} volume, 3-slice context, logits "
                     f"resized to 256² before argmax; seconds per volume, median of {repeats} interleaved repeats, by "
-                    f"slices per forward "
-                    f"pass. \"auto\" marks what `uh.predict_slices` uses on the CPU when no batch size is given "
-                    f"(`uh.inference_batch_size`).\n\n"
+                    "slices per forward pass. \"auto\" marks what `uh.predict_slices` uses on the CPU when no batch "
+                    "size is given (`uh.inference_batch_size`).\n\n"
                     + md_table(["U-Net", "device"] + [f"batch {b} (s)" for b in batches] + ["fastest"], rows))
     return res
 

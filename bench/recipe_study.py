@@ -27,6 +27,7 @@ import unet_helpers as uh
 
 RESULTS = ROOT / "bench" / "results" / "recipe_study.json"
 BASE = {**uh.RECIPES["baseline"], "image_size": 128, "cascade": False, "budget": 1}
+MILDER = {**uh.RECIPES["default"], "tumor_share": 0.15, "liver_share": 0.1}  # the default, milder oversampling
 ARMS: dict[str, dict | None] = {
     "baseline": {},
     "baseline + post-processing": None,  # the baseline's models, scored with post-processing
@@ -49,14 +50,13 @@ ARMS: dict[str, dict | None] = {
     "default + focal loss": {**uh.RECIPES["default"], "loss": "focal_dice"},
     "default + image size 160": {**uh.RECIPES["default"], "image_size": 160},
     # a milder oversampling: does a smaller tumour share hold up better with more steps?
-    "default, milder oversampling": {**uh.RECIPES["default"], "tumor_share": 0.15, "liver_share": 0.1},
+    "default, milder oversampling": MILDER,
     "baseline ×2 steps": {"budget": 2},
     "default ×2 steps": {**uh.RECIPES["default"], "budget": 2},
     "default + 2.5D context 3, ×2 steps": {**uh.RECIPES["default"], "context": 3, "budget": 2},
     "baseline ×4 steps": {"budget": 4},
     "default ×4 steps": {**uh.RECIPES["default"], "budget": 4},
-    "default, milder oversampling, ×4 steps": {**uh.RECIPES["default"], "tumor_share": 0.15, "liver_share": 0.1,
-                                               "budget": 4},
+    "default, milder oversampling, ×4 steps": {**MILDER, "budget": 4},
 }
 QUICK = ["baseline", "baseline + tumour oversampling", "baseline + 2.5D context 3", "baseline + 2.5D context 5",
          "baseline + Tversky loss", "baseline + liver-box cascade", "default", "default + 2.5D context 3",
