@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -666,22 +666,94 @@ def roi_cases(cases: Sequence[CachedCase]) -> list[CachedCase]:
 # 3. Data sets: split, slice selection, on-device batches, augmentation    (notebook: "Preprocess")
 # =============================================================================================
 
-def split_cases(case_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
-    """Patient-level train/validation split, deterministic by seed.
+def _as_mapping(values: Mapping | Sequence | None, ids: Sequence[str], default: Any) -> dict:
+    """A per-case value as {case_id: value}: from a dict, a sequence aligned with ``ids``, or ``default``."""
+    if values is None:
+        return {i: default(i) if callable(default) else default for i in ids}
+    if isinstance(values, Mapping):
+        return {i: values[i] for i in ids}
+    if len(values) != len(ids):
+        raise ValueError(f"got {len(values)} values for {len(ids)} cases")
+    return dict(zip(ids, values))
 
-    A case's slices are never in both parts (splitting slices at random leaks neighbouring,
-    nearly identical slices into validation and inflates Dice).
+
+def _strata(units: dict[str, bool], seed: int) -> list[list[str]]:
+    """Patients with tumour, then those without, each list shuffled by ``seed``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for stratum in (True, False):
+        members = sorted((u for u, t in units.items() if t == stratum), key=natural_key)
+        out.append([members[i] for i in rng.permutation(len(members))])
+    return out
+
+
+def _stratified_sample(units: dict[str, bool], n_val: int, seed: int) -> set[str]:
+    """``n_val`` patients, each stratum in proportion (largest remainder; every non-empty stratum gets one)."""
+    strata = [s for s in _strata(units, seed) if s]
+    quota = [n_val * len(s) / len(units) for s in strata]
+    take = [max(1 if n_val >= len(strata) else 0, int(q)) for q in quota]
+    by_remainder = sorted(range(len(strata)), key=lambda k: int(quota[k]) - quota[k])
+    for k in by_remainder:  # hand out what is left, largest remainder first
+        if sum(take) < n_val and take[k] < len(strata[k]):
+            take[k] += 1
+    while sum(take) > n_val:  # the "at least one" rule overshot: trim the largest stratum
+        take[int(np.argmax(take))] -= 1
+    return {u for s, k in zip(strata, take) for u in s[:k]}
+
+
+def _stratified_folds(units: dict[str, bool], n_folds: int, seed: int) -> dict[str, int]:
+    """Deal patients into ``n_folds`` folds: tumour ones, then tumour-free ones, round-robin.
+
+    The deal continues across strata, so fold sizes differ by at most one and tumour presence is
+    spread as evenly as it can be.
+    """
+    order = [u for s in _strata(units, seed) for u in s]
+    return {u: i % n_folds for i, u in enumerate(order)}
+
+
+def split_cases(case_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 0,
+                has_tumor: Mapping | Sequence | None = None, groups: Mapping | Sequence | None = None,
+                fold: int | None = None, n_folds: int = 5) -> tuple[list, list]:
+    """Patient-level train/validation split, stratified by tumour presence, deterministic by seed.
+
+    A patient's slices are never in both parts (splitting slices at random leaks neighbouring,
+    nearly identical slices into validation and inflates Dice).  Patients with and without tumour
+    are dealt separately, so a small validation part is not tumour-free by chance.
+
+    Args:
+        case_ids: the labelled cases.
+        val_fraction: share of patients in validation (single split, ``fold=None``).
+        seed: shuffles the patients.
+        has_tumor: per case (dict or aligned sequence): does its label contain tumour? None: no stratification.
+        groups: per case patient id (dict or aligned sequence); None: one patient per case (as in LiTS).
+        fold: None for the single split; 0..n_folds-1 for that fold of a cross-validation.
+        n_folds: number of folds (5, as nnU-Net).
 
     Returns:
-        (train_ids, val_ids), each in natural order.
+        (train_ids, val_ids), each in natural order.  Warns below 5 validation cases.
     """
     ids = sorted(case_ids, key=natural_key)
     if len(ids) < 2:
         raise ValueError(f"Need at least 2 labelled cases to split, got {len(ids)}")
-    n_val = min(len(ids) - 1, max(1, int(round(len(ids) * val_fraction))))
-    order = np.random.default_rng(seed).permutation(len(ids))
-    val = {ids[i] for i in order[:n_val]}
-    return [i for i in ids if i not in val], [i for i in ids if i in val]
+    patient = _as_mapping(groups, ids, lambda i: i)
+    tumour = _as_mapping(has_tumor, ids, False)
+    units: dict[str, bool] = {}
+    for i in ids:
+        units[patient[i]] = units.get(patient[i], False) or bool(tumour[i])
+    if len(units) < 2:
+        raise ValueError("Need at least 2 patients (groups) to split")
+    if fold is None:
+        n_val = min(len(units) - 1, max(1, int(round(len(units) * val_fraction))))
+        val_units = _stratified_sample(units, n_val, seed)
+    else:
+        if not 0 <= fold < n_folds or n_folds > len(units):
+            raise ValueError(f"fold must be in 0..{n_folds - 1} with at most {len(units)} folds, got {fold}")
+        val_units = {u for u, f in _stratified_folds(units, n_folds, seed).items() if f == fold}
+    val = [i for i in ids if patient[i] in val_units]
+    if len(val) < 5:
+        warnings.warn(f"only {len(val)} validation cases: per-case means and their intervals are very noisy",
+                      UserWarning, stacklevel=2)
+    return [i for i in ids if patient[i] not in val_units], val
 
 
 def select_slices(cases: Sequence[CachedCase], empty_fraction: float = 0.1, seed: int = 0) -> np.ndarray:
@@ -1129,6 +1201,10 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool) -> t
     elif s["LOSS"] not in LOSSES:
         raise ValueError(f"LOSS must be one of {sorted(LOSSES)} or None, got {s['LOSS']!r}")
     rec["loss"] = s["LOSS"]
+    if s.get("EVAL_CHECKPOINT", "last") not in ("last", "best"):
+        raise ValueError(f"EVAL_CHECKPOINT must be 'last' or 'best', got {s['EVAL_CHECKPOINT']!r}")
+    if s.get("FOLD") is not None and s["FOLD"] not in range(5):
+        raise ValueError(f"FOLD must be None or one of 0-4 (5-fold cross-validation), got {s['FOLD']!r}")
     if s["CASCADE"]:
         notes.append(f"cascade: stage 1 and stage 2 train {max(1, s['EPOCHS'] // 2)} epochs each (same budget)")
     s["RECIPE_SETTINGS"] = rec
@@ -1165,18 +1241,29 @@ class TrainConfig:
     val_batch_size: int = 64            # slices per validation forward pass
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename (never a half-written file)."""
+def atomic_write(path: str | os.PathLike, write: Any) -> Path:
+    """The one atomic writer: ``write(tmp)`` fills a temp file in the same folder, then it is renamed.
+
+    Readers never see a half-written file, and a crash leaves the old file intact.
+    """
+    path = Path(path)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save, atomically."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write text via a temp file and rename."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write text, atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -1208,10 +1295,12 @@ def validate_slices(model: torch.nn.Module, data: SliceSet, index: np.ndarray, l
     """Cheap per-epoch validation: CE, Dice loss and 2D Dice pooled over the given slices.
 
     This is an approximation for monitoring (2D, on the resized slices); the final numbers come
-    from :func:`evaluate`, which scores full 3D volumes on their original grid.
+    from :func:`evaluate`, which scores full 3D volumes on their original grid.  As there, tumour
+    Dice (and the mean of liver and tumour) is NaN when the slices hold no true tumour, so one
+    false-positive pixel cannot swing it.
     """
     model.eval()
-    inter, size, ce, dl, n = np.zeros(3), np.zeros(3), 0.0, 0.0, 0
+    counts, ce, dl, n = np.zeros((3, 3), np.int64), 0.0, 0.0, 0  # (tp, fp, fn) per class
     for start in range(0, len(index), batch_size):
         x, y = data.batch(index[start:start + batch_size], device)
         with _autocast(device, amp):
@@ -1219,15 +1308,24 @@ def validate_slices(model: torch.nn.Module, data: SliceSet, index: np.ndarray, l
         _, parts = loss_fn(logits, y)
         pred = logits.argmax(1)
         for c in (1, 2):
-            inter[c] += ((pred == c) & (y == c)).sum().item()
-            size[c] += (pred == c).sum().item() + (y == c).sum().item()
+            counts[c] += overlap_counts(pred == c, y == c)
         ce += parts["ce"].item() * len(x)
         dl += parts["dice"].item() * len(x)
         n += len(x)
     model.train()
-    d = [2 * inter[c] / size[c] if size[c] else float("nan") for c in (1, 2)]
-    return {"val_ce": ce / n, "val_dice_loss": dl / n, "val_dice_liver_2d": d[0], "val_dice_tumor_2d": d[1],
-            "val_dice_mean_2d": float(np.nanmean(d)) if not all(math.isnan(v) for v in d) else float("nan")}
+    liver = dice_from_counts(*counts[1])
+    tumor = dice_from_counts(*counts[2]) if counts[2, 0] + counts[2, 2] else float("nan")  # needs true tumour
+    mean = (liver + tumor) / 2 if not math.isnan(tumor) else float("nan")  # as dice_mean: cases with tumour
+    return {"val_ce": ce / n, "val_dice_loss": dl / n, "val_dice_liver_2d": liver, "val_dice_tumor_2d": tumor,
+            "val_dice_mean_2d": mean}
+
+
+def _selection_score(row: dict) -> float:
+    """What ``best.pt`` maximises: 2D mean Dice, else liver Dice (no tumour in validation), else -train loss."""
+    for key in ("val_dice_mean_2d", "val_dice_liver_2d"):
+        if not math.isnan(row.get(key, float("nan"))):
+            return row[key]
+    return -row["train_dice_loss"]
 
 
 def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray, cfg: TrainConfig,
@@ -1332,7 +1430,7 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
             row.update(validate_slices(model, val_data, val_index, loss_fn, device, cfg.val_batch_size, use_amp))
         row = {k: float(v) if k != "epoch" else v for k, v in row.items()}
         history.append(row)
-        score = row.get("val_dice_mean_2d", -row["train_dice_loss"])
+        score = _selection_score(row)
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
                  "train_config": asdict_plain(cfg), "model_hparams": getattr(model, "hparams", {}),
@@ -1366,18 +1464,35 @@ def write_history(history: list[dict], output_dir: str | os.PathLike) -> None:
 # 7. Evaluation and inference                                     (notebook: "Evaluate", "Inference")
 # =============================================================================================
 
+def overlap_counts(pred: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor) -> tuple[int, int, int]:
+    """(tp, fp, fn) voxel counts of two masks (NumPy or torch): the one overlap core behind every Dice here."""
+    if isinstance(pred, torch.Tensor):
+        p, t = pred.bool(), torch.as_tensor(truth).bool()
+    else:
+        p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    tp = int((p & t).sum())
+    return tp, int(p.sum()) - tp, int(t.sum()) - tp
+
+
+def dice_from_counts(tp: int, fp: int, fn: int, empty: float = float("nan")) -> float:
+    """Dice 2tp / (2tp + fp + fn); ``empty`` when both masks are empty."""
+    denom = 2 * tp + fp + fn
+    return float(2 * tp / denom) if denom else empty
+
+
 def dice(pred: np.ndarray, truth: np.ndarray, empty: float = float("nan")) -> float:
     """Dice 2|P∩T| / (|P|+|T|) of two boolean masks; ``empty`` when both are empty."""
-    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
-    denom = p.sum() + t.sum()
-    return float(2.0 * np.logical_and(p, t).sum() / denom) if denom else empty
+    return dice_from_counts(*overlap_counts(pred, truth), empty=empty)
 
 
 def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> tuple[float, float]:
     """(HD95, ASSD) in mm between two non-empty masks; (nan, nan) when either is empty.
 
-    HD95 is the larger of the two directed 95th-percentile surface distances (as in medpy);
-    ASSD is the mean of all surface-to-surface distances in both directions.
+    MONAI's definitions (``compute_hausdorff_distance(percentile=95)``,
+    ``compute_average_surface_distance(symmetric=True)``; the tests check equality): a surface
+    voxel is a mask voxel with a 6-neighbour outside it; HD95 is the larger of the two directed
+    95th-percentile surface distances; ASSD is the mean of all surface distances in both
+    directions.  (medpy's ``hd95`` takes one percentile over both directions pooled instead.)
     """
     from scipy import ndimage
     p, t = np.asarray(pred, bool), np.asarray(truth, bool)
@@ -1396,24 +1511,104 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[flo
     return float(hd95), float(np.concatenate([d_pt, d_tp]).mean())
 
 
+CONNECTIVITY_26 = np.ones((3, 3, 3), bool)  # voxels touching by a face, an edge or a corner are connected
+
+
 def postprocess(pred: np.ndarray) -> np.ndarray:
-    """Keep the largest connected liver(+tumour) component; drop tumour that touches no liver."""
+    """Keep the largest 26-connected foreground (label ≥ 1) component, labels inside it unchanged.
+
+    Everything outside that component becomes background: stray liver islands and tumour that
+    touches no kept liver.  Tumour inside or attached to the kept liver stays tumour; a
+    prediction without liver keeps its largest tumour component.  An empty prediction is returned
+    as a copy.
+    """
     from scipy import ndimage
     fg = pred >= 1
     if not fg.any():
         return pred.copy()
-    lab, n = ndimage.label(fg)
+    lab, n = ndimage.label(fg, structure=CONNECTIVITY_26)
     if n > 1:
         sizes = np.bincount(lab.ravel())
         sizes[0] = 0
         fg = lab == sizes.argmax()
-    out = np.where(fg, pred, 0).astype(np.uint8)
-    tum, nt = ndimage.label(out == 2)
-    if nt:
-        near_liver = ndimage.binary_dilation(out == 1)
-        touching = np.unique(tum[near_liver & (tum > 0)])
-        out[(tum > 0) & ~np.isin(tum, touching)] = 1  # enclosed by liver tissue otherwise: call it liver
-    return out
+    return np.where(fg, pred, 0).astype(np.uint8)
+
+
+def lesion_detection(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
+                     iou_threshold: float = 0.5) -> dict:
+    """Lesion-level detection of one case, as LiTS reports it (tumour = label 2).
+
+    Lesions are 26-connected tumour components.  A reference lesion is *detected* when a
+    predicted component overlaps it by at least one voxel; its IoU is taken against the union of
+    all predicted components that overlap it (so a lesion split into pieces is not penalised
+    twice), and ``detected_iou`` asks for IoU ≥ ``iou_threshold``.  A predicted component is
+    *matched* when it overlaps any reference lesion.
+
+    Returns:
+        ``{"lesions": [{"volume_ml", "detected", "iou", "detected_iou"}, ...] (one per reference
+        lesion), "n_pred": predicted components, "n_pred_matched": those overlapping a lesion}``.
+    """
+    from scipy import ndimage
+    ref, n_ref = ndimage.label(truth == 2, structure=CONNECTIVITY_26)
+    hyp, n_hyp = ndimage.label(pred == 2, structure=CONNECTIVITY_26)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    lesions = []
+    for r in range(1, n_ref + 1):
+        mask = ref == r
+        hits = np.unique(hyp[mask])
+        hits = hits[hits > 0]
+        union = np.isin(hyp, hits) if len(hits) else np.zeros_like(mask)
+        tp, fp, fn = overlap_counts(union, mask)
+        iou = tp / (tp + fp + fn)
+        lesions.append({"volume_ml": float(mask.sum() * voxel_ml), "detected": bool(len(hits)), "iou": float(iou),
+                        "detected_iou": bool(iou >= iou_threshold)})
+    matched = np.unique(hyp[ref > 0])
+    return {"lesions": lesions, "n_pred": int(n_hyp), "n_pred_matched": int((matched > 0).sum())}
+
+
+LESION_VOLUME_BINS = ("<1 mL", "1-10 mL", ">10 mL")  # reference lesion volume v: v < 1, 1 ≤ v ≤ 10, v > 10
+
+
+def lesion_volume_bin(volume_ml: float) -> str:
+    """The name of a lesion's volume bin (:data:`LESION_VOLUME_BINS`)."""
+    return "<1 mL" if volume_ml < 1 else ("1-10 mL" if volume_ml <= 10 else ">10 mL")
+
+
+def _ratio(num: float, den: float) -> float:
+    """num / den, NaN when den is 0."""
+    return float(num / den) if den else float("nan")
+
+
+def lesion_summary(results: Sequence[dict]) -> dict:
+    """Lesion recall, precision and F1 pooled over cases (outputs of :func:`lesion_detection`).
+
+    Recall = detected / reference lesions; precision = matched / predicted components; F1 their
+    harmonic mean; ``lesion_recall_iou50`` asks for IoU ≥ 0.5; recall and counts by reference
+    lesion volume: < 1 mL, 1–10 mL, > 10 mL.  NaN where a denominator is 0.
+    """
+    lesions = [les for r in results for les in r["lesions"]]
+    recall = _ratio(sum(les["detected"] for les in lesions), len(lesions))
+    precision = _ratio(sum(r["n_pred_matched"] for r in results), sum(r["n_pred"] for r in results))
+    f1 = _ratio(2 * precision * recall, precision + recall) if not math.isnan(precision + recall) else float("nan")
+    binned = {name: [les for les in lesions if lesion_volume_bin(les["volume_ml"]) == name]
+              for name in LESION_VOLUME_BINS}
+    return {"lesion_recall": recall, "lesion_precision": precision, "lesion_f1": f1,
+            "lesion_recall_iou50": _ratio(sum(les["detected_iou"] for les in lesions), len(lesions)),
+            "lesion_recall_by_volume": {k: _ratio(sum(les["detected"] for les in v), len(v))
+                                        for k, v in binned.items()},
+            "lesion_count_by_volume": {k: len(v) for k, v in binned.items()}}
+
+
+def bootstrap_ci(values: Iterable[float], n_boot: int = 10000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over cases (NaNs dropped; (nan, nan) when none left)."""
+    x = np.asarray(_finite(values), float)
+    if not len(x):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boot = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(boot, tail)), float(np.percentile(boot, 100 - tail))
 
 
 def inference_batch_size(device: torch.device | str, image_size: int = 128) -> int:
@@ -1488,88 +1683,152 @@ def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing:
 
 
 def score_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
-    """3D metrics of one case: Dice per class, LiTS liver Dice, tumour FP volume, HD95/ASSD."""
+    """3D metrics of one case (labels 0/1/2 on the same grid); conventions in README "How evaluation is computed".
+
+    Returns:
+        ``dice_liver`` (label 1), ``dice_tumor`` (label 2; NaN on a tumour-free case),
+        ``dice_tumor_all_cases`` (nnU-Net: a tumour-free case scores 0 with any predicted tumour,
+        NaN with none), ``dice_liver_lits`` (label ≥ 1), ``dice_mean`` (mean of liver and tumour
+        Dice; NaN on a tumour-free case), tumour volumes in mL (true, predicted, false positive)
+        and ``tumor_volume_ratio`` (predicted / true), HD95/ASSD in mm for label ≥ 1 (``*_liver_lits_mm``)
+        and label 2 (NaN where either mask is empty), and lesion counts (:func:`lesion_detection`).
+    """
     voxel_ml = float(np.prod(spacing)) / 1000.0
     has_tumor = bool((truth == 2).any())
+    pred_tumor = bool((pred == 2).any())
     row = {"dice_liver": dice(pred == 1, truth == 1),
            "dice_tumor": dice(pred == 2, truth == 2) if has_tumor else float("nan"),
            "dice_liver_lits": dice(pred >= 1, truth >= 1),
            "has_tumor": has_tumor,
-           "fp_tumor_ml": float(((pred == 2) & (truth != 2)).sum() * voxel_ml),
            "tumor_ml": float((truth == 2).sum() * voxel_ml),
-           "pred_tumor_ml": float((pred == 2).sum() * voxel_ml)}
-    row["dice_mean"] = float(np.nanmean([row["dice_liver"], row["dice_tumor"]]))
-    row["hd95_liver_mm"], row["assd_liver_mm"] = surface_distances(pred >= 1, truth >= 1, spacing)
+           "pred_tumor_ml": float((pred == 2).sum() * voxel_ml),
+           "fp_tumor_ml": float(((pred == 2) & (truth != 2)).sum() * voxel_ml)}
+    row["dice_tumor_all_cases"] = row["dice_tumor"] if has_tumor else (0.0 if pred_tumor else float("nan"))
+    row["dice_mean"] = (row["dice_liver"] + row["dice_tumor"]) / 2 if has_tumor else float("nan")
+    row["tumor_volume_ratio"] = _ratio(row["pred_tumor_ml"], row["tumor_ml"])
+    row["hd95_liver_lits_mm"], row["assd_liver_lits_mm"] = surface_distances(pred >= 1, truth >= 1, spacing)
     row["hd95_tumor_mm"], row["assd_tumor_mm"] = (surface_distances(pred == 2, truth == 2, spacing)
                                                   if has_tumor else (float("nan"), float("nan")))
+    les = lesion_detection(pred, truth, spacing)
+    row.update(n_lesions=len(les["lesions"]), n_lesions_detected=sum(x["detected"] for x in les["lesions"]),
+               n_lesions_detected_iou50=sum(x["detected_iou"] for x in les["lesions"]),
+               n_pred_lesions=les["n_pred"], n_pred_lesions_matched=les["n_pred_matched"])
+    return row
+
+
+RAW_KEYS = ("dice_liver", "dice_tumor", "dice_tumor_all_cases", "dice_liver_lits", "dice_mean", "fp_tumor_ml")
+POOLED_KEYS = {"liver": lambda p, t: (p == 1, t == 1), "tumor": lambda p, t: (p == 2, t == 2),
+               "liver_lits": lambda p, t: (p >= 1, t >= 1)}  # global Dice: counts pooled over cases
+
+
+def _score_with_raw(raw: np.ndarray, final: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
+                    pooled: dict) -> dict:
+    """score_case of the final prediction, the raw (not post-processed) values beside it, and pooled counts."""
+    row = score_case(final, truth, spacing)
+    raw_row = score_case(raw, truth, spacing) if raw is not final else row
+    row.update({f"{k}_raw": raw_row[k] for k in RAW_KEYS})
+    for suffix, pred in (("", final), ("_raw", raw)):
+        for key, masks in POOLED_KEYS.items():
+            tp, fp, fn = overlap_counts(*masks(pred, truth))
+            pooled.setdefault(key + suffix, np.zeros(2))[:] += [2 * tp, 2 * tp + fp + fn]
     return row
 
 
 def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, device: torch.device | str,
              postprocess_pred: bool = True, batch_size: int | None = None, amp: bool = True,
-             keep_predictions: bool = True, progress: bool = True, stage2: Stage2 | None = None) -> dict:
+             keep_predictions: bool = True, progress: bool = True, stage2: Stage2 | None = None,
+             save_dir: str | os.PathLike | None = None) -> dict:
     """Full-volume 3D evaluation of each case on its original (canonical) grid, LiTS-style.
 
     Used in the notebook section "Evaluate".  Every slice is predicted with its 2.5D context,
-    logits are resized back to the original in-plane size, and Dice, HD95 and ASSD are computed
-    in 3D with the voxel spacing.  Tumour Dice is averaged only over cases that have tumour;
-    tumour-free cases report ``fp_tumor_ml`` instead, so they are neither hidden nor scored 0/1.
+    logits are resized back to the original in-plane size, and each case is scored in 3D with
+    its voxel spacing by :func:`score_case`; :func:`summarize` gives the means, pooled Dice,
+    lesion detection and bootstrap intervals.
 
     With ``stage2`` (the cascade), stage 1's prediction is refined in its liver box by
     :func:`predict_cascade`; this decodes each validation NIfTI once more for its full-resolution
-    slices.  ``batch_size`` None picks :func:`inference_batch_size` for the device.
+    slices.  ``batch_size`` None picks :func:`inference_batch_size` for the device.  With
+    ``save_dir``, every prediction is written as ``<case>_pred.nii.gz`` in its input's own grid
+    and header (:func:`save_prediction`), for re-scoring with any other tool.
 
     Returns:
-        ``{"per_case": [...], "summary": {...}, "predictions": {case_id: (X, Y, Z) uint8}}``;
+        ``{"per_case": [...], "summary": {...}, "lesions": [...], "predictions": {case_id: (X, Y, Z) uint8}}``;
         per-case values are post-processed when ``postprocess_pred`` (raw values beside them,
-        suffixed ``_raw``); ``summary`` holds per-case means and ``*_global`` pooled Dice.
+        suffixed ``_raw``); ``lesions`` holds one :func:`lesion_detection` result per case.
     """
-    rows, preds = [], {}
-    pooled = {k: np.zeros(2) for k in ("liver", "tumor", "liver_lits", "liver_raw", "tumor_raw")}
+    rows, preds, lesions, pooled = [], {}, [], {}
     for c in tqdm(cases, desc="evaluate (3D)", unit="case", disable=not progress):
-        truth = c.label_full
+        truth, spacing = c.label_full, c.meta["spacing"]
         raw = predict_slices(model, c.image, truth.shape[:2], context, device, batch_size, amp)
         if stage2 is not None:
             full = window_hu(load_case(c.meta["image_path"]).image, c.meta["hu_window"])
-            raw = predict_cascade(raw, full, c.meta["spacing"], stage2, context, device, batch_size, amp)
+            raw = predict_cascade(raw, full, spacing, stage2, context, device, batch_size, amp)
         final = postprocess(raw) if postprocess_pred else raw
-        row = {"case": c.case_id, **score_case(final, truth, c.meta["spacing"])}
-        raw_row = score_case(raw, truth, c.meta["spacing"]) if postprocess_pred else row
-        for k in ("dice_liver", "dice_tumor", "dice_liver_lits", "fp_tumor_ml"):
-            row[f"{k}_raw"] = raw_row[k]
-        for key, p, t in (("liver", final == 1, truth == 1), ("tumor", final == 2, truth == 2),
-                          ("liver_lits", final >= 1, truth >= 1), ("liver_raw", raw == 1, truth == 1),
-                          ("tumor_raw", raw == 2, truth == 2)):
-            pooled[key] += [2 * np.logical_and(p, t).sum(), p.sum() + t.sum()]
-        rows.append(row)
+        rows.append({"case": c.case_id, **_score_with_raw(raw, final, truth, spacing, pooled)})
+        lesions.append({"case": c.case_id, **lesion_detection(final, truth, spacing)})
+        if save_dir is not None:
+            save_prediction(final, c.meta["image_path"], Path(save_dir) / f"{c.case_id}_pred.nii.gz")
         if keep_predictions:
             preds[c.case_id] = final
-    return {"per_case": rows, "summary": summarize(rows, pooled), "predictions": preds}
+    return {"per_case": rows, "summary": summarize(rows, pooled, lesions), "lesions": lesions,
+            "predictions": preds}
 
 
-def summarize(rows: list[dict], pooled: dict) -> dict:
-    """Per-case means (tumour over cases with tumour) and pooled global Dice."""
-    def mean(key):
-        vals = [r[key] for r in rows if not math.isnan(r[key])]
-        return float(np.mean(vals)) if vals else float("nan")
+def _finite(values: Iterable[float]) -> list[float]:
+    """The values that are numbers (not None, not NaN)."""
+    return [float(v) for v in values if v is not None and not math.isnan(v)]
 
-    def glob(key):
-        num, den = pooled[key]
-        return float(num / den) if den else float("nan")
 
-    s = {"n_cases": len(rows), "n_cases_with_tumor": sum(r["has_tumor"] for r in rows),
-         "dice_liver": mean("dice_liver"), "dice_tumor": mean("dice_tumor"),
-         "dice_liver_lits": mean("dice_liver_lits"),
-         "dice_liver_global": glob("liver"), "dice_tumor_global": glob("tumor"),
-         "dice_liver_lits_global": glob("liver_lits"),
-         "dice_liver_raw": mean("dice_liver_raw"), "dice_tumor_raw": mean("dice_tumor_raw"),
-         "dice_liver_global_raw": glob("liver_raw"), "dice_tumor_global_raw": glob("tumor_raw"),
-         "hd95_liver_mm": mean("hd95_liver_mm"), "assd_liver_mm": mean("assd_liver_mm"),
-         "fp_tumor_ml_tumor_free_cases": float(np.mean([r["fp_tumor_ml"] for r in rows if not r["has_tumor"]]))
-         if any(not r["has_tumor"] for r in rows) else float("nan")}
-    s["dice_mean"] = float(np.nanmean([s["dice_liver"], s["dice_tumor"]]))
-    s["dice_mean_raw"] = float(np.nanmean([s["dice_liver_raw"], s["dice_tumor_raw"]]))
+MEAN_KEYS = ("dice_liver", "dice_tumor", "dice_tumor_all_cases", "dice_liver_lits", "dice_mean",
+             "hd95_liver_lits_mm", "assd_liver_lits_mm", "hd95_tumor_mm", "assd_tumor_mm")
+
+
+def summarize(rows: list[dict], pooled: dict, lesions: Sequence[dict] | None = None) -> dict:
+    """Per-case means with 95 % bootstrap intervals, pooled global Dice, volume ratio, lesion detection.
+
+    Each per-case mean skips the cases where its metric is undefined (NaN): ``dice_tumor`` and
+    ``dice_mean`` use the cases with tumour, ``dice_tumor_all_cases`` every case but those with
+    neither true nor predicted tumour; for HD95/ASSD the number of undefined cases is reported
+    (``n_<key>_undefined``), never silently dropped.  ``ci95[key]`` is a bootstrap over cases.
+    """
+    s: dict[str, Any] = {"n_cases": len(rows), "n_cases_with_tumor": sum(r["has_tumor"] for r in rows)}
+    per_case = {k: [r[k] for r in rows] for k in MEAN_KEYS}
+    per_case.update({f"{k}_raw": [r[f"{k}_raw"] for r in rows] for k in RAW_KEYS if rows and f"{k}_raw" in rows[0]})
+    per_case["fp_tumor_ml_tumor_free_cases"] = [r["fp_tumor_ml"] for r in rows if not r["has_tumor"]]
+    for key, values in per_case.items():
+        finite = _finite(values)
+        s[key] = float(np.mean(finite)) if finite else float("nan")
+    for key in ("hd95_liver_lits_mm", "assd_liver_lits_mm", "hd95_tumor_mm", "assd_tumor_mm"):
+        relevant = rows if "liver" in key else [r for r in rows if r["has_tumor"]]
+        s[f"n_{key}_undefined"] = sum(math.isnan(r[key]) for r in relevant)
+    ratios = _finite(r["tumor_volume_ratio"] for r in rows)
+    s["median_tumor_volume_ratio"] = float(np.median(ratios)) if ratios else float("nan")
+    for key, (num, den) in pooled.items():
+        s[f"dice_{key}_global" if not key.endswith("_raw") else f"dice_{key[:-4]}_global_raw"] = _ratio(num, den)
+    if lesions is not None:
+        s.update(lesion_summary(lesions))
+    s["ci95"] = {k: list(bootstrap_ci(v)) for k, v in per_case.items()}
     return s
+
+
+def save_prediction(pred: np.ndarray, image_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Write a canonical (X, Y, Z) label volume in the grid and header of the CT it was predicted from.
+
+    The file carries the input's affine and header (dtype uint8, no scaling), so it opens aligned
+    over the CT in 3D Slicer or ITK-SNAP and can be re-scored with any tool.  Written atomically.
+    """
+    src = nib.load(str(image_path))
+    native = from_canonical(pred, src.affine).astype(np.uint8)
+    if native.shape != src.shape[:3]:
+        raise ValueError(f"{image_path}: prediction of shape {native.shape} does not fit the image {src.shape}")
+    hdr = src.header.copy()
+    hdr.set_data_dtype(np.uint8)
+    img = nib.Nifti1Image(native, src.affine, hdr)
+    img.header.set_slope_inter(1, 0)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_path, lambda tmp: nib.save(img, str(tmp)))
+    return out_path
 
 
 def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_size: int, context: int,
@@ -1579,14 +1838,14 @@ def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_
     """Segment one CT NIfTI file; return labels in the input's own grid (and save them as NIfTI).
 
     Used in the notebook section "Inference".  The saved file carries the input's affine and
-    header, so it opens aligned over the CT in 3D Slicer or ITK-SNAP.
+    header (:func:`save_prediction`), so it opens aligned over the CT in 3D Slicer or ITK-SNAP.
 
     Args:
         model: trained U-Net.
         nifti_path: CT volume (any orientation).
         image_size, context, hu_window: as used for training.
         device: where to run.
-        postprocess_pred: keep the largest liver component.
+        postprocess_pred: keep the largest connected liver component (:func:`postprocess`).
         out_path: where to write the label NIfTI (uint8), or None.
         batch_size: slices per forward pass; None picks :func:`inference_batch_size` for the device.
         stage2: the cascade's second stage, or None.
@@ -1602,19 +1861,29 @@ def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_
         pred = predict_cascade(pred, windowed, case.spacing, stage2, context, device, batch_size)
     if postprocess_pred:
         pred = postprocess(pred)
-    native = from_canonical(pred, case.source_affine)
     if out_path is not None:
-        src = nib.load(str(nifti_path))
-        hdr = src.header.copy()
-        hdr.set_data_dtype(np.uint8)
-        img = nib.Nifti1Image(native, src.affine, hdr)
-        img.header.set_slope_inter(1, 0)
-        out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(f".tmp-{os.getpid()}-{out_path.name}")
-        nib.save(img, str(tmp))
-        os.replace(tmp, out_path)
-    return native
+        save_prediction(pred, nifti_path, out_path)
+    return from_canonical(pred, case.source_affine)
+
+
+def gather_folds(paths: Sequence[str | os.PathLike]) -> dict:
+    """Cross-validation table: mean ± std (ddof 1) over folds of every number in each ``metrics.json`` summary.
+
+    Args:
+        paths: the folds' ``metrics.json`` files or the folders holding them.
+
+    Returns:
+        ``{key: {"mean", "std", "n"}}``; ``std`` is NaN for a single fold; null values are skipped.
+    """
+    values: dict[str, list[float]] = {}
+    for p in paths:
+        p = Path(p) / "metrics.json" if Path(p).is_dir() else Path(p)
+        summary = json.loads(p.read_text())["summary"]
+        for k, v in summary.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+                values.setdefault(k, []).append(float(v))
+    return {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
+                "n": len(v)} for k, v in values.items()}
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str], fmt: str = ".3f") -> str:
@@ -1630,23 +1899,44 @@ def format_table(rows: Sequence[dict], columns: Sequence[str], fmt: str = ".3f")
     return "\n".join(lines)
 
 
-def describe_results(summary: dict, synthetic: bool) -> str:
-    """A plain-words reading of the evaluation summary (notebook: "Evaluate")."""
+def _with_ci(summary: dict, key: str, fmt: str = ".3f") -> str:
+    """'0.912 [0.880, 0.935]': a per-case mean with its 95 % bootstrap interval."""
+    lo, hi = summary.get("ci95", {}).get(key, (float("nan"), float("nan")))
+    ci = "" if lo is None or math.isnan(lo) else f" [{lo:{fmt}}, {hi:{fmt}}]"
+    return f"{summary[key]:{fmt}}{ci}"
+
+
+def describe_results(summary: dict, synthetic: bool, checkpoint: str = "last") -> str:
+    """A plain-words reading of the evaluation summary, each number with its convention (notebook: "Evaluate")."""
+    s = summary
     src = "SYNTHETIC CT (not real patients)" if synthetic else "the validation CT volumes"
-    lines = [f"On {summary['n_cases']} validation cases of {src}:",
-             f"- liver: mean per-case 3D Dice {summary['dice_liver']:.3f} "
-             f"(LiTS convention, liver+tumour vs liver+tumour: {summary['dice_liver_lits']:.3f}).",
-             f"- tumour: mean per-case Dice {summary['dice_tumor']:.3f} over the {summary['n_cases_with_tumor']} "
-             f"cases that have tumour; pooled (global) Dice {summary['dice_tumor_global']:.3f}. Global Dice "
-             "weighs big lesions more, per-case Dice punishes every missed small lesion."]
-    if not math.isnan(summary.get("fp_tumor_ml_tumor_free_cases", float("nan"))):
-        lines.append(f"- tumour-free cases: on average {summary['fp_tumor_ml_tumor_free_cases']:.2f} mL "
+    byvol = ", ".join(f"{k} {v:.2f} (n={s['lesion_count_by_volume'][k]})" if not math.isnan(v) else f"{k} -"
+                      for k, v in s.get("lesion_recall_by_volume", {}).items())
+    lines = [f"On {s['n_cases']} validation cases of {src}, {checkpoint!r} checkpoint; [95 % bootstrap CI over cases]:",
+             f"- liver, LiTS convention (label >= 1 vs >= 1, as LiTS/nnU-Net liver figures): per-case 3D Dice "
+             f"{_with_ci(s, 'dice_liver_lits')}; liver tissue alone (label 1): {_with_ci(s, 'dice_liver')}.",
+             f"- tumour, per case over the {s['n_cases_with_tumor']} cases with tumour (LiTS 'Dice per case'): "
+             f"{_with_ci(s, 'dice_tumor')}; over all cases, nnU-Net convention (false positive on a tumour-free "
+             f"case = 0): {_with_ci(s, 'dice_tumor_all_cases')}; global, pooled over cases (LiTS 'Dice global'): "
+             f"{s['dice_tumor_global']:.3f}.",
+             f"- tumour volume predicted / true, median over cases with tumour: {s['median_tumor_volume_ratio']:.2f}"
+             " (1 = right size, below 1 = under-called).",
+             f"- mean Dice (liver and tumour, cases with tumour): {_with_ci(s, 'dice_mean')}."]
+    if "lesion_recall" in s:
+        lines.append(f"- lesions (26-connected): recall {s['lesion_recall']:.2f} (any overlap; "
+                     f"{s['lesion_recall_iou50']:.2f} at IoU >= 0.5), precision {s['lesion_precision']:.2f}, "
+                     f"F1 {s['lesion_f1']:.2f}; recall by volume: {byvol}.")
+    lines.append(f"- liver surface (label >= 1, MONAI definitions): HD95 {_with_ci(s, 'hd95_liver_lits_mm', '.1f')} mm,"
+                 f" ASSD {_with_ci(s, 'assd_liver_lits_mm', '.1f')} mm; undefined (empty prediction) in "
+                 f"{s['n_hd95_liver_lits_mm_undefined']} case(s).")
+    if not math.isnan(s.get("fp_tumor_ml_tumor_free_cases", float("nan"))):
+        lines.append(f"- tumour-free cases: on average {s['fp_tumor_ml_tumor_free_cases']:.2f} mL "
                      "predicted as tumour (false positives).")
-    lines.append(f"- post-processing changed liver Dice {summary['dice_liver_raw']:.3f} -> {summary['dice_liver']:.3f}"
-                 f" and tumour Dice {summary['dice_tumor_raw']:.3f} -> {summary['dice_tumor']:.3f}.")
-    lines.append("For scale: the seed notebook's plain 2D U-Net reported liver 0.92 / tumour 0.12 on real data;"
-                 " nnU-Net reaches about 0.96 / 0.56-0.74 on LiTS." + (
-                     " Synthetic numbers are not comparable to those." if synthetic else ""))
+    lines.append(f"- post-processing changed liver Dice {s['dice_liver_raw']:.3f} -> {s['dice_liver']:.3f}"
+                 f" and tumour Dice {s['dice_tumor_raw']:.3f} -> {s['dice_tumor']:.3f}.")
+    lines.append("For scale (per-case Dice on real CT): the seed notebook's plain 2D U-Net reported liver 0.92 / "
+                 "tumour 0.12; nnU-Net reaches about 0.96 liver (LiTS convention) / 0.56-0.74 tumour on LiTS."
+                 + (" Synthetic numbers are not comparable to those." if synthetic else ""))
     return "\n".join(lines)
 
 
@@ -1815,13 +2105,17 @@ def plot_per_case(per_case: list[dict], output_dir: str | os.PathLike | None = N
 def plot_overlays(cases: Sequence[CachedCase], predictions: dict, per_case: list[dict],
                   output_dir: str | os.PathLike | None = None, title: str = "",
                   hu_window: Sequence[float] = DEFAULT_HU_WINDOW):
-    """Best, median and worst validation case (by mean Dice): CT with ground-truth and predicted contours.
+    """Worst, median and best validation case: CT with ground-truth and predicted contours.
+
+    Cases are ranked by ``dice_mean`` (mean of liver and tumour Dice), so only cases with tumour
+    compete; without any, by liver Dice (label ≥ 1).
 
     Each row shows the slice with the most tumour (or liver) of the case: CT, ground truth
     (green liver, red tumour), prediction (same colours), radiological view.
     """
     import matplotlib.pyplot as plt
-    ranked = sorted(per_case, key=lambda r: r["dice_mean"])
+    key = "dice_mean" if any(not math.isnan(r["dice_mean"]) for r in per_case) else "dice_liver_lits"
+    ranked = sorted((r for r in per_case if not math.isnan(r[key])), key=lambda r: r[key])
     picks = {"worst": ranked[0], "median": ranked[len(ranked) // 2], "best": ranked[-1]}
     by_id = {c.case_id: c for c in cases}
     fig, axes = plt.subplots(3, 3, figsize=(11, 11))
@@ -1845,6 +2139,39 @@ def plot_overlays(cases: Sequence[CachedCase], predictions: dict, per_case: list
     fig.suptitle(title or "validation cases: worst, median, best (green liver, red tumour)")
     fig.tight_layout()
     _save(fig, output_dir, "overlays.png")
+    return fig
+
+
+def plot_lesions(lesions: Sequence[dict], output_dir: str | os.PathLike | None = None, title: str = ""):
+    """Reference lesions by volume, detected vs missed (log scale), and recall per volume bin.
+
+    Args:
+        lesions: :func:`lesion_detection` results, one per case (``evaluate(...)["lesions"]``).
+    """
+    import matplotlib.pyplot as plt
+    flat = [les for r in lesions for les in r["lesions"]]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.2), gridspec_kw={"width_ratios": [3, 1.3]})
+    rng = np.random.default_rng(0)
+    for detected, colour, name in ((True, "tab:green", "detected"), (False, "tab:red", "missed")):
+        vols = [les["volume_ml"] for les in flat if les["detected"] == detected]
+        ax.scatter(vols, float(detected) + rng.uniform(-0.15, 0.15, len(vols)), s=18, color=colour,
+                   label=f"{name} ({len(vols)})")
+    for edge in (1, 10):
+        ax.axvline(edge, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_yticks([0, 1], ["missed", "detected"])
+    ax.set_xlabel("reference lesion volume (mL)")
+    ax.legend(loc="center right", fontsize=8)
+    summ = lesion_summary(lesions)
+    recall = [summ["lesion_recall_by_volume"][k] for k in LESION_VOLUME_BINS]
+    bx.bar(LESION_VOLUME_BINS, [0 if math.isnan(v) else v for v in recall], color="tab:blue")
+    for i, k in enumerate(LESION_VOLUME_BINS):
+        bx.text(i, 0.02, f"n={summ['lesion_count_by_volume'][k]}", ha="center", fontsize=8, color="white")
+    bx.set_ylim(0, 1)
+    bx.set_ylabel("lesion recall")
+    fig.suptitle(title or "lesion detection (26-connected tumour components, any overlap)")
+    fig.tight_layout()
+    _save(fig, output_dir, "lesions.png")
     return fig
 
 
@@ -2093,14 +2420,12 @@ def _to_lps(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def _save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write a NIfTI file via a temporary name and rename, so readers never see half a file."""
+    """Write a NIfTI file (qform = sform = ``affine``, mm units), atomically."""
     img = nib.Nifti1Image(array, affine)
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
 
 
 def class_statistics(labels: Iterable[np.ndarray]) -> dict:
@@ -2173,9 +2498,7 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape:
     summary["tumor_free_cases"] = sum(p["n_lesions"] == 0 for p in per_case)
     result = json.loads(json.dumps({"settings": settings, "per_case": per_case, "summary": summary},
                                    default=float))
-    tmp = manifest.with_name(".tmp-synthetic.json")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, manifest)
+    _atomic_write_text(manifest, json.dumps(result, indent=1))
     return result
 
 

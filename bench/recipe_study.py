@@ -200,10 +200,8 @@ def paired(rows: list[dict], arm_a: str, arm_b: str, key: str = "dice_tumor", n_
         return None
     cases = sorted({k[1] for k in keys})
     per_case = np.array([np.mean([a[k] - b[k] for k in keys if k[1] == case]) for case in cases])
-    rng = np.random.default_rng(seed)
-    boot = per_case[rng.integers(0, len(per_case), (n_boot, len(per_case)))].mean(1)
-    return {"mean": float(per_case.mean()), "low": float(np.percentile(boot, 2.5)),
-            "high": float(np.percentile(boot, 97.5)), "cases": len(cases),
+    low, high = uh.bootstrap_ci(per_case, n_boot, seed)
+    return {"mean": float(per_case.mean()), "low": low, "high": high, "cases": len(cases),
             "seeds": len({k[0] for k in keys}), "a_better": int((per_case > 0).sum()),
             "b_better": int((per_case < 0).sum())}
 

@@ -256,10 +256,16 @@ def test_weights_only_refuses_pickled_objects(tmp_path):
 # ---------------------------------------------------------------- evaluation, inference, results, plots
 def test_evaluate_metrics_and_plots(tiny_data, tmp_path):
     m, h = _run(tiny_data, tmp_path / "run")
-    ev = uh.evaluate(m, tiny_data["val_cases"], 3, "cpu", postprocess_pred=True, progress=False)
+    ev = uh.evaluate(m, tiny_data["val_cases"], 3, "cpu", postprocess_pred=True, progress=False,
+                     save_dir=tmp_path / "predictions")
     assert len(ev["per_case"]) == 2
+    for c in tiny_data["val_cases"]:  # saved in the input's own grid; equal to the canonical prediction
+        saved = uh.load_case(c.meta["image_path"], tmp_path / "predictions" / f"{c.case_id}_pred.nii.gz")
+        np.testing.assert_array_equal(saved.label, ev["predictions"][c.case_id])
+    assert [r["case"] for r in ev["lesions"]] == [c.case_id for c in tiny_data["val_cases"]]
+    assert "nnU-Net convention" in uh.describe_results(ev["summary"], True)
     for r in ev["per_case"]:
-        assert 0 <= r["dice_liver_lits"] <= 1 and "dice_liver_raw" in r and "hd95_liver_mm" in r
+        assert 0 <= r["dice_liver_lits"] <= 1 and "dice_liver_raw" in r and "hd95_liver_lits_mm" in r
         assert ev["predictions"][r["case"]].shape == tuple(tiny_data["val_cases"][0].label_full.shape)
     s = ev["summary"]
     for k in ("dice_liver", "dice_tumor", "dice_mean", "dice_liver_lits", "dice_liver_global", "dice_tumor_global"):
@@ -271,7 +277,8 @@ def test_evaluate_metrics_and_plots(tiny_data, tmp_path):
     uh.plot_history(h, tmp_path)
     uh.plot_per_case(ev["per_case"], tmp_path)
     uh.plot_overlays(tiny_data["val_cases"], ev["predictions"], ev["per_case"], tmp_path)
-    for f in ("training_curves.png", "per_case_dice.png", "overlays.png"):
+    uh.plot_lesions(ev["lesions"], tmp_path)
+    for f in ("training_curves.png", "per_case_dice.png", "overlays.png", "lesions.png"):
         assert (tmp_path / f).stat().st_size > 10_000
 
 
@@ -384,3 +391,33 @@ def test_cascade_in_evaluate_and_predict_volume(tiny_data, synthetic_dir, tmp_pa
     assert len(ev["per_case"]) == 2 and "dice_liver" in ev["summary"]
     out = uh.predict_volume(m, synthetic_dir / "images" / "liver_4.nii.gz", 32, 3, stage2=s2)
     assert out.shape == nib.load(str(synthetic_dir / "images" / "liver_4.nii.gz")).shape
+
+
+def test_validation_2d_tumour_dice_needs_true_tumour():
+    """One false-positive tumour pixel on tumour-free slices leaves tumour and mean Dice undefined (not 0)."""
+    class Fixed(torch.nn.Module):  # predicts label y_hat everywhere, whatever the input
+        def __init__(self, y_hat):
+            super().__init__()
+            self.y_hat, self.w = y_hat, torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(self.y_hat, 3).permute(0, 3, 1, 2).float() * 10 + self.w
+
+    class Slices:  # the one method validate_slices uses
+        def __init__(self, y):
+            self.y = y
+
+        def batch(self, idx, device):
+            return torch.zeros(len(idx), 1, 4, 4), self.y[torch.as_tensor(idx)]
+
+    y = torch.zeros(2, 4, 4, dtype=torch.long)
+    y[:, :2] = 1  # liver in the top half of both slices, no tumour
+    y_hat = y.clone()
+    y_hat[0, 0, 0] = 2  # one false-positive tumour pixel, taken from the liver
+    r = uh.validate_slices(Fixed(y_hat), Slices(y), np.arange(2), uh.make_loss(), torch.device("cpu"), amp=False)
+    assert r["val_dice_liver_2d"] == pytest.approx(2 * 15 / (15 + 16))  # 15 of 16 liver pixels found
+    assert math.isnan(r["val_dice_tumor_2d"]) and math.isnan(r["val_dice_mean_2d"])
+    y[1, 3, 3] = 2  # now one true tumour pixel, missed: tumour Dice 0, mean (liver + 0) / 2
+    r = uh.validate_slices(Fixed(y_hat), Slices(y), np.arange(2), uh.make_loss(), torch.device("cpu"), amp=False)
+    assert r["val_dice_tumor_2d"] == 0.0
+    assert r["val_dice_mean_2d"] == pytest.approx(r["val_dice_liver_2d"] / 2)

@@ -46,13 +46,23 @@ def test_notebook_writes_metrics_figures_and_prediction(tiny_run):
     assert metrics["timing"]["train_seconds"] > 0 and metrics["env"]["torch"]
     for fig in ("training_curves.png", "per_case_dice.png", "overlays.png"):
         assert (out / fig).stat().st_size > 10_000, fig
-    preds = list((out / "predictions").glob("*_pred.nii.gz"))
-    assert len(preds) == 1
-    case = preds[0].name.replace("_pred.nii.gz", "")
-    src = nib.load(str(tiny_run / "data" / "synthetic" / "images" / f"{case}.nii.gz"))
-    pred = nib.load(str(preds[0]))
-    assert pred.shape == src.shape and (pred.affine == src.affine).all()
-    for name in ("last.pt", "best.pt", "history.csv"):
+    assert metrics["evaluated_checkpoint"] == "last"  # the final model, not the one chosen on these cases
+    preds = sorted((out / "predictions").glob("*_pred.nii.gz"))  # every validation case, saved by evaluate
+    assert sorted(p.name.replace("_pred.nii.gz", "") for p in preds) == sorted(metrics["data"]["validation"])
+    assert len(preds) == 2  # 5 cases, VAL_FRACTION 0.4
+    assert len(list((out / "inference").glob("*_pred.nii.gz"))) == 1  # the predict_volume section
+    for path in preds:
+        src = nib.load(str(tiny_run / "data" / "synthetic" / "images" / path.name.replace("_pred", "")))
+        pred = nib.load(str(path))
+        assert pred.shape == src.shape and (pred.affine == src.affine).all()
+    s = metrics["summary"]
+    for key in ("dice_tumor_all_cases", "lesion_recall", "lesion_precision", "lesion_f1", "lesion_recall_by_volume",
+                "median_tumor_volume_ratio", "n_hd95_liver_lits_mm_undefined"):
+        assert key in s, key
+    lo, hi = s["ci95"]["dice_liver_lits"]
+    assert lo <= s["dice_liver_lits"] <= hi
+    assert sum(len(c["lesions"]) for c in metrics["lesions"]) == sum(r["n_lesions"] for r in metrics["per_case"])
+    for name in ("last.pt", "best.pt", "history.csv", "lesions.png"):
         assert (out / name).exists()
 
 
@@ -73,9 +83,13 @@ def test_baseline_recipe_from_parameters_alone(tmp_path):
     for name in ("liver_segmentation.ipynb", "unet_helpers.py"):
         shutil.copy(ROOT / name, tmp_path / name)
     papermill.execute_notebook(str(tmp_path / "liver_segmentation.ipynb"), str(tmp_path / "executed.ipynb"),
-                               parameters={**TINY, "EPOCHS": 1, "RECIPE": "baseline"}, cwd=str(tmp_path),
+                               parameters={**TINY, "EPOCHS": 1, "RECIPE": "baseline", "FOLD": 1}, cwd=str(tmp_path),
                                progress_bar=False, kernel_name="python3")
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert not (tmp_path / "out" / "metrics.json").exists()  # a fold writes into its own subfolder
+    metrics = json.loads((tmp_path / "out" / "fold_1" / "metrics.json").read_text())
+    assert metrics["data"]["fold"] == 1 and len(metrics["data"]["validation"]) == 1  # 5 cases, 5 folds
+    executed = (tmp_path / "executed.ipynb").read_text()
+    assert "std over folds" in executed  # the cross-validation cell found this fold
     assert metrics["config"]["RECIPE"] == "baseline" and metrics["config"]["CONTEXT_SLICES"] == 1
     assert metrics["config"]["RECIPE_SETTINGS"]["postprocess"] is False
     assert all(math.isfinite(r["dice_liver"]) for r in metrics["per_case"])
@@ -85,10 +99,11 @@ def test_cascade_from_parameters_alone(tmp_path):
     for name in ("liver_segmentation.ipynb", "unet_helpers.py"):
         shutil.copy(ROOT / name, tmp_path / name)
     papermill.execute_notebook(str(tmp_path / "liver_segmentation.ipynb"), str(tmp_path / "executed.ipynb"),
-                               parameters={**TINY, "CASCADE": True}, cwd=str(tmp_path), progress_bar=False,
-                               kernel_name="python3")
+                               parameters={**TINY, "CASCADE": True, "EVAL_CHECKPOINT": "best"}, cwd=str(tmp_path),
+                               progress_bar=False, kernel_name="python3")
     out = tmp_path / "out"
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["evaluated_checkpoint"] == "best"
     assert metrics["config"]["CASCADE"] is True
     assert (out / "stage2" / "best.pt").exists() and (out / "stage2" / "training_curves.png").exists()
     assert len(metrics["history"]) == 1  # the budget is split: EPOCHS 2 -> 1 epoch per stage
