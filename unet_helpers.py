@@ -711,6 +711,20 @@ def _stratified_folds(units: dict[str, bool], n_folds: int, seed: int) -> dict[s
     return {u: i % n_folds for i, u in enumerate(order)}
 
 
+def check_fold(fold: Any, n_folds: int = 5) -> None:
+    """Raise unless ``fold`` is None or an integer 0..n_folds-1."""
+    if fold is not None and (isinstance(fold, bool) or not isinstance(fold, (int, np.integer))
+                             or not 0 <= fold < n_folds):
+        raise ValueError(f"FOLD must be None or an integer 0-{n_folds - 1} ({n_folds}-fold cross-validation), "
+                         f"got {fold!r}")
+
+
+def run_dir(output_dir: str | os.PathLike, fold: int | None = None) -> Path:
+    """Where a run writes checkpoints, figures and metrics: ``output_dir``, or ``output_dir/fold_k`` for a fold."""
+    check_fold(fold)
+    return Path(output_dir) / (f"fold_{fold}" if fold is not None else "")
+
+
 def split_cases(case_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 0,
                 has_tumor: Mapping | Sequence | None = None, groups: Mapping | Sequence | None = None,
                 fold: int | None = None, n_folds: int = 5) -> tuple[list, list]:
@@ -732,11 +746,11 @@ def split_cases(case_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 
     Returns:
         (train_ids, val_ids), each in natural order.  Warns below 5 validation cases.
     """
+    patient = _as_mapping(groups, list(case_ids), lambda i: i)  # aligned with the caller's order
+    tumour = _as_mapping(has_tumor, list(case_ids), False)
     ids = sorted(case_ids, key=natural_key)
     if len(ids) < 2:
         raise ValueError(f"Need at least 2 labelled cases to split, got {len(ids)}")
-    patient = _as_mapping(groups, ids, lambda i: i)
-    tumour = _as_mapping(has_tumor, ids, False)
     units: dict[str, bool] = {}
     for i in ids:
         units[patient[i]] = units.get(patient[i], False) or bool(tumour[i])
@@ -746,8 +760,9 @@ def split_cases(case_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 
         n_val = min(len(units) - 1, max(1, int(round(len(units) * val_fraction))))
         val_units = _stratified_sample(units, n_val, seed)
     else:
-        if not 0 <= fold < n_folds or n_folds > len(units):
-            raise ValueError(f"fold must be in 0..{n_folds - 1} with at most {len(units)} folds, got {fold}")
+        check_fold(fold, n_folds)
+        if n_folds > len(units):
+            raise ValueError(f"{n_folds} folds need at least {n_folds} patients, got {len(units)}")
         val_units = {u for u, f in _stratified_folds(units, n_folds, seed).items() if f == fold}
     val = [i for i in ids if patient[i] in val_units]
     if len(val) < 5:
@@ -1203,8 +1218,7 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool) -> t
     rec["loss"] = s["LOSS"]
     if s.get("EVAL_CHECKPOINT", "last") not in ("last", "best"):
         raise ValueError(f"EVAL_CHECKPOINT must be 'last' or 'best', got {s['EVAL_CHECKPOINT']!r}")
-    if s.get("FOLD") is not None and s["FOLD"] not in range(5):
-        raise ValueError(f"FOLD must be None or one of 0-4 (5-fold cross-validation), got {s['FOLD']!r}")
+    check_fold(s.get("FOLD"))
     if s["CASCADE"]:
         notes.append(f"cascade: stage 1 and stage 2 train {max(1, s['EPOCHS'] // 2)} epochs each (same budget)")
     s["RECIPE_SETTINGS"] = rec
@@ -1315,7 +1329,7 @@ def validate_slices(model: torch.nn.Module, data: SliceSet, index: np.ndarray, l
     model.train()
     liver = dice_from_counts(*counts[1])
     tumor = dice_from_counts(*counts[2]) if counts[2, 0] + counts[2, 2] else float("nan")  # needs true tumour
-    mean = (liver + tumor) / 2 if not math.isnan(tumor) else float("nan")  # as dice_mean: cases with tumour
+    mean = (liver + tumor) / 2 if not math.isnan(tumor) else float("nan")  # needs true tumour, as dice_mean
     return {"val_ce": ce / n, "val_dice_loss": dl / n, "val_dice_liver_2d": liver, "val_dice_tumor_2d": tumor,
             "val_dice_mean_2d": mean}
 
@@ -1454,7 +1468,7 @@ def asdict_plain(obj: Any) -> dict:
 def write_history(history: list[dict], output_dir: str | os.PathLike) -> None:
     """Write ``history.json`` and ``history.csv`` (one row per epoch) atomically."""
     out = Path(output_dir)
-    _atomic_write_text(out / "history.json", json.dumps(history, indent=1))
+    _atomic_write_text(out / "history.json", json.dumps(json_safe(history), indent=1))
     keys = list(dict.fromkeys(k for row in history for k in row))
     lines = [",".join(keys)] + [",".join(f"{row.get(k, '')}" for k in keys) for row in history]
     _atomic_write_text(out / "history.csv", "\n".join(lines) + "\n")
@@ -1515,12 +1529,13 @@ CONNECTIVITY_26 = np.ones((3, 3, 3), bool)  # voxels touching by a face, an edge
 
 
 def postprocess(pred: np.ndarray) -> np.ndarray:
-    """Keep the largest 26-connected foreground (label ≥ 1) component, labels inside it unchanged.
+    """Keep the largest 26-connected foreground (label ≥ 1) component that holds liver; labels inside unchanged.
 
     Everything outside that component becomes background: stray liver islands and tumour that
-    touches no kept liver.  Tumour inside or attached to the kept liver stays tumour; a
-    prediction without liver keeps its largest tumour component.  An empty prediction is returned
-    as a copy.
+    touches no kept liver.  Tumour inside or attached to the kept liver stays tumour (the size of a
+    component counts its liver and tumour voxels).  A tumour-only component is never kept over
+    one with liver, however large; a prediction without any liver keeps its largest tumour
+    component.  An empty prediction is returned as a copy.
     """
     from scipy import ndimage
     fg = pred >= 1
@@ -1528,8 +1543,11 @@ def postprocess(pred: np.ndarray) -> np.ndarray:
         return pred.copy()
     lab, n = ndimage.label(fg, structure=CONNECTIVITY_26)
     if n > 1:
-        sizes = np.bincount(lab.ravel())
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
         sizes[0] = 0
+        with_liver = np.bincount(lab[pred == 1], minlength=n + 1) > 0
+        if with_liver.any():
+            sizes[~with_liver] = 0
         fg = lab == sizes.argmax()
     return np.where(fg, pred, 0).astype(np.uint8)
 
@@ -1552,15 +1570,14 @@ def lesion_detection(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[floa
     ref, n_ref = ndimage.label(truth == 2, structure=CONNECTIVITY_26)
     hyp, n_hyp = ndimage.label(pred == 2, structure=CONNECTIVITY_26)
     voxel_ml = float(np.prod(spacing)) / 1000.0
+    hyp_size = np.bincount(hyp.ravel(), minlength=n_hyp + 1)
     lesions = []
-    for r in range(1, n_ref + 1):
-        mask = ref == r
-        hits = np.unique(hyp[mask])
-        hits = hits[hits > 0]
-        union = np.isin(hyp, hits) if len(hits) else np.zeros_like(mask)
-        tp, fp, fn = overlap_counts(union, mask)
-        iou = tp / (tp + fp + fn)
-        lesions.append({"volume_ml": float(mask.sum() * voxel_ml), "detected": bool(len(hits)), "iou": float(iou),
+    for r, box in enumerate(ndimage.find_objects(ref), start=1):  # work inside each lesion's bounding box
+        inside = hyp[box][ref[box] == r]  # predicted component ids under the lesion's voxels
+        hits = np.unique(inside[inside > 0])
+        size, inter = inside.size, int((inside > 0).sum())  # |r|, |r ∩ U| (U: the overlapping components)
+        iou = inter / (size + int(hyp_size[hits].sum()) - inter)
+        lesions.append({"volume_ml": float(size * voxel_ml), "detected": bool(len(hits)), "iou": float(iou),
                         "detected_iou": bool(iou >= iou_threshold)})
     matched = np.unique(hyp[ref > 0])
     return {"lesions": lesions, "n_pred": int(n_hyp), "n_pred_matched": int((matched > 0).sum())}
@@ -1579,17 +1596,27 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else float("nan")
 
 
+def _f1(precision: float, recall: float) -> float:
+    """Harmonic mean; 0 when one side is 0 and the other 0 or undefined (nothing found, or only false
+    positives: 2TP / (2TP + FP + FN) = 0); NaN only when both are undefined (no lesions, none predicted)."""
+    if math.isnan(precision) and math.isnan(recall):
+        return float("nan")
+    p, r = (0.0 if math.isnan(v) else v for v in (precision, recall))
+    return _ratio(2 * p * r, p + r) if p + r else 0.0
+
+
 def lesion_summary(results: Sequence[dict]) -> dict:
     """Lesion recall, precision and F1 pooled over cases (outputs of :func:`lesion_detection`).
 
     Recall = detected / reference lesions; precision = matched / predicted components; F1 their
-    harmonic mean; ``lesion_recall_iou50`` asks for IoU ≥ 0.5; recall and counts by reference
-    lesion volume: < 1 mL, 1–10 mL, > 10 mL.  NaN where a denominator is 0.
+    harmonic mean (0 when nothing is found, see :func:`_f1`); ``lesion_recall_iou50`` asks for
+    IoU ≥ 0.5; recall and counts by reference lesion volume: < 1 mL, 1–10 mL, > 10 mL.  Recall and
+    precision are NaN where their denominator is 0.
     """
     lesions = [les for r in results for les in r["lesions"]]
     recall = _ratio(sum(les["detected"] for les in lesions), len(lesions))
     precision = _ratio(sum(r["n_pred_matched"] for r in results), sum(r["n_pred"] for r in results))
-    f1 = _ratio(2 * precision * recall, precision + recall) if not math.isnan(precision + recall) else float("nan")
+    f1 = _f1(precision, recall)
     binned = {name: [les for les in lesions if lesion_volume_bin(les["volume_ml"]) == name]
               for name in LESION_VOLUME_BINS}
     return {"lesion_recall": recall, "lesion_precision": precision, "lesion_f1": f1,
@@ -1682,20 +1709,10 @@ def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing:
     return out
 
 
-def score_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
-    """3D metrics of one case (labels 0/1/2 on the same grid); conventions in README "How evaluation is computed".
-
-    Returns:
-        ``dice_liver`` (label 1), ``dice_tumor`` (label 2; NaN on a tumour-free case),
-        ``dice_tumor_all_cases`` (nnU-Net: a tumour-free case scores 0 with any predicted tumour,
-        NaN with none), ``dice_liver_lits`` (label ≥ 1), ``dice_mean`` (mean of liver and tumour
-        Dice; NaN on a tumour-free case), tumour volumes in mL (true, predicted, false positive)
-        and ``tumor_volume_ratio`` (predicted / true), HD95/ASSD in mm for label ≥ 1 (``*_liver_lits_mm``)
-        and label 2 (NaN where either mask is empty), and lesion counts (:func:`lesion_detection`).
-    """
+def overlap_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
+    """The overlap part of :func:`score_case`: Dice in each convention and tumour volumes (no distances)."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
     has_tumor = bool((truth == 2).any())
-    pred_tumor = bool((pred == 2).any())
     row = {"dice_liver": dice(pred == 1, truth == 1),
            "dice_tumor": dice(pred == 2, truth == 2) if has_tumor else float("nan"),
            "dice_liver_lits": dice(pred >= 1, truth >= 1),
@@ -1703,13 +1720,34 @@ def score_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) ->
            "tumor_ml": float((truth == 2).sum() * voxel_ml),
            "pred_tumor_ml": float((pred == 2).sum() * voxel_ml),
            "fp_tumor_ml": float(((pred == 2) & (truth != 2)).sum() * voxel_ml)}
-    row["dice_tumor_all_cases"] = row["dice_tumor"] if has_tumor else (0.0 if pred_tumor else float("nan"))
+    row["dice_tumor_all_cases"] = row["dice_tumor"] if has_tumor else (
+        0.0 if row["pred_tumor_ml"] > 0 else float("nan"))
     row["dice_mean"] = (row["dice_liver"] + row["dice_tumor"]) / 2 if has_tumor else float("nan")
     row["tumor_volume_ratio"] = _ratio(row["pred_tumor_ml"], row["tumor_ml"])
+    return row
+
+
+def score_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], lesions: dict | None = None) -> dict:
+    """3D metrics of one case (labels 0/1/2 on the same grid); conventions in README "How evaluation is computed".
+
+    Args:
+        pred, truth: (X, Y, Z) label volumes.
+        spacing: voxel size in mm.
+        lesions: this case's :func:`lesion_detection` result when already computed.
+
+    Returns:
+        ``dice_liver`` (label 1), ``dice_tumor`` (label 2; NaN on a tumour-free case),
+        ``dice_tumor_all_cases`` (nnU-Net: a tumour-free case scores 0 with any predicted tumour,
+        NaN with none), ``dice_liver_lits`` (label ≥ 1), ``dice_mean`` (mean of liver and tumour
+        Dice; NaN on a tumour-free case), tumour volumes in mL (true, predicted, false positive)
+        and ``tumor_volume_ratio`` (predicted / true), HD95/ASSD in mm for label ≥ 1 (``*_liver_lits_mm``)
+        and label 2 (NaN where either mask is empty), and lesion counts.
+    """
+    row = overlap_scores(pred, truth, spacing)
     row["hd95_liver_lits_mm"], row["assd_liver_lits_mm"] = surface_distances(pred >= 1, truth >= 1, spacing)
     row["hd95_tumor_mm"], row["assd_tumor_mm"] = (surface_distances(pred == 2, truth == 2, spacing)
-                                                  if has_tumor else (float("nan"), float("nan")))
-    les = lesion_detection(pred, truth, spacing)
+                                                  if row["has_tumor"] else (float("nan"), float("nan")))
+    les = lesions if lesions is not None else lesion_detection(pred, truth, spacing)
     row.update(n_lesions=len(les["lesions"]), n_lesions_detected=sum(x["detected"] for x in les["lesions"]),
                n_lesions_detected_iou50=sum(x["detected_iou"] for x in les["lesions"]),
                n_pred_lesions=les["n_pred"], n_pred_lesions_matched=les["n_pred_matched"])
@@ -1722,10 +1760,13 @@ POOLED_KEYS = {"liver": lambda p, t: (p == 1, t == 1), "tumor": lambda p, t: (p 
 
 
 def _score_with_raw(raw: np.ndarray, final: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
-                    pooled: dict) -> dict:
-    """score_case of the final prediction, the raw (not post-processed) values beside it, and pooled counts."""
-    row = score_case(final, truth, spacing)
-    raw_row = score_case(raw, truth, spacing) if raw is not final else row
+                    pooled: dict, lesions: dict | None = None) -> dict:
+    """score_case of the final prediction, the raw (not post-processed) overlap values beside it, pooled counts.
+
+    ``pooled[name]`` accumulates ``[2 tp, 2 tp + fp + fn]`` (name: liver, tumor, liver_lits, each also ``_raw``).
+    """
+    row = score_case(final, truth, spacing, lesions)
+    raw_row = overlap_scores(raw, truth, spacing) if raw is not final else row
     row.update({f"{k}_raw": raw_row[k] for k in RAW_KEYS})
     for suffix, pred in (("", final), ("_raw", raw)):
         for key, masks in POOLED_KEYS.items():
@@ -1764,8 +1805,8 @@ def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, 
             full = window_hu(load_case(c.meta["image_path"]).image, c.meta["hu_window"])
             raw = predict_cascade(raw, full, spacing, stage2, context, device, batch_size, amp)
         final = postprocess(raw) if postprocess_pred else raw
-        rows.append({"case": c.case_id, **_score_with_raw(raw, final, truth, spacing, pooled)})
         lesions.append({"case": c.case_id, **lesion_detection(final, truth, spacing)})
+        rows.append({"case": c.case_id, **_score_with_raw(raw, final, truth, spacing, pooled, lesions[-1])})
         if save_dir is not None:
             save_prediction(final, c.meta["image_path"], Path(save_dir) / f"{c.case_id}_pred.nii.gz")
         if keep_predictions:
@@ -1788,13 +1829,16 @@ def summarize(rows: list[dict], pooled: dict, lesions: Sequence[dict] | None = N
 
     Each per-case mean skips the cases where its metric is undefined (NaN): ``dice_tumor`` and
     ``dice_mean`` use the cases with tumour, ``dice_tumor_all_cases`` every case but those with
-    neither true nor predicted tumour; for HD95/ASSD the number of undefined cases is reported
-    (``n_<key>_undefined``), never silently dropped.  ``ci95[key]`` is a bootstrap over cases.
+    neither true nor predicted tumour; HD95/ASSD are averaged over the cases where both masks are
+    non-empty, and the cases left out are counted beside them (``n_<key>_undefined``).
+    ``ci95[key]`` is a bootstrap over cases.
     """
     s: dict[str, Any] = {"n_cases": len(rows), "n_cases_with_tumor": sum(r["has_tumor"] for r in rows)}
     per_case = {k: [r[k] for r in rows] for k in MEAN_KEYS}
-    per_case.update({f"{k}_raw": [r[f"{k}_raw"] for r in rows] for k in RAW_KEYS if rows and f"{k}_raw" in rows[0]})
-    per_case["fp_tumor_ml_tumor_free_cases"] = [r["fp_tumor_ml"] for r in rows if not r["has_tumor"]]
+    per_case.update({f"{k}_raw": [r[f"{k}_raw"] for r in rows] for k in RAW_KEYS
+                     if k != "fp_tumor_ml" and rows and f"{k}_raw" in rows[0]})
+    for sfx in ("", "_raw") if rows and "fp_tumor_ml_raw" in rows[0] else ("",):
+        per_case[f"fp_tumor_ml_tumor_free_cases{sfx}"] = [r[f"fp_tumor_ml{sfx}"] for r in rows if not r["has_tumor"]]
     for key, values in per_case.items():
         finite = _finite(values)
         s[key] = float(np.mean(finite)) if finite else float("nan")
@@ -1873,13 +1917,26 @@ def gather_folds(paths: Sequence[str | os.PathLike]) -> dict:
         paths: the folds' ``metrics.json`` files or the folders holding them.
 
     Returns:
-        ``{key: {"mean", "std", "n"}}``; ``std`` is NaN for a single fold; null values are skipped.
+        ``{key: {"mean", "std", "n"}}``; ``std`` is NaN for a single fold; null values are skipped
+        (``n`` then counts fewer folds).
+
+    Raises:
+        ValueError: when the folds were run with different settings (other than ``FOLD``) or
+        scored different checkpoints: their numbers would not belong in one table.
     """
     values: dict[str, list[float]] = {}
+    first: tuple[Path, dict] | None = None
     for p in paths:
         p = Path(p) / "metrics.json" if Path(p).is_dir() else Path(p)
-        summary = json.loads(p.read_text())["summary"]
-        for k, v in summary.items():
+        body = json.loads(p.read_text())
+        setup = {**{k: v for k, v in body.get("config", {}).items() if k != "FOLD"},
+                 "evaluated_checkpoint": body.get("evaluated_checkpoint")}
+        first = first or (p, setup)
+        differ = sorted(k for k in set(setup) | set(first[1]) if setup.get(k) != first[1].get(k))
+        if differ:
+            raise ValueError(f"{p} and {first[0]} were run with different settings ({', '.join(differ)}); "
+                             "gather folds of one configuration, or move the others away")
+        for k, v in body["summary"].items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
                 values.setdefault(k, []).append(float(v))
     return {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
@@ -1912,7 +1969,9 @@ def describe_results(summary: dict, synthetic: bool, checkpoint: str = "last") -
     src = "SYNTHETIC CT (not real patients)" if synthetic else "the validation CT volumes"
     byvol = ", ".join(f"{k} {v:.2f} (n={s['lesion_count_by_volume'][k]})" if not math.isnan(v) else f"{k} -"
                       for k, v in s.get("lesion_recall_by_volume", {}).items())
-    lines = [f"On {s['n_cases']} validation cases of {src}, {checkpoint!r} checkpoint; [95 % bootstrap CI over cases]:",
+    which = ("the final model ('last' checkpoint)" if checkpoint == "last" else
+             f"the {checkpoint!r} checkpoint, chosen on these same cases (optimistic)")
+    lines = [f"On {s['n_cases']} validation cases of {src}, {which}; [95 % bootstrap CI over cases]:",
              f"- liver, LiTS convention (label >= 1 vs >= 1, as LiTS/nnU-Net liver figures): per-case 3D Dice "
              f"{_with_ci(s, 'dice_liver_lits')}; liver tissue alone (label 1): {_with_ci(s, 'dice_liver')}.",
              f"- tumour, per case over the {s['n_cases_with_tumor']} cases with tumour (LiTS 'Dice per case'): "
@@ -1928,14 +1987,17 @@ def describe_results(summary: dict, synthetic: bool, checkpoint: str = "last") -
                      f"F1 {s['lesion_f1']:.2f}; recall by volume: {byvol}.")
     lines.append(f"- liver surface (label >= 1, MONAI definitions): HD95 {_with_ci(s, 'hd95_liver_lits_mm', '.1f')} mm,"
                  f" ASSD {_with_ci(s, 'assd_liver_lits_mm', '.1f')} mm; undefined (empty prediction) in "
-                 f"{s['n_hd95_liver_lits_mm_undefined']} case(s).")
+                 f"{s['n_hd95_liver_lits_mm_undefined']} case(s)"
+                 + (f"; tumour HD95 {_with_ci(s, 'hd95_tumor_mm', '.1f')} mm, undefined (tumour missed) in "
+                    f"{s['n_hd95_tumor_mm_undefined']} case(s)." if "n_hd95_tumor_mm_undefined" in s else "."))
     if not math.isnan(s.get("fp_tumor_ml_tumor_free_cases", float("nan"))):
         lines.append(f"- tumour-free cases: on average {s['fp_tumor_ml_tumor_free_cases']:.2f} mL "
                      "predicted as tumour (false positives).")
     lines.append(f"- post-processing changed liver Dice {s['dice_liver_raw']:.3f} -> {s['dice_liver']:.3f}"
                  f" and tumour Dice {s['dice_tumor_raw']:.3f} -> {s['dice_tumor']:.3f}.")
     lines.append("For scale (per-case Dice on real CT): the seed notebook's plain 2D U-Net reported liver 0.92 / "
-                 "tumour 0.12; nnU-Net reaches about 0.96 liver (LiTS convention) / 0.56-0.74 tumour on LiTS."
+                 "tumour 0.12; nnU-Net reaches about 0.96 liver (label >= 1, as our LiTS-convention figure) and "
+                 "0.56-0.74 tumour per case on LiTS (set it beside our tumour per case over cases with tumour)."
                  + (" Synthetic numbers are not comparable to those." if synthetic else ""))
     return "\n".join(lines)
 
@@ -2080,12 +2142,12 @@ def plot_history(history: list[dict], output_dir: str | os.PathLike | None = Non
 
 
 def plot_per_case(per_case: list[dict], output_dir: str | os.PathLike | None = None, title: str = ""):
-    """Per-case 3D Dice for liver and tumour (tumour-free cases marked), sorted by liver Dice."""
+    """Per-case 3D Dice for liver (label ≥ 1, LiTS) and tumour (tumour-free cases marked), sorted by liver Dice."""
     import matplotlib.pyplot as plt
-    rows = sorted(per_case, key=lambda r: r["dice_liver"])
+    rows = sorted(per_case, key=lambda r: r["dice_liver_lits"])
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 2), 3.8))
-    ax.bar(x - 0.2, [r["dice_liver"] for r in rows], 0.4, color="tab:green", label="liver")
+    ax.bar(x - 0.2, [r["dice_liver_lits"] for r in rows], 0.4, color="tab:green", label="liver (label ≥ 1)")
     ax.bar(x + 0.2, [0 if math.isnan(r["dice_tumor"]) else r["dice_tumor"] for r in rows], 0.4,
            color="tab:red", label="tumour")
     for i, r in enumerate(rows):

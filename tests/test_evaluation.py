@@ -152,8 +152,8 @@ def test_surface_distances_match_monai(shape, spacing, seeds, keep):
                                                                     symmetric=True, spacing=list(spacing)))
     hd, assd = uh.surface_distances(p, t, spacing)
     assert hd > 0 and assd > 0
-    assert hd == pytest.approx(hd_ref, abs=1e-5)
-    assert assd == pytest.approx(assd_ref, abs=1e-5)
+    assert hd == pytest.approx(hd_ref, abs=1e-6)  # MONAI returns float32: agreement to its precision
+    assert assd == pytest.approx(assd_ref, abs=1e-6)
 
 
 # ---------------------------------------------------------------- score_case
@@ -332,12 +332,14 @@ def test_lesion_summary_empty_and_degenerate():
     only_fp = uh.lesion_summary([{"lesions": [], "n_pred": 2, "n_pred_matched": 0}])
     assert isnan(only_fp["lesion_recall"])
     assert only_fp["lesion_precision"] == 0.0
-    assert isnan(only_fp["lesion_f1"])  # recall undefined
+    assert only_fp["lesion_f1"] == 0.0  # on counts: 2TP / (2TP + FP + FN) = 0 / 2
 
     all_missed = uh.lesion_summary([{"lesions": [lesion(0.2, False, 0.0)], "n_pred": 1, "n_pred_matched": 0}])
     assert all_missed["lesion_recall"] == 0.0
     assert all_missed["lesion_precision"] == 0.0
-    assert isnan(all_missed["lesion_f1"])  # P + R == 0
+    assert all_missed["lesion_f1"] == 0.0  # P + R == 0: nothing found, 2TP / (2TP + FP + FN) = 0
+    none_predicted = uh.lesion_summary([{"lesions": [lesion(3.0, False, 0.0)], "n_pred": 0, "n_pred_matched": 0}])
+    assert isnan(none_predicted["lesion_precision"]) and none_predicted["lesion_f1"] == 0.0  # 0 / (0 + 0 + 1)
     assert all_missed["lesion_recall_by_volume"]["<1 mL"] == 0.0
     assert isnan(all_missed["lesion_recall_by_volume"]["1-10 mL"])  # empty bin
     assert isnan(all_missed["lesion_recall_by_volume"][">10 mL"])
@@ -512,6 +514,15 @@ def test_postprocess_tumour_only_prediction():
     np.testing.assert_array_equal(uh.postprocess(pred), expected)
 
 
+def test_postprocess_prefers_the_component_with_liver():
+    p = np.zeros((12, 4, 4), np.uint8)
+    p[0:2, 0, 0] = 1  # 2 liver voxels
+    p[5:11, 0, 0] = 2  # a separate, larger (6 voxels) tumour-only component
+    q = uh.postprocess(p)
+    np.testing.assert_array_equal(q[0:2, 0, 0], [1, 1])  # the liver is kept ...
+    assert (q == 2).sum() == 0  # ... and the detached tumour dropped
+
+
 # ---------------------------------------------------------------- split_cases
 def _check_partition(ids: Sequence[str], tr: list, va: list) -> None:
     assert set(tr).isdisjoint(va)
@@ -543,10 +554,11 @@ def test_split_stratified_by_tumour(aligned: bool):
     ids = [f"c{i}" for i in range(1, 21)]
     free = {"c3", "c8", "c15", "c20"}
     has_tumor = {c: c not in free for c in ids}
-    arg = [has_tumor[c] for c in ids] if aligned else has_tumor
+    given = ids[::-1]  # not in natural order: an aligned list must follow the caller's order
+    arg = [has_tumor[c] for c in given] if aligned else has_tumor
     for seed in range(8):
         with pytest.warns(UserWarning):  # 4 validation cases
-            tr, va = uh.split_cases(ids, 0.2, seed=seed, has_tumor=arg)
+            tr, va = uh.split_cases(given, 0.2, seed=seed, has_tumor=arg)
         _check_partition(ids, tr, va)
         # 20 * 0.2 = 4: tumour-free 4 * 0.2 = 0.8 -> 1, tumour 16 * 0.2 = 3.2 -> 3
         assert len(va) == 4, seed
@@ -569,11 +581,12 @@ def test_split_rare_tumour_always_in_validation():
 def test_split_groups_keep_patients_together(aligned: bool):
     ids = [f"c{i}" for i in range(1, 13)]
     patient = {c: f"p{(i - 1) // 2}" for i, c in enumerate(ids, 1)}  # c1,c2 -> p0; c3,c4 -> p1; ...
-    arg = [patient[c] for c in ids] if aligned else patient
+    given = ids[::-1]  # not in natural order: an aligned list must follow the caller's order
+    arg = [patient[c] for c in given] if aligned else patient
     for seed in range(6):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            tr, va = uh.split_cases(ids, 0.3, seed=seed, groups=arg)
+            tr, va = uh.split_cases(given, 0.3, seed=seed, groups=arg)
         _check_partition(ids, tr, va)
         assert tr and va
         assert not {patient[c] for c in tr} & {patient[c] for c in va}, seed
@@ -629,7 +642,8 @@ def test_gather_folds_mean_std(tmp_path: Path):
     for i, summary in enumerate(summaries):
         folder = tmp_path / f"fold{i}"
         folder.mkdir()
-        (folder / "metrics.json").write_text(json.dumps({"config": {"fold": i}, "summary": summary}))
+        config = {"FOLD": i, "SEED": 0}
+        (folder / "metrics.json").write_text(json.dumps({"config": config, "summary": summary}))
         paths.append(folder / "metrics.json" if i == 1 else folder)  # a file or its folder
     g = uh.gather_folds(paths)
     assert g["dice_liver"]["mean"] == pytest.approx(0.8)
@@ -645,6 +659,19 @@ def test_gather_folds_mean_std(tmp_path: Path):
     assert g["maybe"]["n"] == 1
     assert "name" not in g
     assert "ci95" not in g
+    other = tmp_path / "other_seed"
+    other.mkdir()
+    (other / "metrics.json").write_text(json.dumps({"config": {"FOLD": 3, "SEED": 1}, "summary": summaries[0]}))
+    with pytest.raises(ValueError, match="different settings \\(SEED\\)"):
+        uh.gather_folds([*paths, other])  # a fold of another configuration does not belong in the table
+
+
+def test_check_fold_and_run_dir(tmp_path: Path):
+    assert uh.run_dir(tmp_path) == tmp_path
+    assert uh.run_dir(tmp_path, 3) == tmp_path / "fold_3"
+    for bad in (5, -1, 1.0, True, "0"):
+        with pytest.raises(ValueError, match="FOLD must be None or an integer 0-4"):
+            uh.run_dir(tmp_path, bad)
 
 
 # ---------------------------------------------------------------- save_prediction

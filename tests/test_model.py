@@ -421,3 +421,30 @@ def test_validation_2d_tumour_dice_needs_true_tumour():
     r = uh.validate_slices(Fixed(y_hat), Slices(y), np.arange(2), uh.make_loss(), torch.device("cpu"), amp=False)
     assert r["val_dice_tumor_2d"] == 0.0
     assert r["val_dice_mean_2d"] == pytest.approx(r["val_dice_liver_2d"] / 2)
+
+
+def test_best_checkpoint_score_falls_back():
+    assert uh._selection_score({"val_dice_mean_2d": 0.6, "val_dice_liver_2d": 0.9, "train_dice_loss": 0.3}) == 0.6
+    nan = float("nan")  # no true tumour in the validation slices: liver Dice decides
+    assert uh._selection_score({"val_dice_mean_2d": nan, "val_dice_liver_2d": 0.9, "train_dice_loss": 0.3}) == 0.9
+    assert uh._selection_score({"train_dice_loss": 0.3}) == -0.3  # no validation: lower training loss is better
+
+
+def test_pooled_counts_and_raw_values_by_hand():
+    truth = np.zeros((6, 1, 1), np.uint8)
+    truth[:4, 0, 0] = [1, 1, 2, 2]
+    raw = np.zeros_like(truth)
+    raw[:, 0, 0] = [1, 2, 2, 0, 0, 1]  # voxel 5: a stray liver voxel, separate from the rest
+    final = uh.postprocess(raw)  # drops voxel 5 only
+    np.testing.assert_array_equal(final[:, 0, 0], [1, 2, 2, 0, 0, 0])
+    pooled: dict = {}
+    row = uh._score_with_raw(raw, final, truth, (1.0, 1.0, 1.0), pooled)
+    # final: liver tp 1 (voxel 0), fp 0, fn 1 (voxel 1) -> [2, 3]; tumour tp 1 (2), fp 1 (1), fn 1 (3) -> [2, 4]
+    # label >= 1: tp 3 (0, 1, 2), fp 0, fn 1 (3) -> [6, 7]; raw adds the stray liver voxel as a false positive
+    expected = {"liver": [2, 3], "tumor": [2, 4], "liver_lits": [6, 7],
+                "liver_raw": [2, 4], "tumor_raw": [2, 4], "liver_lits_raw": [6, 8]}
+    assert {k: v.tolist() for k, v in pooled.items()} == expected
+    assert row["dice_liver"] == pytest.approx(2 / 3) and row["dice_liver_raw"] == pytest.approx(2 / 4)
+    assert row["dice_liver_lits_raw"] == pytest.approx(6 / 8) and row["dice_tumor_raw"] == pytest.approx(0.5)
+    uh._score_with_raw(raw, final, truth, (1.0, 1.0, 1.0), pooled)  # a second case accumulates
+    assert pooled["liver_lits"].tolist() == [12, 14]

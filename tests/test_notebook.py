@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import sys
+from pathlib import Path
 
 import nbformat
 import nibabel as nib
@@ -66,6 +67,19 @@ def test_notebook_writes_metrics_figures_and_prediction(tiny_run):
         assert (out / name).exists()
 
 
+def _outputs_of(executed: Path, marker: str) -> str:
+    """The printed output of the executed notebook's code cell whose source contains ``marker``."""
+    nb = json.loads(executed.read_text())
+    cell = next(c for c in nb["cells"] if c["cell_type"] == "code" and marker in "".join(c["source"]))
+    return "".join("".join(o.get("text", "")) for o in cell["outputs"] if o["output_type"] == "stream")
+
+
+def test_notebook_scores_the_final_model(tiny_run):
+    text = _outputs_of(tiny_run / "executed.ipynb", "uh.evaluate(")
+    assert "'last' checkpoint (epoch 2)" in text  # EPOCHS 2: the last epoch's weights were scored
+    assert "the final model" in text and "nnU-Net convention" in text
+
+
 def test_notebook_outputs_are_short_and_labelled(tiny_run):
     nb = json.loads((tiny_run / "executed.ipynb").read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
@@ -88,8 +102,9 @@ def test_baseline_recipe_from_parameters_alone(tmp_path):
     assert not (tmp_path / "out" / "metrics.json").exists()  # a fold writes into its own subfolder
     metrics = json.loads((tmp_path / "out" / "fold_1" / "metrics.json").read_text())
     assert metrics["data"]["fold"] == 1 and len(metrics["data"]["validation"]) == 1  # 5 cases, 5 folds
-    executed = (tmp_path / "executed.ipynb").read_text()
-    assert "std over folds" in executed  # the cross-validation cell found this fold
+    fold_cell = _outputs_of(tmp_path / "executed.ipynb", "uh.gather_folds(")
+    assert fold_cell.splitlines()[0].split() == ["metric", "mean", "std", "over", "folds", "folds"]
+    assert fold_cell.splitlines()[1].split()[0] == "dice_liver_lits" and fold_cell.splitlines()[1].split()[-1] == "1"
     assert metrics["config"]["RECIPE"] == "baseline" and metrics["config"]["CONTEXT_SLICES"] == 1
     assert metrics["config"]["RECIPE_SETTINGS"]["postprocess"] is False
     assert all(math.isfinite(r["dice_liver"]) for r in metrics["per_case"])
