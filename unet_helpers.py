@@ -3,14 +3,15 @@
 The notebook does ``import unet_helpers as uh`` and calls ``uh.name(...)``.  The module is
 ordered as the notebook uses it:
 
+0. settings       -- print_env, presets and recipes, resolve_settings, run_dir ("Imports", "Configuration")
 1. I/O            -- find_cases, load_case (notebook section "Data", "Look at one volume")
-2. preprocessing  -- window_hu, resize, 2.5D context, the slice cache ("Preprocess")
+2. preprocessing  -- window_hu, network_slices, 2.5D context, the slice cache, liver box ("Preprocess")
 3. data sets      -- split, slice selection, SliceSet, sampler, augmentation ("Preprocess")
 4. model          -- DoubleConv, Down, Up, OutConv, UNet ("Model")
 5. loss           -- DiceCELoss ("Loss")
-6. training       -- set_determinism, train ("Train")
-7. evaluation     -- dice, HD95/ASSD, evaluate, predict_volume ("Evaluate", "Inference")
-8. plots          -- curves, per-case Dice, overlays ("Curves", "Look at predictions")
+6. training       -- train_step and the pieces of train ("Train")
+7. evaluation     -- overlap_counts/dice, HD95/ASSD, lesions, evaluate, predict_volume ("Evaluate", "Inference")
+8. plots          -- curves, per-case Dice, lesions, cascade, overlays ("Curves", "Look at predictions")
 9. synthetic data -- make_synthetic_dataset ("Data", when no real CT is found)
 
 Conventions: volumes are held in the canonical RAS+ orientation as ``(X, Y, Z)`` arrays
@@ -50,9 +51,163 @@ try:  # optional: faster .nii.gz decompression
 except ImportError:  # pragma: no cover - depends on the environment
     _igzip = None
 
-LABEL_NAMES = {0: "background", 1: "liver", 2: "tumor"}
 DEFAULT_HU_WINDOW = (-100.0, 400.0)  # liver soft-tissue window; (-200, 250) is a common alternative
-CACHE_VERSION = 2  # bump when the cache format or preprocessing code changes
+CACHE_VERSION = 3  # bump when the cache format or preprocessing code changes (3: cascade boxes grown to ROI size)
+
+
+# =============================================================================================
+# 0. Environment and settings                                (notebook: "Imports", "Configuration")
+# =============================================================================================
+
+def environment(device: torch.device | str | None = None) -> dict:
+    """Versions and device facts recorded with every result."""
+    import platform
+    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "numpy": np.__version__,
+           "nibabel": nib.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "device": str(device) if device is not None else str(pick_device())}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def print_env() -> None:
+    """Print Python, torch, CUDA, GPU, nibabel and numpy versions (notebook: "Imports")."""
+    for k, v in environment().items():
+        print(f"{k:>15}: {v}")
+
+
+PRESETS: dict[str, dict] = {
+    # Kaggle/Colab GPU with the real data: native 256x256 slices, a wider and deeper U-Net
+    "full": {"IMAGE_SIZE": 256, "BATCH_SIZE": 32, "EPOCHS": 40, "LR": 1e-3, "BASE_CHANNELS": 32, "DEPTH": 5},
+    # laptop CPU or the synthetic set: small slices and a slim U-Net, minutes not hours
+    "quick": {"IMAGE_SIZE": 128, "BATCH_SIZE": 16, "EPOCHS": 20, "LR": 2e-3, "BASE_CHANNELS": 16, "DEPTH": 4},
+}
+
+
+RECIPES: dict[str, dict] = {
+    # the seed notebook's setup: plain 2D, one slice in, uniform sampling over all slices, no post-processing
+    "baseline": {"context": 1, "tumor_share": 0.0, "liver_share": 0.0, "empty_fraction": 1.0,
+                 "loss": "dice_ce", "postprocess": False, "cascade": False, "hu_window": (-100.0, 400.0),
+                 "strong_augment": False},
+    # our default, chosen by the budget-fair study (BENCHMARKS.md §5): the liver-box cascade (stage 2 at native
+    # resolution) with tumour/liver oversampling, fewer empty slices and post-processing in both stages
+    "default": {"context": 1, "tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2,
+                "loss": "dice_ce", "postprocess": True, "cascade": True, "hu_window": (-100.0, 400.0),
+                "strong_augment": False},
+}
+
+
+def recipe(name: str) -> dict:
+    """The settings of a named recipe ('baseline' or 'default'); a copy you may change."""
+    if name not in RECIPES:
+        raise ValueError(f"RECIPE must be one of {sorted(RECIPES)}, got {name!r}")
+    return dict(RECIPES[name])
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """'auto' -> CUDA, then Apple MPS, then CPU; or the named device."""
+    if preference != "auto":
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def set_determinism(seed: int, deterministic: bool | None = None) -> bool:
+    """Seed Python, NumPy and torch; choose deterministic kernels or fast ones. Returns which was chosen.
+
+    Args:
+        seed: the one seed.
+        deterministic: None = deterministic on the CPU (same seed, same run) and fast on CUDA, where
+            deterministic kernels cost speed and bilinear upsampling's backward is not deterministic
+            anyway; there cuDNN benchmarking picks the fastest convolution for the fixed slice shape.
+    """
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic is None:
+        deterministic = not torch.cuda.is_available()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if torch.cuda.is_available():
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = not deterministic
+    return deterministic
+
+
+def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
+                     native_shape: Sequence[int] | None = None) -> tuple[dict, list[str]]:
+    """Fill settings left at None from the preset and the recipe (notebook: "Configuration").
+
+    The preset is "full" on a CUDA GPU with real data, else "quick"; ``CONTEXT_SLICES``,
+    ``CASCADE``, ``HU_WINDOW``, ``LOSS`` and the sampling, augmentation and post-processing options
+    come from ``RECIPE`` (``RECIPE_SETTINGS`` holds them with your overrides); with the
+    cascade, ``ROI_SIZE`` comes from ``native_shape`` (the CT's voxels per slice, :func:`roi_size_for`).
+
+    Returns:
+        (completed settings, lines saying what was chosen and why).
+    """
+    s = dict(settings)
+    preset = s.get("PRESET") or ("full" if device.type == "cuda" and not synthetic else "quick")
+    if preset not in PRESETS:
+        raise ValueError(f"PRESET must be one of {sorted(PRESETS)} or None, got {preset!r}")
+    why = "CUDA GPU and real data" if preset == "full" and not s.get("PRESET") else (
+        "set by you" if s.get("PRESET") else ("synthetic data" if synthetic else f"no CUDA GPU ({device.type})"))
+    notes = [f"PRESET = {preset!r} ({why})"]
+    s["PRESET"] = preset
+    for key, value in PRESETS[preset].items():
+        if s.get(key) is None:
+            s[key] = value
+            notes.append(f"{key} = {value!r} (preset)")
+    rec = recipe(s["RECIPE"])
+    if s.get("CONTEXT_SLICES") is None:
+        s["CONTEXT_SLICES"] = rec["context"]
+        notes.append(f"CONTEXT_SLICES = {rec['context']} (recipe {s['RECIPE']!r})")
+    if s.get("CASCADE") is None:
+        s["CASCADE"] = rec["cascade"]
+        notes.append(f"CASCADE = {rec['cascade']} (recipe {s['RECIPE']!r})")
+    if s.get("HU_WINDOW") is None:
+        s["HU_WINDOW"] = tuple(rec["hu_window"])
+        notes.append(f"HU_WINDOW = {s['HU_WINDOW']} (recipe {s['RECIPE']!r})")
+    rec["hu_window"] = tuple(s["HU_WINDOW"])
+    if s.get("LOSS") is None:
+        s["LOSS"] = rec["loss"]
+        notes.append(f"LOSS = {rec['loss']!r} (recipe {s['RECIPE']!r})")
+    elif s["LOSS"] not in LOSSES:
+        raise ValueError(f"LOSS must be one of {sorted(LOSSES)} or None, got {s['LOSS']!r}")
+    rec["loss"] = s["LOSS"]
+    if s.get("EVAL_CHECKPOINT", "last") not in ("last", "best"):
+        raise ValueError(f"EVAL_CHECKPOINT must be 'last' or 'best', got {s['EVAL_CHECKPOINT']!r}")
+    check_fold(s.get("FOLD"))
+    if s["CASCADE"]:
+        if s.get("ROI_SIZE") is None:
+            s["ROI_SIZE"] = roi_size_for(native_shape) if native_shape else s["IMAGE_SIZE"]
+            notes.append(f"ROI_SIZE = {s['ROI_SIZE']} (0.6 of the CT's in-plane size: the liver box at native "
+                         "resolution)")
+        e1, e2 = cascade_epochs(s["EPOCHS"])
+        notes.append(f"cascade: stage 1 (liver box) trains {e1} epochs, stage 2 (liver box at native resolution) "
+                     f"{e2} (same budget as {s['EPOCHS']})")
+    rec.update(context=s["CONTEXT_SLICES"], cascade=bool(s["CASCADE"]))
+    s["RECIPE_SETTINGS"] = rec
+    return s, notes
+
+
+def check_fold(fold: Any, n_folds: int = 5) -> None:
+    """Raise unless ``fold`` is None or an integer 0..n_folds-1."""
+    if fold is not None and (isinstance(fold, bool) or not isinstance(fold, (int, np.integer))
+                             or not 0 <= fold < n_folds):
+        raise ValueError(f"FOLD must be None or an integer 0-{n_folds - 1} ({n_folds}-fold cross-validation), "
+                         f"got {fold!r}")
+
+
+def run_dir(output_dir: str | os.PathLike, fold: int | None = None) -> Path:
+    """Where a run writes checkpoints, figures and metrics: ``output_dir``, or ``output_dir/fold_k`` for a fold."""
+    check_fold(fold)
+    return Path(output_dir) / (f"fold_{fold}" if fold is not None else "")
 
 
 # =============================================================================================
@@ -361,11 +516,6 @@ def from_canonical(array: np.ndarray, source_affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(apply_orientation(array, back))
 
 
-def show_slice(slice_xy: np.ndarray) -> np.ndarray:
-    """Turn an RAS+ axial slice ``vol[:, :, z]`` into radiological view (patient right on the left)."""
-    return slice_xy.T[::-1, ::-1]
-
-
 # =============================================================================================
 # 2. Preprocessing: HU window, resize, the slice cache                     (notebook: "Preprocess")
 # =============================================================================================
@@ -406,6 +556,15 @@ def resize_volume_slices(volume: np.ndarray, size: int, is_label: bool = False) 
     return t[0].contiguous().numpy()
 
 
+def network_slices(windowed: np.ndarray, size: int) -> np.ndarray:
+    """The one path from a windowed (X, Y, Z) volume to the network's (Z, size, size) float16 slices in [0, 1].
+
+    The slice cache (training), :func:`predict_volume` and the cascade's stage 2 all call it, so
+    a volume at inference reaches the network exactly as it did in training.
+    """
+    return np.clip(resize_volume_slices(windowed, size), 0, 1).astype(np.float16)
+
+
 def context_indices(n_slices: int, context: int) -> np.ndarray:
     """(n_slices, context) indices of each slice's neighbours, edges replicated (2.5D input)."""
     if context < 1 or context % 2 == 0:
@@ -415,11 +574,41 @@ def context_indices(n_slices: int, context: int) -> np.ndarray:
     return np.clip(idx, 0, n_slices - 1)
 
 
-def liver_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float = 15.0) -> tuple[int, ...] | None:
+ROI_MARGIN_MM = 15.0  # cascade: context kept around the liver box on every side
+CASCADE_STAGE1_SHARE = 1 / 3  # cascade: stage 1 only has to find the liver box; stage 2 gets the rest of the budget
+
+
+def canonical_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """A NIfTI file's shape in canonical RAS+ axis order, from its header alone (no voxels are read)."""
+    img = nib.load(str(path))
+    ornt = io_orientation(img.affine)
+    return tuple(int(img.shape[int(axis)]) for axis in np.argsort(ornt[:, 0]))
+
+
+def roi_size_for(in_plane: Sequence[int]) -> int:
+    """Default side of the cascade's stage-2 window: 0.6 of the CT's in-plane size, rounded up to 32, in pixels.
+
+    A liver with its margin spans about 200-250 mm, i.e. 0.5-0.6 of a 350-420 mm field of view, so the
+    window holds the liver box at native resolution (192 -> 128, 256 -> 160, 512 -> 320).
+    """
+    side = int(max(in_plane[:2]))
+    return min(side, int(math.ceil(0.6 * side / 32) * 32))
+
+
+def cascade_epochs(epochs: int) -> tuple[int, int]:
+    """The cascade's split of a training budget: (stage 1, stage 2) epochs, stage 1 a third, each at least 1."""
+    first = max(1, int(round(epochs * CASCADE_STAGE1_SHARE)))
+    return first, max(1, epochs - first)
+
+
+def liver_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float = ROI_MARGIN_MM,
+              min_side: int = 0) -> tuple[int, ...] | None:
     """In-plane and z bounding box (x0, x1, y0, y1, z0, z1) of a 3D mask plus a margin in mm; None if empty.
 
     Used by the two-stage cascade: stage 2 works on this box of the full-resolution slices.
-    The in-plane box is made square (in mm) so resizing it to the network input keeps the aspect.
+    The in-plane box is made square in mm (so resizing it to the network input keeps the aspect),
+    then at least ``min_side`` voxels wide on each side (grown around its centre, within the image):
+    a box no larger than the stage-2 window reaches the network at native resolution, unresized.
     """
     idx = np.argwhere(mask)
     if not len(idx):
@@ -430,7 +619,7 @@ def liver_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float = 15.
     hi = [min(n, int(b) + d) for b, d, n in zip(hi, m, mask.shape)]
     ext = max((hi[0] - lo[0]) * spacing[0], (hi[1] - lo[1]) * spacing[1])  # square side in mm
     for a in (0, 1):
-        want = min(mask.shape[a], max(hi[a] - lo[a], int(round(ext / spacing[a]))))
+        want = min(mask.shape[a], max(hi[a] - lo[a], int(round(ext / spacing[a])), min_side))
         start = int(round((lo[a] + hi[a] - want) / 2))
         lo[a] = min(max(0, start), mask.shape[a] - want)
         hi[a] = lo[a] + want
@@ -455,8 +644,9 @@ class CachedCase:
             (``meta["label_box"]``); :attr:`label_full` rebuilds the (X, Y, Z) volume for 3D scoring.
         has_liver, has_tumor: per-slice flags (Z,) from the full-resolution label.
         meta: spacing, shapes, affines and source paths (and ``roi_box`` for the cascade).
-        roi_image, roi_label: (Zb, R, R) ground-truth liver box of the full-resolution slices,
-            resized to R (cascade stage 2 training), when preprocessed with ``roi_size``.
+        roi_image, roi_label: (Zb, R, R) ground-truth liver box of the full-resolution slices, at least
+            R pixels wide and resized to R only when larger (cascade stage 2 training), when
+            preprocessed with ``roi_size``.
         from_cache: True when nothing was decoded for this case in this call.
     """
 
@@ -524,8 +714,8 @@ def _preprocess_one(case: CaseFiles, out_dir: str, image_size: int, hu_window: t
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{case.case_id}-", dir=final.parent))
     try:
         windowed = window_hu(loaded.image, hu_window)
-        img = np.clip(resize_volume_slices(windowed, image_size), 0, 1)
-        np.save(tmp / "image.npy", img.astype(np.float16))
+        img = network_slices(windowed, image_size)
+        np.save(tmp / "image.npy", img)
         meta = {"case_id": case.case_id, "image_path": str(case.image),
                 "label_path": str(case.label) if case.label else None,
                 "spacing": list(loaded.spacing), "shape": list(loaded.image.shape),
@@ -542,10 +732,9 @@ def _preprocess_one(case: CaseFiles, out_dir: str, image_size: int, hu_window: t
             np.save(tmp / "label_crop.npy", crop_box(loaded.label, meta["label_box"]))  # small: liver box only
             meta["has_liver"] = (loaded.label >= 1).any(axis=(0, 1)).tolist()
             meta["has_tumor"] = (loaded.label == 2).any(axis=(0, 1)).tolist()
-            box = liver_box(loaded.label >= 1, loaded.spacing, roi[1]) if roi else None
+            box = liver_box(loaded.label >= 1, loaded.spacing, roi[1], min_side=roi[0]) if roi else None
             if box is not None:
-                roi_img = np.clip(resize_volume_slices(crop_box(windowed, box), roi[0]), 0, 1)
-                np.save(tmp / "roi_image.npy", roi_img.astype(np.float16))
+                np.save(tmp / "roi_image.npy", network_slices(crop_box(windowed, box), roi[0]))
                 np.save(tmp / "roi_label.npy", resize_volume_slices(crop_box(loaded.label, box), roi[0], True))
                 meta["roi_box"] = [int(b) for b in box]
         else:
@@ -587,7 +776,7 @@ def _open_entry(entry: Path, from_cache: bool) -> CachedCase:
 def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike, image_size: int = 256,
                        hu_window: Sequence[float] = DEFAULT_HU_WINDOW, workers: int | None = None,
                        progress: bool = True, roi_size: int | None = None,
-                       roi_margin_mm: float = 15.0) -> list[CachedCase]:
+                       roi_margin_mm: float = ROI_MARGIN_MM) -> list[CachedCase]:
     """Window, resize and cache every case once; later calls only memory-map the cache.
 
     Used in the notebook section "Preprocess".  Each case is keyed by a hash of its input files
@@ -602,8 +791,9 @@ def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike,
         hu_window: (low, high) HU window.
         workers: decoding processes; None = up to 4 when several cases need decoding.
         progress: show a tqdm bar over volumes.
-        roi_size: also cache each labelled case's liver box (ground truth + ``roi_margin_mm``) from the
-            full-resolution slices, resized to ``roi_size`` (training data of the cascade's stage 2).
+        roi_size: also cache each labelled case's liver box (ground truth + ``roi_margin_mm``, at least
+            ``roi_size`` pixels wide) from the full-resolution slices, resized to ``roi_size`` only where
+            the box is larger (training data of the cascade's stage 2).
 
     Returns:
         One :class:`CachedCase` per input case, in input order.
@@ -666,6 +856,32 @@ def roi_cases(cases: Sequence[CachedCase]) -> list[CachedCase]:
 # 3. Data sets: split, slice selection, on-device batches, augmentation    (notebook: "Preprocess")
 # =============================================================================================
 
+def hash_seed(*parts: int) -> int:
+    """A stable 32-bit seed from several integers (independent streams per case)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def class_statistics(labels: Iterable[np.ndarray]) -> dict:
+    """Share of voxels and of axial slices per class; tumour share of the liver (cases with tumour)."""
+    vox = np.zeros(3)
+    slices = np.zeros(3)
+    n_slices = 0
+    burdens = []
+    for lab in labels:
+        vox += np.bincount(lab.ravel(), minlength=3)[:3]
+        per_slice = [(lab >= 1).any(axis=(0, 1)), (lab == 2).any(axis=(0, 1))]
+        slices[1] += per_slice[0].sum()
+        slices[2] += per_slice[1].sum()
+        n_slices += lab.shape[2]
+        if (lab == 2).any():
+            burdens.append((lab == 2).sum() / max((lab >= 1).sum(), 1))
+    total = vox.sum()
+    return {"voxel_share": {"background": vox[0] / total, "liver": vox[1] / total, "tumor": vox[2] / total},
+            "slice_share_liver": slices[1] / n_slices, "slice_share_tumor": slices[2] / n_slices,
+            "tumor_share_of_liver_median": float(np.median(burdens)) if burdens else 0.0,
+            "tumor_share_of_liver_range": [float(np.min(burdens)), float(np.max(burdens))] if burdens else [0.0, 0.0]}
+
+
 def _as_mapping(values: Mapping | Sequence | None, ids: Sequence[str], default: Any) -> dict:
     """A per-case value as {case_id: value}: from a dict, a sequence aligned with ``ids``, or ``default``."""
     if values is None:
@@ -709,20 +925,6 @@ def _stratified_folds(units: dict[str, bool], n_folds: int, seed: int) -> dict[s
     """
     order = [u for s in _strata(units, seed) for u in s]
     return {u: i % n_folds for i, u in enumerate(order)}
-
-
-def check_fold(fold: Any, n_folds: int = 5) -> None:
-    """Raise unless ``fold`` is None or an integer 0..n_folds-1."""
-    if fold is not None and (isinstance(fold, bool) or not isinstance(fold, (int, np.integer))
-                             or not 0 <= fold < n_folds):
-        raise ValueError(f"FOLD must be None or an integer 0-{n_folds - 1} ({n_folds}-fold cross-validation), "
-                         f"got {fold!r}")
-
-
-def run_dir(output_dir: str | os.PathLike, fold: int | None = None) -> Path:
-    """Where a run writes checkpoints, figures and metrics: ``output_dir``, or ``output_dir/fold_k`` for a fold."""
-    check_fold(fold)
-    return Path(output_dir) / (f"fold_{fold}" if fold is not None else "")
 
 
 def split_cases(case_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 0,
@@ -791,8 +993,19 @@ def select_slices(cases: Sequence[CachedCase], empty_fraction: float = 0.1, seed
     return np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, np.int64)
 
 
-def available_ram() -> int:
-    """Bytes of physical memory available now (Linux/macOS), or 0 when unknown."""
+def available_ram(meminfo: str | os.PathLike = "/proc/meminfo") -> int:
+    """Bytes of memory available to a new allocation now, or 0 when unknown.
+
+    On Linux the kernel's own estimate, ``MemAvailable`` (free pages plus the page cache it can drop):
+    right after preprocessing writes gigabytes, free pages alone would understate it and push training
+    to the slower memory-mapped path. Elsewhere free physical pages.
+    """
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -914,9 +1127,13 @@ class TumorAwareSampler:
         return batches
 
 
+STRONG_AUGMENT = {"contrast": 0.25, "gamma": 0.4}  # nnU-Net-like ranges: contrast x0.75-1.25, gamma 0.67-1.49
+
+
 def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
                   rotate_deg: float = 12.0, scale: tuple[float, float] = (0.85, 1.15), translate: float = 0.04,
-                  intensity: float = 0.1, noise: float = 0.03, p: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+                  intensity: float = 0.1, noise: float = 0.03, p: float = 0.8, contrast: float = 0.0,
+                  gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random rotation/scaling/shift, intensity shift/scale and Gaussian noise, on x's device.
 
     No left-right flip: it would break the prior that the liver lies on the patient's right.
@@ -925,6 +1142,10 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
         x: (B, C, S, S) float images in [0, 1]; y: (B, S, S) long labels.
         generator: torch generator on x's device, for reproducibility.
         p: probability that a sample is augmented.
+        contrast: > 0 also scales each image's deviations from its mean by a factor in [1 - c, 1 + c]
+            (lesion-to-liver contrast changes with it).
+        gamma: > 0 also raises each image to a power in [exp(-g), exp(g)] (a non-linear contrast change).
+            Both off by default; :data:`STRONG_AUGMENT` turns them on (``TrainConfig.strong_augment``).
     """
     b, dev = x.shape[0], x.device
 
@@ -946,6 +1167,12 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
     x = x * gain + shift
     if noise > 0:
         x = x + torch.randn(x.shape, device=dev, generator=generator) * noise * rand(b, 1, 1, 1) * on.view(b, 1, 1, 1)
+    if contrast > 0:  # drawn after the basic augmentation: without it, the same draws as before
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = mean + (x - mean) * (1 + (rand(b, 1, 1, 1) * 2 - 1) * contrast * on.view(b, 1, 1, 1))
+    if gamma > 0:
+        power = torch.exp((rand(b, 1, 1, 1) * 2 - 1) * gamma * on.view(b, 1, 1, 1))
+        x = x.clamp(0, 1) ** power
     return x, y
 
 
@@ -1133,98 +1360,6 @@ def make_loss(name: str = "dice_ce", **kwargs: Any) -> DiceCELoss:
 # 6. Training                                                                    (notebook: "Train")
 # =============================================================================================
 
-RECIPES: dict[str, dict] = {
-    # the seed notebook's setup: plain 2D, one slice in, uniform sampling over all slices, no post-processing
-    "baseline": {"context": 1, "tumor_share": 0.0, "liver_share": 0.0, "empty_fraction": 1.0,
-                 "loss": "dice_ce", "postprocess": False, "cascade": False},
-    # our default, chosen by the recipe study (BENCHMARKS.md): tumour/liver oversampling, fewer empty
-    # slices, post-processing; 2.5D context and the cascade did not pay on the synthetic set at CPU budgets
-    "default": {"context": 1, "tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2,
-                "loss": "dice_ce", "postprocess": True, "cascade": False},
-}
-
-
-def recipe(name: str) -> dict:
-    """The settings of a named recipe ('baseline' or 'default'); a copy you may change."""
-    if name not in RECIPES:
-        raise ValueError(f"RECIPE must be one of {sorted(RECIPES)}, got {name!r}")
-    return dict(RECIPES[name])
-
-
-def pick_device(preference: str = "auto") -> torch.device:
-    """'auto' -> CUDA, then Apple MPS, then CPU; or the named device."""
-    if preference != "auto":
-        return torch.device(preference)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def set_determinism(seed: int) -> None:
-    """Seed Python, NumPy and torch, and ask torch for deterministic kernels (same seed, same run on CPU)."""
-    import random
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if torch.cuda.is_available():
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-
-
-PRESETS: dict[str, dict] = {
-    # Kaggle/Colab GPU with the real data: native 256x256 slices, a wider and deeper U-Net
-    "full": {"IMAGE_SIZE": 256, "BATCH_SIZE": 32, "EPOCHS": 40, "LR": 1e-3, "BASE_CHANNELS": 32, "DEPTH": 5},
-    # laptop CPU or the synthetic set: small slices and a slim U-Net, minutes not hours
-    "quick": {"IMAGE_SIZE": 128, "BATCH_SIZE": 16, "EPOCHS": 20, "LR": 2e-3, "BASE_CHANNELS": 16, "DEPTH": 4},
-}
-
-
-def resolve_settings(settings: dict, device: torch.device, synthetic: bool) -> tuple[dict, list[str]]:
-    """Fill settings left at None from the preset and the recipe (notebook: "Configuration").
-
-    The preset is "full" on a CUDA GPU with real data, else "quick"; ``CONTEXT_SLICES``,
-    ``CASCADE``, ``LOSS`` and the sampling/post-processing options come from ``RECIPE``.
-
-    Returns:
-        (completed settings, lines saying what was chosen and why).
-    """
-    s = dict(settings)
-    preset = s.get("PRESET") or ("full" if device.type == "cuda" and not synthetic else "quick")
-    if preset not in PRESETS:
-        raise ValueError(f"PRESET must be one of {sorted(PRESETS)} or None, got {preset!r}")
-    why = "CUDA GPU and real data" if preset == "full" and not s.get("PRESET") else (
-        "set by you" if s.get("PRESET") else ("synthetic data" if synthetic else f"no CUDA GPU ({device.type})"))
-    notes = [f"PRESET = {preset!r} ({why})"]
-    s["PRESET"] = preset
-    for key, value in PRESETS[preset].items():
-        if s.get(key) is None:
-            s[key] = value
-            notes.append(f"{key} = {value!r} (preset)")
-    rec = recipe(s["RECIPE"])
-    if s.get("CONTEXT_SLICES") is None:
-        s["CONTEXT_SLICES"] = rec["context"]
-        notes.append(f"CONTEXT_SLICES = {rec['context']} (recipe {s['RECIPE']!r})")
-    if s.get("CASCADE") is None:
-        s["CASCADE"] = rec["cascade"]
-        notes.append(f"CASCADE = {rec['cascade']} (recipe {s['RECIPE']!r})")
-    if s.get("LOSS") is None:
-        s["LOSS"] = rec["loss"]
-        notes.append(f"LOSS = {rec['loss']!r} (recipe {s['RECIPE']!r})")
-    elif s["LOSS"] not in LOSSES:
-        raise ValueError(f"LOSS must be one of {sorted(LOSSES)} or None, got {s['LOSS']!r}")
-    rec["loss"] = s["LOSS"]
-    if s.get("EVAL_CHECKPOINT", "last") not in ("last", "best"):
-        raise ValueError(f"EVAL_CHECKPOINT must be 'last' or 'best', got {s['EVAL_CHECKPOINT']!r}")
-    check_fold(s.get("FOLD"))
-    if s["CASCADE"]:
-        notes.append(f"cascade: stage 1 and stage 2 train {max(1, s['EPOCHS'] // 2)} epochs each (same budget)")
-    s["RECIPE_SETTINGS"] = rec
-    return s, notes
-
-
 def choose_data_device(n_bytes: int, device: torch.device, share: float = 0.4) -> torch.device:
     """Keep the training slices on the GPU when they take under ``share`` of its free memory."""
     if device.type == "cuda":
@@ -1249,6 +1384,7 @@ class TrainConfig:
     liver_share: float = 0.0            # share of each batch drawn from liver slices
     loss: str = "dice_ce"               # 'dice_ce' | 'focal_dice' | 'tversky_ce'
     augment: bool = True                # rotation/scale/intensity/noise on the device
+    strong_augment: bool = False        # also contrast and gamma (STRONG_AUGMENT), against memorised lesion looks
     amp: bool = True                    # mixed precision on CUDA (bf16 where supported, else fp16)
     channels_last: bool = True          # memory format (faster convs on GPU and CPU)
     seed: int = 0                       # fixes sampling and augmentation per epoch
@@ -1286,13 +1422,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def _native_bf16() -> bool:
-    """True when the CUDA GPU computes bf16 natively (Ampere and newer; not emulated on a T4/P100)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # older torch without the argument
-        return torch.cuda.is_bf16_supported()
+    """True when the CUDA GPU has bf16 tensor cores: compute capability 8.0 or newer (A100, L4, H100).
+
+    Decided by the capability, not ``torch.cuda.is_bf16_supported()``, which on some releases answers
+    True for a T4 or P100 (it only checks that a bf16 tensor can be made); those get fp16 + GradScaler.
+    """
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -1342,10 +1477,148 @@ def _selection_score(row: dict) -> float:
     return -row["train_dice_loss"]
 
 
+@dataclass
+class TrainState:
+    """What a training run carries from step to step (made by :func:`make_train_state`)."""
+
+    model: torch.nn.Module
+    loss_fn: DiceCELoss
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    use_amp: bool                 # mixed precision (CUDA only)
+    memory_format: torch.memory_format
+
+
+def make_train_state(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int,
+                     device: torch.device) -> TrainState:
+    """Model on ``device``, the loss, AdamW, linear warm-up then cosine decay to 0, and the fp16 grad scaler."""
+    memfmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memfmt)
+    total, warm = steps_per_epoch * cfg.epochs, max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    use_amp = cfg.amp and device.type == "cuda"
+    return TrainState(model, make_loss(cfg.loss).to(device), opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
+                      torch.amp.GradScaler("cuda", enabled=use_amp and not _native_bf16()), device, use_amp, memfmt)
+
+
+def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, grad_clip: float = 1.0) -> tuple:
+    """One optimizer step: forward, loss, backward, clip, step (the notebook's "Train" section prints it).
+
+    Returns:
+        (loss, {"ce", "dice"}) as tensors on the device (reading them would wait for the GPU).
+    """
+    with _autocast(state.device, state.use_amp):  # bf16/fp16 on CUDA, plain fp32 elsewhere
+        logits = state.model(x)
+    loss, parts = state.loss_fn(logits, y)  # CE + soft Dice
+    state.opt.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()  # the scaler guards fp16 gradients; a pass-through otherwise
+    state.scaler.unscale_(state.opt)
+    torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
+    state.scaler.step(state.opt)
+    state.scaler.update()
+    state.sched.step()  # learning rate for the next step
+    return loss, parts
+
+
+def epoch_batches(sampler: TumorAwareSampler, epoch: int, steps: int) -> list[np.ndarray]:
+    """The index batches of one epoch: ``steps`` of them, drawing further passes when one is not enough."""
+    batches = sampler.epoch(epoch)
+    while len(batches) < steps:
+        batches += sampler.epoch(epoch + 100_000 * (len(batches) // len(sampler) + 1))
+    return batches[:steps]
+
+
+def train_epoch(state: TrainState, data: SliceSet, batches: list[np.ndarray], cfg: TrainConfig, epoch: int,
+                progress: bool = True) -> tuple[float, float]:
+    """Run :func:`train_step` over one epoch's batches (augmented on the device); mean CE and Dice loss."""
+    gen = torch.Generator(device=state.device)
+    gen.manual_seed(hash_seed(cfg.seed, epoch, 7))
+    sums = torch.zeros(2, device=state.device)  # CE, Dice loss; read once per epoch (no GPU sync per step)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not progress, mininterval=2.0)
+    for step, idx in enumerate(bar):
+        x, y = data.batch(idx, state.device)
+        if cfg.augment:
+            x, y = augment_batch(x, y, generator=gen, **(STRONG_AUGMENT if cfg.strong_augment else {}))
+        loss, parts = train_step(state, x.contiguous(memory_format=state.memory_format), y, cfg.grad_clip)
+        sums += torch.stack([parts["ce"], parts["dice"]])
+        if progress and step % 10 == 0:  # live loss, synced every 10th step only
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    ce_sum, dice_sum = sums.tolist()
+    return ce_sum / len(batches), dice_sum / len(batches)
+
+
+RUN_KEYS = ("RECIPE", "RECIPE_SETTINGS", "PRESET", "EPOCHS", "IMAGE_SIZE", "BATCH_SIZE", "BASE_CHANNELS", "DEPTH",
+            "CONTEXT_SLICES", "CASCADE", "ROI_SIZE", "LOSS", "HU_WINDOW", "VAL_FRACTION", "LR", "STEPS_PER_EPOCH",
+            "SEED", "FOLD")  # the settings that shape what a run learns (not RESUME, DEVICE, EVAL_CHECKPOINT ...)
+
+
+def run_identity(settings: dict, train_ids: Sequence[str], data_root: str | os.PathLike) -> dict:
+    """What makes two training runs the same run: the :data:`RUN_KEYS` settings, the data and the training cases.
+
+    :func:`train` stores it in its checkpoints and refuses to resume one whose identity differs.
+    """
+    body = {**{k: settings.get(k) for k in RUN_KEYS}, "data_root": str(data_root), "train_cases": list(train_ids)}
+    return json.loads(json.dumps(body, default=str))
+
+
+def _differences(old: dict, new: dict) -> str:
+    """'KEY: old -> new' for every key whose value differs (lists shortened)."""
+    def short(v):
+        return f"[{len(v)} items]" if isinstance(v, list) and len(v) > 4 else repr(v)
+    return "; ".join(f"{k}: {short(old.get(k))} -> {short(new.get(k))}" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k))
+
+
+def resume_state(path: Path, state: TrainState, cfg: TrainConfig,
+                 run: dict | None = None) -> tuple[int, list[dict], float]:
+    """Load ``last.pt`` into ``state`` when it was written by the same run: (next epoch, history, best).
+
+    Raises:
+        ValueError: naming what differs, when the checkpoint's training settings or run identity
+        (:func:`run_identity`) are not today's: continuing would train old weights on other data.
+    """
+    ck = load_checkpoint(path, map_location=state.device)
+    diff = _differences(ck["train_config"], asdict_plain(cfg))
+    if run is not None:
+        diff = "; ".join(d for d in (diff, _differences(ck.get("run") or {}, run)) if d)
+    if diff:
+        raise ValueError(f"{path} was written with other training settings ({diff}). To start afresh, use another "
+                         "OUTPUT_DIR or delete that file; to continue the old run, restore its settings.")
+    state.model.load_state_dict(ck["model"])
+    state.opt.load_state_dict(ck["optimizer"])
+    state.sched.load_state_dict(ck["scheduler"])
+    if ck["scaler"] and state.scaler.is_enabled():  # fp16 then and now; a bf16/CPU run saved an empty scaler
+        state.scaler.load_state_dict(ck["scaler"])
+    return ck["epoch"] + 1, ck["history"], ck["best"]
+
+
+def save_checkpoints(out: Path, state: TrainState, cfg: TrainConfig, epoch: int, history: list[dict],
+                     best: float, extra_state: dict | None = None, run: dict | None = None) -> float:
+    """Write ``last.pt`` (and ``best.pt`` when this epoch scores best) and the history; returns the new best."""
+    score = _selection_score(history[-1])
+    ck = {"model": state.model.state_dict(), "optimizer": state.opt.state_dict(),
+          "scheduler": state.sched.state_dict(), "scaler": state.scaler.state_dict(), "epoch": epoch,
+          "history": history, "train_config": asdict_plain(cfg), "best": max(best, score),
+          "model_hparams": getattr(state.model, "hparams", {}), "extra": extra_state or {}, "run": run}
+    if score > best:
+        _atomic_torch_save(ck, out / "best.pt")
+    _atomic_torch_save(ck, out / "last.pt")
+    write_history(history, out)
+    return max(best, score)
+
+
 def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray, cfg: TrainConfig,
           output_dir: str | os.PathLike, val_data: SliceSet | None = None, val_index: np.ndarray | None = None,
           device: torch.device | str | None = None, resume: bool = True, progress: bool = True,
-          extra_state: dict | None = None) -> list[dict]:
+          extra_state: dict | None = None, run: dict | None = None) -> list[dict]:
     """Train with CE + Dice, AdamW, warm-up + cosine, clipping; checkpoint and log every epoch.
 
     Used in the notebook section "Train".  Writes ``history.csv`` / ``history.json`` (one row
@@ -1364,98 +1637,37 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
         resume: continue from ``output_dir/last.pt`` when present.
         progress: tqdm bars.
         extra_state: plain data saved in the checkpoints (e.g. the notebook's config).
+        run: the run's identity (:func:`run_identity`): saved, and compared before resuming.
 
     Returns:
         The history: one dict per epoch.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device) if device is not None else train_data.device
-    memfmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memfmt)
-    loss_fn = make_loss(cfg.loss).to(device)
     sampler = TumorAwareSampler(train_index, train_data.has_liver, train_data.has_tumor, cfg.batch_size,
                                 cfg.tumor_share, cfg.liver_share, cfg.seed)
     steps = cfg.steps_per_epoch or len(sampler)
-    total = steps * cfg.epochs
-    warm = max(1, int(cfg.warmup_epochs * steps))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not _native_bf16())
-    history: list[dict] = []
-    start_epoch, best = 0, -1.0
+    state = make_train_state(model, cfg, steps, torch.device(device) if device is not None else train_data.device)
+    start_epoch, history, best = 0, [], -1.0
     if resume and (out / "last.pt").exists():
-        ck = load_checkpoint(out / "last.pt", map_location=device)
-        if ck["train_config"] != asdict_plain(cfg):
-            raise ValueError(f"{out / 'last.pt'} was written with other training settings; use another "
-                             "OUTPUT_DIR or delete it to start afresh.\n"
-                             f"checkpoint: {ck['train_config']}\nnow: {asdict_plain(cfg)}")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        start_epoch, history, best = ck["epoch"] + 1, ck["history"], ck["best"]
+        start_epoch, history, best = resume_state(out / "last.pt", state, cfg, run)
         if progress and start_epoch < cfg.epochs:
             print(f"Resuming from {out / 'last.pt'} at epoch {start_epoch + 1}/{cfg.epochs}")
     model.train()
-    ebar = tqdm(range(start_epoch, cfg.epochs), desc="epochs", unit="ep", disable=not progress)
-    for epoch in ebar:
+    bar = tqdm(range(start_epoch, cfg.epochs), desc="epochs", unit="ep", disable=not progress)
+    for epoch in bar:
         t0 = time.perf_counter()
-        batches = sampler.epoch(epoch)
-        while len(batches) < steps:  # steps_per_epoch larger than one pass: keep drawing
-            batches += sampler.epoch(epoch + 100_000 * (len(batches) // len(sampler) + 1))
-        batches = batches[:steps]
-        gen = torch.Generator(device=device)
-        gen.manual_seed(hash_seed(cfg.seed, epoch, 7))
-        sums = torch.zeros(2, device=device)  # CE, Dice loss; read once per epoch (no GPU sync per step)
-        bbar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not progress,
-                    mininterval=2.0)
-        for step, idx in enumerate(bbar):
-            x, y = train_data.batch(idx, device)
-            if cfg.augment:
-                x, y = augment_batch(x, y, generator=gen)
-            x = x.contiguous(memory_format=memfmt)
-            with _autocast(device, use_amp):
-                logits = model(x)
-            loss, parts = loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            sums += torch.stack([parts["ce"], parts["dice"]])
-            if progress and step % 10 == 0:  # live loss, synced every 10th step only (bbar.n lags; 0 when off)
-                bbar.set_postfix(loss=f"{loss.item():.3f}")
-        ce_sum, dice_sum = sums.tolist()
+        ce, dice_loss = train_epoch(state, train_data, epoch_batches(sampler, epoch, steps), cfg, epoch, progress)
         secs = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_ce": ce_sum / steps, "train_dice_loss": dice_sum / steps,
-               "lr": opt.param_groups[0]["lr"], "epoch_seconds": secs,
-               "slices_per_second": steps * cfg.batch_size / secs}
+        row = {"epoch": epoch + 1, "train_ce": ce, "train_dice_loss": dice_loss, "lr": state.opt.param_groups[0]["lr"],
+               "epoch_seconds": secs, "slices_per_second": steps * cfg.batch_size / secs}
         if val_data is not None and val_index is not None and len(val_index):
-            row.update(validate_slices(model, val_data, val_index, loss_fn, device, cfg.val_batch_size, use_amp))
-        row = {k: float(v) if k != "epoch" else v for k, v in row.items()}
-        history.append(row)
-        score = _selection_score(row)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
-                 "train_config": asdict_plain(cfg), "model_hparams": getattr(model, "hparams", {}),
-                 "best": max(best, score), "extra": extra_state or {}}
-        if score > best:
-            best = score
-            _atomic_torch_save(state, out / "best.pt")
-        _atomic_torch_save(state, out / "last.pt")
-        write_history(history, out)
-        ebar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("train_ce", "val_dice_liver_2d",
-                                                                         "val_dice_tumor_2d")})
+            row.update(validate_slices(model, val_data, val_index, state.loss_fn, state.device, cfg.val_batch_size,
+                                       state.use_amp))
+        history.append({k: float(v) if k != "epoch" else v for k, v in row.items()})
+        best = save_checkpoints(out, state, cfg, epoch, history, best, extra_state, run)
+        bar.set_postfix({k: f"{history[-1][k]:.3f}" for k in ("train_ce", "val_dice_liver_2d", "val_dice_tumor_2d")
+                         if k in history[-1]})
     return history
 
 
@@ -1676,11 +1888,23 @@ def predict_slices(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[
 
 @dataclass
 class Stage2:
-    """The cascade's second stage: a U-Net on the liver box at ``roi_size``, and the box margin."""
+    """The cascade's second stage: a U-Net on the liver box (a ``roi_size`` window), and the box margin."""
 
     model: torch.nn.Module
     roi_size: int
-    margin_mm: float = 15.0
+    margin_mm: float = ROI_MARGIN_MM
+
+
+def cascade_input(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing: Sequence[float],
+                  stage2: Stage2) -> tuple[tuple[int, ...] | None, np.ndarray | None]:
+    """What stage 2 receives: stage 1's liver box and its (Zb, R, R) full-resolution slices.
+
+    (None, None) when stage 1 found no liver.
+    """
+    box = liver_box(postprocess(stage1_pred) >= 1, spacing, stage2.margin_mm, min_side=stage2.roi_size)
+    if box is None:
+        return None, None
+    return box, network_slices(crop_box(windowed_full, box), stage2.roi_size)
 
 
 def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing: Sequence[float], stage2: Stage2,
@@ -1688,9 +1912,10 @@ def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing:
                     amp: bool = True) -> np.ndarray:
     """Refine a stage-1 label volume inside its liver box at full resolution (Christ et al. 2016).
 
-    Stage 1's largest liver component gives the box (plus ``margin_mm``); its slices are cropped
-    from the full-resolution windowed volume, resized to ``roi_size``, segmented by stage 2 and
-    pasted back at the box's own resolution. Outside the box the result is background.
+    Stage 1's largest liver component gives the box (plus ``margin_mm``, at least ``roi_size``
+    pixels wide); its slices are cropped from the full-resolution windowed volume (resized to
+    ``roi_size`` only when the box is larger), segmented by stage 2 and pasted back at the box's
+    own resolution. Outside the box the result is background.
 
     Args:
         stage1_pred: (X, Y, Z) labels from stage 1 (post-processed or not).
@@ -1698,12 +1923,11 @@ def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing:
         spacing: voxel size in mm.
         stage2: the stage-2 model and box settings.
     """
-    box = liver_box(postprocess(stage1_pred) >= 1, spacing, stage2.margin_mm)
+    box, crop = cascade_input(stage1_pred, windowed_full, spacing, stage2)
     if box is None:
         return stage1_pred
     x0, x1, y0, y1, z0, z1 = box
-    crop = resize_volume_slices(crop_box(windowed_full, box), stage2.roi_size)
-    inner = predict_slices(stage2.model, np.clip(crop, 0, 1), (x1 - x0, y1 - y0), context, device, batch_size, amp)
+    inner = predict_slices(stage2.model, crop, (x1 - x0, y1 - y0), context, device, batch_size, amp)
     out = np.zeros_like(stage1_pred)
     out[x0:x1, y0:y1, z0:z1] = inner
     return out
@@ -1899,8 +2123,8 @@ def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_
     """
     case = load_case(nifti_path)
     windowed = window_hu(case.image, hu_window)
-    slices = resize_volume_slices(windowed, image_size)
-    pred = predict_slices(model, slices, case.image.shape[:2], context, device, batch_size)
+    pred = predict_slices(model, network_slices(windowed, image_size), case.image.shape[:2], context, device,
+                          batch_size)
     if stage2 is not None:
         pred = predict_cascade(pred, windowed, case.spacing, stage2, context, device, batch_size)
     if postprocess_pred:
@@ -2002,24 +2226,6 @@ def describe_results(summary: dict, synthetic: bool, checkpoint: str = "last") -
     return "\n".join(lines)
 
 
-def environment(device: torch.device | str | None = None) -> dict:
-    """Versions and device facts recorded with every result."""
-    import platform
-    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "numpy": np.__version__,
-           "nibabel": nib.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "device": str(device) if device is not None else str(pick_device())}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env
-
-
-def print_env() -> None:
-    """Print Python, torch, CUDA, GPU, nibabel and numpy versions (notebook: "Imports")."""
-    for k, v in environment().items():
-        print(f"{k:>15}: {v}")
-
-
 def write_metrics(output_dir: str | os.PathLike, config: dict, env: dict, timing: dict, per_case: list[dict],
                   summary: dict, **extra: Any) -> Path:
     """Write ``metrics.json`` (config, env, timing, per_case, summary) atomically; NaN becomes null."""
@@ -2047,6 +2253,11 @@ def json_safe(value: Any) -> Any:
 # =============================================================================================
 # 8. Plots                                                  (notebook: "Curves", "Look at predictions")
 # =============================================================================================
+
+def show_slice(slice_xy: np.ndarray) -> np.ndarray:
+    """Turn an RAS+ axial slice ``vol[:, :, z]`` into radiological view (patient right on the left)."""
+    return slice_xy.T[::-1, ::-1]
+
 
 def _save(fig, output_dir: str | os.PathLike | None, name: str) -> None:
     """Save a figure as PNG in ``output_dir`` (when given)."""
@@ -2237,6 +2448,53 @@ def plot_lesions(lesions: Sequence[dict], output_dir: str | os.PathLike | None =
     return fig
 
 
+def plot_cascade(case: CachedCase, stage1: torch.nn.Module, stage2: Stage2, context: int,
+                 device: torch.device | str = "cpu", output_dir: str | os.PathLike | None = None, title: str = ""):
+    """What the cascade does on one case: stage 1's liver box, what stage 2 receives, what it returns.
+
+    Panels, at the slice with the most tumour: the full-resolution slice with stage 1's liver
+    contour and the box; the box as stage 2 sees it, with the true contours; stage 2's labels
+    pasted on it.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    truth = np.asarray(case.label_full)
+    full = window_hu(load_case(case.meta["image_path"]).image, case.meta["hu_window"])
+    coarse = predict_slices(stage1, case.image, truth.shape[:2], context, device)
+    box, crop = cascade_input(coarse, full, case.meta["spacing"], stage2)
+    note = ""
+    if box is None:  # an untrained stage 1: show stage 2 on the true liver's box instead, and say so
+        coarse = (truth >= 1).astype(np.uint8)
+        box, crop = cascade_input(coarse, full, case.meta["spacing"], stage2)
+        note = " (stage 1 found no liver: box from the ground truth)"
+    if box is None:
+        raise ValueError(f"{case.case_id} has no liver in its label: pick a case with liver to show the cascade")
+    x0, x1, y0, y1, z0, z1 = box
+    inner = predict_slices(stage2.model, crop, (x1 - x0, y1 - y0), context, device)
+    inside = truth[x0:x1, y0:y1, z0:z1]
+    k = int(np.lexsort(((inside >= 1).sum((0, 1)), (inside == 2).sum((0, 1))))[-1])  # most tumour, then liver
+    z = z0 + k
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    panels = ((full[:, :, z], coarse[:, :, z], f"stage 1 ({case.image.shape[1]}²): liver box, z={z}"),
+              (_resize2d(crop[k], (x1 - x0, y1 - y0)), truth[x0:x1, y0:y1, z],
+               f"stage 2 input: the {x1 - x0}×{y1 - y0} box at native resolution"
+               + ("" if x1 - x0 <= stage2.roi_size else f" (resized to {stage2.roi_size}²)") + "; truth"),
+              (_resize2d(crop[k], (x1 - x0, y1 - y0)), inner[:, :, k], "stage 2 output, pasted back"))
+    for ax, (img, lab, name) in zip(axes, panels):
+        ax.imshow(show_slice(img), cmap="gray", vmin=0, vmax=1)
+        ax.contour(show_slice(lab >= 1), levels=[0.5], colors="lime", linewidths=1)
+        if (lab == 2).any():
+            ax.contour(show_slice(lab == 2), levels=[0.5], colors="red", linewidths=1)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    nx, ny = full.shape[:2]  # show_slice puts voxel (x, y) at column nx-1-x, row ny-1-y
+    axes[0].add_patch(Rectangle((nx - x1 - 0.5, ny - y1 - 0.5), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1.5))
+    fig.suptitle((title or f"cascade on {case.case_id} (green liver, red tumour)") + note)
+    fig.tight_layout()
+    _save(fig, output_dir, "cascade.png")
+    return fig
+
+
 def _resize2d(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of one 2D image (for display)."""
     t = torch.from_numpy(np.ascontiguousarray(img))[None, None]
@@ -2311,166 +2569,231 @@ def _tube_mask(grid, p0, p1, radius):
     return sl, dist2 < radius ** 2
 
 
-def synthetic_ct_volume(shape: tuple[int, int, int] = (256, 256, 64), seed: int = 0,
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """One synthetic contrast-enhanced abdominal CT in RAS+ orientation.
+SYNTHETIC_HU: dict[str, tuple[float, float]] = {  # tissue: HU range, one value drawn per case (portal-venous CT)
+    "subcutaneous fat": (-110, -90), "abdominal wall muscle": (40, 60), "visceral fat": (-100, -70),
+    "bowel wall": (15, 45), "bowel gas": (-900, -600), "psoas": (45, 60), "lung": (-870, -820),
+    "vertebral cortex": (700, 950), "vertebral body": (200, 300), "posterior arch": (400, 700),
+    "spinal canal": (0, 20), "rib": (450, 900), "liver": (100, 130), "aorta": (140, 190), "IVC": (110, 140),
+    "kidney": (150, 200), "renal pelvis": (10, 30), "spleen minus liver": (-10, 15), "stomach wall": (60, 90),
+    "stomach content": (0, 20), "hepatic vessels minus liver": (30, 60), "gallbladder": (5, 25),
+}
+LESION_DELTA_HU = {"hypo": (15, 60), "hyper": (15, 40), "faint": (6, 15)}  # |lesion - liver| HU by kind
 
-    Used by :func:`make_synthetic_dataset`.  The anatomy is built so that intensity alone does
-    not find the liver (spleen, IVC, kidneys and stomach wall share its HU) and tumours stay
-    hard (0-8 lesions of 2-25 mm radius, mostly hypodense by 15-60 HU, some hyperdense or
-    faint, 0.2-7 % of the liver), with noise, blur and partial-volume edges.
 
-    Returns:
-        (image int16 HU (X, Y, Z), label uint8 (X, Y, Z), affine (4x4), facts dict).
-    """
-    rng = np.random.default_rng(seed)
-    nx, ny, nz = shape
-    fov = rng.uniform(340, 420)
-    length = rng.uniform(220, 280)  # cranio-caudal extent (mm)
-    spacing = (fov / nx, fov / ny, length / nz)
-    grid = _Grid(shape, spacing)
-    X, Y, Z = grid.axes[0][:, None, None], grid.axes[1][None, :, None], grid.axes[2][None, None, :]
-    vol = np.full(shape, -1000.0, np.float32)
-    lab = np.zeros(shape, np.uint8)
+@dataclass
+class _Scene:
+    """A synthetic CT being painted, and the anatomy that later parts place themselves by (mm, RAS+)."""
 
-    # Body: fat shell, muscle wall, visceral fat; the outline changes slowly along z.
+    rng: np.random.Generator
+    grid: _Grid
+    length: float
+    vol: np.ndarray
+    lab: np.ndarray
+    geo: dict  # body and liver geometry, filled in order by the painting steps
+
+    def hu(self, tissue: str) -> float:
+        """One HU value for ``tissue`` from :data:`SYNTHETIC_HU`."""
+        return self.rng.uniform(*SYNTHETIC_HU[tissue])
+
+
+def _paint_body(sc: _Scene) -> None:
+    """Fat shell, muscle wall and visceral fat; the outline changes slowly along z."""
+    rng, g = sc.rng, sc.geo
+    X, Y, Z = (sc.grid.axes[0][:, None, None], sc.grid.axes[1][None, :, None], sc.grid.axes[2][None, None, :])
     ax, ay = rng.uniform(140, 175), rng.uniform(100, 125)
     zmod = 1 + 0.04 * np.sin(Z / 60.0 + rng.uniform(0, 6))
     fat_t, wall_t = rng.uniform(10, 30), rng.uniform(8, 14)
     r_body = np.sqrt((X / (ax * zmod)) ** 2 + (Y / (ay * zmod)) ** 2)
-    body = r_body < 1
-    vol[body] = rng.uniform(-110, -90)
+    sc.vol[r_body < 1] = sc.hu("subcutaneous fat")
     scale_in = 1 - fat_t / ay
-    vol[r_body < scale_in] = rng.uniform(40, 60)  # abdominal wall muscle
+    sc.vol[r_body < scale_in] = sc.hu("abdominal wall muscle")
     cavity = r_body < scale_in - wall_t / ay
-    vol[cavity] = rng.uniform(-100, -70)  # visceral fat
+    sc.vol[cavity] = sc.hu("visceral fat")
+    g.update(X=X, Y=Y, Z=Z, ax=ax, ay=ay, scale_in=scale_in, cavity=cavity)
 
-    # Liver geometry (needed to place everything else); it spans ~35-45 % of the slices.
-    share = rng.uniform(0.36, 0.46)
-    rz = share * length / 2
-    cz = rng.uniform(0.52, 0.58) * length
-    liver_c = np.array([ax * rng.uniform(0.32, 0.42), rng.uniform(-5, 15), cz])
+
+def _place_liver(sc: _Scene) -> None:
+    """The liver's geometry (everything else is placed around it); it spans ~35-45 % of the slices."""
+    rng, g = sc.rng, sc.geo
+    rz = rng.uniform(0.36, 0.46) * sc.length / 2
+    cz = rng.uniform(0.52, 0.58) * sc.length
+    liver_c = np.array([g["ax"] * rng.uniform(0.32, 0.42), rng.uniform(-5, 15), cz])
     liver_r = np.array([rng.uniform(60, 78), rng.uniform(65, 85), rz])
     lobe_c = np.array([rng.uniform(-30, -5), liver_c[1] + rng.uniform(25, 40), cz + rz * rng.uniform(0.1, 0.3)])
     lobe_r = np.array([rng.uniform(45, 65), rng.uniform(25, 35), rz * rng.uniform(0.4, 0.55)])
-    top = cz + rz
+    g.update(rz=rz, cz=cz, top=cz + rz, liver_c=liver_c, liver_r=liver_r, lobe_c=lobe_c, lobe_r=lobe_r)
 
-    # Bowel loops with gas in the lower abdomen; psoas muscles.
+
+def _paint_bowel_and_psoas(sc: _Scene) -> None:
+    """Bowel loops, some with gas, in the lower abdomen; the psoas muscles."""
+    rng, g = sc.rng, sc.geo
+    ax, ay, cz, rz, cavity = g["ax"], g["ay"], g["cz"], g["rz"], g["cavity"]
     for _ in range(int(rng.integers(10, 18))):
         c = [rng.uniform(-0.6, 0.6) * ax, rng.uniform(-0.3, 0.6) * ay, rng.uniform(0, cz - 0.5 * rz)]
         r = rng.uniform(12, 28, size=3)
-        _paint_ellipsoid(vol, lab, grid, rng, c, r, rng.uniform(15, 45), wobble=0.15, within=cavity)
+        _paint_ellipsoid(sc.vol, sc.lab, sc.grid, rng, c, r, sc.hu("bowel wall"), wobble=0.15, within=cavity)
         if rng.random() < 0.5:
-            _paint_ellipsoid(vol, lab, grid, rng, [c[0], c[1] + r[1] * 0.4, c[2]], r * 0.45,
-                             rng.uniform(-900, -600), within=cavity)
+            _paint_ellipsoid(sc.vol, sc.lab, sc.grid, rng, [c[0], c[1] + r[1] * 0.4, c[2]], r * 0.45,
+                             sc.hu("bowel gas"), within=cavity)
     for sx in (-1, 1):
-        sl, m = _tube_mask(grid, (sx * 45, -ay * 0.55, 0), (sx * 30, -ay * 0.55, cz - 0.6 * rz), 18)
-        vol[sl][m & cavity[sl]] = rng.uniform(45, 60)
+        sl, m = _tube_mask(sc.grid, (sx * 45, -ay * 0.55, 0), (sx * 30, -ay * 0.55, cz - 0.6 * rz), 18)
+        sc.vol[sl][m & cavity[sl]] = sc.hu("psoas")
 
-    # Lungs above the liver dome.
+
+def _paint_lungs_spine_ribs(sc: _Scene) -> None:
+    """Lungs above the liver dome; the spine (body, posterior arch, canal); ribs around the liver."""
+    rng, g, L = sc.rng, sc.geo, sc.length
+    ax, ay = g["ax"], g["ay"]
     for sx in (-1, 1):
-        c = [sx * ax * 0.5, -10, top + 0.95 * length * 0.5]
-        _paint_ellipsoid(vol, lab, grid, rng, c, [ax * 0.42, ay * 0.7, length * 0.5], rng.uniform(-870, -820),
-                         wobble=0.05, within=cavity)
-
-    # Spine (vertebral body, posterior arch, canal), ribs.
-    sc = -ay * 0.62
-    sl, m = _tube_mask(grid, (0, sc, -10), (0, sc, length + 10), 22)
-    vol[sl][m] = rng.uniform(700, 950)
-    sl, m = _tube_mask(grid, (0, sc, -10), (0, sc, length + 10), 18)
-    vol[sl][m] = rng.uniform(200, 300)
-    sl, m = _tube_mask(grid, (0, sc - 38, -10), (0, sc - 38, length + 10), 14)
-    vol[sl][m] = rng.uniform(400, 700)
-    sl, m = _tube_mask(grid, (0, sc - 30, -10), (0, sc - 30, length + 10), 7)
-    vol[sl][m] = rng.uniform(0, 20)
-    rib_zone = Z > cz - 0.6 * rz
-    rib_hu = rng.uniform(450, 900)
+        c = [sx * ax * 0.5, -10, g["top"] + 0.95 * L * 0.5]
+        _paint_ellipsoid(sc.vol, sc.lab, sc.grid, rng, c, [ax * 0.42, ay * 0.7, L * 0.5], sc.hu("lung"),
+                         wobble=0.05, within=g["cavity"])
+    spine = g["sc"] = -ay * 0.62
+    for dy, radius, tissue in ((0, 22, "vertebral cortex"), (0, 18, "vertebral body"), (-38, 14, "posterior arch"),
+                               (-30, 7, "spinal canal")):
+        sl, m = _tube_mask(sc.grid, (0, spine + dy, -10), (0, spine + dy, L + 10), radius)
+        sc.vol[sl][m] = sc.hu(tissue)
+    X, Y, Z = g["X"], g["Y"], g["Z"]
+    rib_zone = Z > g["cz"] - 0.6 * g["rz"]
+    rib_hu = sc.hu("rib")
     for k, ang in enumerate(np.linspace(0.15 * np.pi, 0.85 * np.pi, 9)):
         for sx in (-1, 1):
-            rx, ry = sx * np.cos(ang) * ax * (scale_in - 0.04), np.sin(ang - 0.5) * ay * (scale_in - 0.04)
+            rx = sx * np.cos(ang) * ax * (g["scale_in"] - 0.04)
+            ry = np.sin(ang - 0.5) * ay * (g["scale_in"] - 0.04)
             band = np.sin(2 * np.pi * Z / rng.uniform(28, 36) + k) > 0.2
-            m = (((X - rx) ** 2 + (Y - ry) ** 2) < 5.5 ** 2) & band & rib_zone
-            vol[m] = rib_hu
+            sc.vol[(((X - rx) ** 2 + (Y - ry) ** 2) < 5.5 ** 2) & band & rib_zone] = rib_hu
 
-    # Great vessels, kidneys, spleen, stomach: the liver's neighbours with liver-like HU.
-    liver_hu = rng.uniform(100, 130)
-    sl, m = _tube_mask(grid, (-15, sc + 35, -10), (-15, sc + 35, length + 10), rng.uniform(10, 13))
-    vol[sl][m] = rng.uniform(140, 190)  # aorta
-    ivc_hu = rng.uniform(110, 140)
+
+def _paint_neighbours(sc: _Scene) -> None:
+    """Aorta, kidneys, spleen and stomach: the liver's neighbours, several with liver-like HU."""
+    rng, g, grid = sc.rng, sc.geo, sc.grid
+    ax, ay, cz, rz, spine, cavity = g["ax"], g["ay"], g["cz"], g["rz"], g["sc"], g["cavity"]
+    g["liver_hu"] = sc.hu("liver")
+    sl, m = _tube_mask(grid, (-15, spine + 35, -10), (-15, spine + 35, sc.length + 10), rng.uniform(10, 13))
+    sc.vol[sl][m] = sc.hu("aorta")
+    g["ivc_hu"] = sc.hu("IVC")
     for sx, dz in ((1, -0.75), (-1, -0.55)):
-        c = [sx * ax * 0.42, sc + 15, cz + dz * rz]
-        _paint_ellipsoid(vol, lab, grid, rng, c, [26, 30, 50], rng.uniform(150, 200), wobble=0.08, within=cavity)
-        _paint_ellipsoid(vol, lab, grid, rng, [c[0] - sx * 8, c[1], c[2]], [9, 12, 25], rng.uniform(10, 30))
-    spleen_hu = liver_hu + rng.uniform(-10, 15)
-    _paint_ellipsoid(vol, lab, grid, rng, [-ax * 0.52, -ay * 0.25, cz + 0.1 * rz], [32, 50, 0.5 * rz],
+        c = [sx * ax * 0.42, spine + 15, cz + dz * rz]
+        _paint_ellipsoid(sc.vol, sc.lab, grid, rng, c, [26, 30, 50], sc.hu("kidney"), wobble=0.08, within=cavity)
+        _paint_ellipsoid(sc.vol, sc.lab, grid, rng, [c[0] - sx * 8, c[1], c[2]], [9, 12, 25], sc.hu("renal pelvis"))
+    spleen_hu = g["liver_hu"] + sc.hu("spleen minus liver")
+    _paint_ellipsoid(sc.vol, sc.lab, grid, rng, [-ax * 0.52, -ay * 0.25, cz + 0.1 * rz], [32, 50, 0.5 * rz],
                      spleen_hu, wobble=0.12, within=cavity)
     st_c, st_r = [-ax * 0.28, ay * 0.15, cz + 0.25 * rz], np.array([42, 34, 0.5 * rz])
-    _paint_ellipsoid(vol, lab, grid, rng, st_c, st_r, rng.uniform(60, 90), wobble=0.1, within=cavity)
-    _paint_ellipsoid(vol, lab, grid, rng, st_c, st_r - 5, rng.uniform(0, 20), wobble=0.1, within=cavity)
-    _paint_ellipsoid(vol, lab, grid, rng, [st_c[0], st_c[1] + 20, st_c[2]], [25, 12, 25], -850, within=cavity)
+    _paint_ellipsoid(sc.vol, sc.lab, grid, rng, st_c, st_r, sc.hu("stomach wall"), wobble=0.1, within=cavity)
+    _paint_ellipsoid(sc.vol, sc.lab, grid, rng, st_c, st_r - 5, sc.hu("stomach content"), wobble=0.1, within=cavity)
+    _paint_ellipsoid(sc.vol, sc.lab, grid, rng, [st_c[0], st_c[1] + 20, st_c[2]], [25, 12, 25], -850, within=cavity)
 
-    # Liver: smooth union of right lobe and left lobe, irregular surface, textured, with vessels.
+
+def _paint_liver(sc: _Scene) -> np.ndarray:
+    """The liver (label 1): a smooth union of two lobes, irregular surface, texture, vessels; the IVC through
+    its back and the gallbladder under it are not liver.  Returns the liver mask."""
+    rng, g, grid = sc.rng, sc.geo, sc.grid
+    liver_c, liver_r, lobe_c, lobe_r, rz = g["liver_c"], g["liver_r"], g["lobe_c"], g["lobe_r"], g["rz"]
     sl, co = grid.box(np.minimum(liver_c, lobe_c) / 2 + np.maximum(liver_c, lobe_c) / 2,
                       np.abs(liver_c - lobe_c) / 2 + np.maximum(liver_r, lobe_r) * 1.3)
     e1, e2 = _ellipsoid(co, liver_c, liver_r), _ellipsoid(co, lobe_c, lobe_r)
-    k = 0.15
+    k = 0.15  # softness of the union of the two lobes
     f = -k * np.logaddexp(-e1 / k, -e2 / k) + _wobble(rng, co, 0.12, (50, 140))
-    liver = np.zeros(shape, bool)
-    liver[sl] = (f < 1) & cavity[sl]
-    vol[sl][liver[sl]] = (liver_hu + _wobble(rng, co, 4.0, (20, 60)) * np.ones_like(f))[liver[sl]]
-    lab[liver] = 1
+    liver = np.zeros(grid.shape, bool)
+    liver[sl] = (f < 1) & g["cavity"][sl]
+    sc.vol[sl][liver[sl]] = (g["liver_hu"] + _wobble(rng, co, 4.0, (20, 60)) * np.ones_like(f))[liver[sl]]
+    sc.lab[liver] = 1
     hilum = liver_c + [-0.35 * liver_r[0], 0, -0.1 * rz]
     for _ in range(int(rng.integers(4, 8))):
         tip = liver_c + rng.uniform(-0.8, 0.8, 3) * liver_r
         sl2, m = _tube_mask(grid, hilum, tip, rng.uniform(2.5, 6))
-        vol[sl2][m & liver[sl2]] = liver_hu + rng.uniform(30, 60)
-    sl2, m = _tube_mask(grid, (22, sc + 38, cz - rz), (22, sc + 38, top + 10), rng.uniform(10, 13))
-    vol[sl2][m] = ivc_hu  # IVC runs through the liver's back; not liver
-    lab[sl2][m] = 0
+        sc.vol[sl2][m & liver[sl2]] = g["liver_hu"] + sc.hu("hepatic vessels minus liver")
+    spine, cz, top = g["sc"], g["cz"], g["top"]
+    sl2, m = _tube_mask(grid, (22, spine + 38, cz - rz), (22, spine + 38, top + 10), rng.uniform(10, 13))
+    sc.vol[sl2][m] = g["ivc_hu"]  # IVC runs through the liver's back; not liver
+    sc.lab[sl2][m] = 0
     if rng.random() < 0.7:  # gallbladder under the liver: hypodense but not tumour
-        _paint_ellipsoid(vol, lab, grid, rng, liver_c + [-10, 30, -0.55 * rz], [14, 18, 28], rng.uniform(5, 25),
-                         label=0, within=cavity)
-    liver = lab == 1
+        _paint_ellipsoid(sc.vol, sc.lab, grid, rng, liver_c + [-10, 30, -0.55 * rz], [14, 18, 28],
+                         sc.hu("gallbladder"), label=0, within=g["cavity"])
+    return sc.lab == 1
 
-    # Lesions: count, total burden, sizes, contrast types.
+
+def _paint_lesions(sc: _Scene, liver: np.ndarray, size: float = 1.0, contrast: float = 1.0) -> list[dict]:
+    """0-8 lesions (label 2) inside the liver: count, total burden, sizes and contrast kinds; their facts.
+
+    Each is placed as at full size, so ``size`` and ``contrast`` scale lesions without changing any draw.
+    """
+    rng, grid = sc.rng, sc.grid
     n_les = 0 if rng.random() < 0.15 else int(rng.choice(np.arange(1, 9), p=np.array([8, 6, 5, 4, 3, 2, 2, 1]) / 31))
-    liver_ml = liver.sum() * np.prod(spacing) / 1000
-    burden = np.exp(rng.uniform(np.log(0.002), np.log(0.07)))
+    liver_ml = liver.sum() * np.prod(grid.spacing) / 1000
+    burden = np.exp(rng.uniform(np.log(0.002), np.log(0.07)))  # tumour share of the liver volume
     weights = rng.dirichlet(np.ones(max(n_les, 1)) * 0.7)
-    lesions = []
-    liver_idx = np.argwhere(liver)
+    lesions, liver_idx = [], np.argwhere(liver)
     for i in range(n_les):
-        r = float(np.clip((3 * weights[i] * burden * liver_ml * 1000 / (4 * np.pi)) ** (1 / 3), 2.0, 25.0))
+        r0 = float(np.clip((3 * weights[i] * burden * liver_ml * 1000 / (4 * np.pi)) ** (1 / 3), 2.0, 25.0))
+        r = r0 * size
         for _try in range(20):  # centre well inside the liver
             c = np.asarray(liver_idx[rng.integers(len(liver_idx))]) * 1.0
             c = np.array([grid.axes[a][int(c[a])] for a in range(3)])
-            sl, co = grid.box(c, [r] * 3)
+            sl, co = grid.box(c, [r0] * 3)
             if liver[sl].mean() > 0.8:
                 break
+        if r > r0:
+            sl, co = grid.box(c, [r] * 3)
         kind = rng.choice(["hypo", "hyper", "faint"], p=[0.7, 0.15, 0.15])
-        delta = {"hypo": -rng.uniform(15, 60), "hyper": rng.uniform(15, 40),
-                 "faint": rng.choice([-1, 1]) * rng.uniform(6, 15)}[kind]
+        deltas = {"hypo": -rng.uniform(*LESION_DELTA_HU["hypo"]), "hyper": rng.uniform(*LESION_DELTA_HU["hyper"]),
+                  "faint": rng.choice([-1, 1]) * rng.uniform(*LESION_DELTA_HU["faint"])}  # all three drawn
+        delta = deltas[kind] * contrast
         radii = r * rng.uniform(0.75, 1.25, 3)
         f = _ellipsoid(co, c, radii) + _wobble(rng, co, 0.1, (10, 30))
         m = (f < 1) & liver[sl]
         if not m.any():
             continue
         edge = np.clip((1 - f) / 0.3, 0, 1)  # soft rim: partial contrast at the boundary
-        vol[sl][m] = (vol[sl] + delta * (0.6 + 0.4 * edge) + _wobble(rng, co, 6.0, (5, 15)))[m]
-        lab[sl][m] = 2
+        sc.vol[sl][m] = (sc.vol[sl] + delta * (0.6 + 0.4 * edge) + _wobble(rng, co, 6.0, (5, 15)))[m]
+        sc.lab[sl][m] = 2
         lesions.append({"radius_mm": round(r, 1), "kind": str(kind), "delta_hu": round(float(delta), 1)})
+    return lesions
 
-    # Acquisition: partial-volume blur and noise.
+
+def _acquire(sc: _Scene) -> tuple[np.ndarray, float]:
+    """Partial-volume blur and noise; int16 HU and the noise sigma."""
     from scipy.ndimage import gaussian_filter
-    vol = gaussian_filter(vol, sigma=(0.7, 0.7, 0.4), truncate=3.0)
-    sigma = rng.uniform(10, 20)
-    vol += rng.standard_normal(shape, dtype=np.float32) * sigma
-    image = np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
-    affine = np.diag([*spacing, 1.0])
+    vol = gaussian_filter(sc.vol, sigma=(0.7, 0.7, 0.4), truncate=3.0)
+    sigma = sc.rng.uniform(10, 20)
+    vol += sc.rng.standard_normal(vol.shape, dtype=np.float32) * sigma
+    return np.clip(np.rint(vol), -1024, 3071).astype(np.int16), sigma
+
+
+def synthetic_ct_volume(shape: tuple[int, int, int] = (256, 256, 64), seed: int = 0, lesion_size: float = 1.0,
+                        lesion_contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """One synthetic contrast-enhanced abdominal CT in RAS+ orientation.
+
+    Used by :func:`make_synthetic_dataset`.  The anatomy is built so that intensity alone does
+    not find the liver (spleen, IVC, kidneys and stomach wall share its HU, :data:`SYNTHETIC_HU`)
+    and tumours stay hard (0-8 lesions of 2-25 mm radius, mostly hypodense by 15-60 HU, some
+    hyperdense or faint, 0.2-7 % of the liver), with noise, blur and partial-volume edges.
+
+    ``lesion_size`` and ``lesion_contrast`` scale every lesion's radius and HU difference (e.g. 0.6
+    and 0.6 for a harder set of smaller, fainter lesions); the random draws, and so the anatomy and
+    the lesions' places and kinds, stay those of the unscaled case.
+
+    Returns:
+        (image int16 HU (X, Y, Z), label uint8 (X, Y, Z), affine (4x4), facts dict).
+    """
+    rng = np.random.default_rng(seed)
+    fov, length = rng.uniform(340, 420), rng.uniform(220, 280)  # in-plane field of view, cranio-caudal extent (mm)
+    grid = _Grid(shape, (fov / shape[0], fov / shape[1], length / shape[2]))
+    sc = _Scene(rng, grid, length, np.full(shape, -1000.0, np.float32), np.zeros(shape, np.uint8), {})
+    _paint_body(sc)
+    _place_liver(sc)
+    _paint_bowel_and_psoas(sc)
+    _paint_lungs_spine_ribs(sc)
+    _paint_neighbours(sc)
+    liver = _paint_liver(sc)
+    lesions = _paint_lesions(sc, liver, lesion_size, lesion_contrast)
+    image, sigma = _acquire(sc)
+    affine = np.diag([*grid.spacing, 1.0])
     affine[:3, 3] = [grid.axes[0][0], grid.axes[1][0], grid.axes[2][0]]
-    facts = {"spacing": [round(s, 3) for s in spacing], "noise_hu": round(float(sigma), 1),
-             "liver_hu": round(float(liver_hu), 1), "lesions": lesions}
-    return image, lab, affine, facts
+    facts = {"spacing": [round(v, 3) for v in grid.spacing], "noise_hu": round(float(sigma), 1),
+             "liver_hu": round(float(sc.geo["liver_hu"]), 1), "lesions": lesions}
+    return image, sc.lab, affine, facts
 
 
 def _to_lps(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -2490,29 +2813,9 @@ def _save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path) -> Non
     atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
 
 
-def class_statistics(labels: Iterable[np.ndarray]) -> dict:
-    """Share of voxels and of axial slices per class; tumour share of the liver (cases with tumour)."""
-    vox = np.zeros(3)
-    slices = np.zeros(3)
-    n_slices = 0
-    burdens = []
-    for lab in labels:
-        vox += np.bincount(lab.ravel(), minlength=3)[:3]
-        per_slice = [(lab >= 1).any(axis=(0, 1)), (lab == 2).any(axis=(0, 1))]
-        slices[1] += per_slice[0].sum()
-        slices[2] += per_slice[1].sum()
-        n_slices += lab.shape[2]
-        if (lab == 2).any():
-            burdens.append((lab == 2).sum() / max((lab >= 1).sum(), 1))
-    total = vox.sum()
-    return {"voxel_share": {"background": vox[0] / total, "liver": vox[1] / total, "tumor": vox[2] / total},
-            "slice_share_liver": slices[1] / n_slices, "slice_share_tumor": slices[2] / n_slices,
-            "tumor_share_of_liver_median": float(np.median(burdens)) if burdens else 0.0,
-            "tumor_share_of_liver_range": [float(np.min(burdens)), float(np.max(burdens))] if burdens else [0.0, 0.0]}
-
-
 def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape: tuple[int, int, int] = (256, 256, 64),
-                           seed: int = 0, lps_fraction: float = 0.3, progress: bool = True) -> dict:
+                           seed: int = 0, lps_fraction: float = 0.3, progress: bool = True,
+                           lesion_size: float = 1.0, lesion_contrast: float = 1.0) -> dict:
     """Write a synthetic CT set in the Kaggle layout (images/liver_N.nii.gz, labels/liver_N.nii.gz).
 
     Used in the notebook section "Data" when no real CT is found.  Deterministic by seed; files
@@ -2526,6 +2829,7 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape:
         seed: generator seed; case i uses ``(seed, i)``.
         lps_fraction: share of cases stored with an LPS header.
         progress: tqdm bar.
+        lesion_size, lesion_contrast: scale lesion radii and HU differences (:func:`synthetic_ct_volume`).
 
     Returns:
         Dict with ``per_case`` facts (lesions, spacing, orientation) and ``summary`` class
@@ -2536,6 +2840,8 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape:
     (out / "labels").mkdir(parents=True, exist_ok=True)
     settings = {"n_cases": n_cases, "shape": list(shape), "seed": seed, "lps_fraction": lps_fraction,
                 "generator_version": 1}
+    if (lesion_size, lesion_contrast) != (1.0, 1.0):  # recorded only when used: older sets stay valid
+        settings.update(lesion_size=lesion_size, lesion_contrast=lesion_contrast)
     manifest = out / "synthetic.json"
     if manifest.exists():
         old = json.loads(manifest.read_text())
@@ -2544,7 +2850,7 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape:
             return old
     per_case, labels = [], []
     for i in tqdm(range(n_cases), desc="synthetic CT", unit="vol", disable=not progress):
-        image, label, affine, facts = synthetic_ct_volume(shape, seed=hash_seed(seed, i))
+        image, label, affine, facts = synthetic_ct_volume(shape, hash_seed(seed, i), lesion_size, lesion_contrast)
         labels.append(label)
         lps = np.random.default_rng(hash_seed(seed, i, 1)).random() < lps_fraction
         img_store, lab_store, aff = image, label, affine
@@ -2562,8 +2868,3 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape:
                                    default=float))
     _atomic_write_text(manifest, json.dumps(result, indent=1))
     return result
-
-
-def hash_seed(*parts: int) -> int:
-    """A stable 32-bit seed from several integers (independent streams per case)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])

@@ -1,9 +1,12 @@
 """Training throughput: slices/s, achieved FLOP/s as a share of measured matmul peak, data-wait share.
 
 Two data/compute paths in the same process, on the default CPU (quick-preset) U-Net:
-  plain: contiguous tensors, a standard torch DataLoader reading the memory-mapped cache per slice;
-  ours:  channels_last, the whole training set as one resident tensor gathered by index (uh.SliceSet),
-         augmentation on the training device.
+  plain: contiguous tensors, a standard torch DataLoader reading the memory-mapped cache per slice, and
+         the textbook step (forward, loss, backward, AdamW step) written out here: the deliberately naive
+         baseline;
+  ours:  the product: channels_last, the whole training set as one resident tensor gathered by index
+         (uh.SliceSet), augmentation on the training device, and the library's own step (uh.train_step,
+         with its gradient clipping and learning-rate schedule).
 
     python bench/bench_train.py [--steps 15] [--repeats 3]
 """
@@ -66,8 +69,18 @@ def step_flops(model, x, y, loss_fn) -> int:
     return fc.get_total_flops()
 
 
-def _loop(model, opt, loss_fn, batches, fmt, augment=True, gen=None):
-    """Run training steps; return (total seconds, seconds getting/augmenting data, slices processed)."""
+def _naive_step(model, opt, loss_fn):
+    """The textbook training step, for the naive baseline only (the product's is uh.train_step)."""
+    def step(x, y):
+        loss, _ = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _loop(step, batches, fmt, augment=True, gen=None):
+    """Run ``step(x, y)`` over the batches; return (total seconds, seconds getting/augmenting data, slices)."""
     data_t, n = 0.0, 0
     t0 = time.perf_counter()
     it = iter(batches)
@@ -81,10 +94,7 @@ def _loop(model, opt, loss_fn, batches, fmt, augment=True, gen=None):
             x, y = uh.augment_batch(x, y, generator=gen)
         x = x.contiguous(memory_format=fmt)
         data_t += time.perf_counter() - td
-        loss, _ = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step(x, y)
         n += len(x)
     return time.perf_counter() - t0, data_t, n
 
@@ -107,9 +117,14 @@ def run(image_size: int = 128, base: int = 16, depth: int = 4, context: int = 3,
     for name, fmt in (("plain", torch.contiguous_format), ("ours", torch.channels_last)):
         torch.manual_seed(0)
         model = uh.UNet(context, 3, base, depth).to(memory_format=fmt)
-        opt = torch.optim.AdamW(model.parameters(), 1e-3)
         x0, y0 = resident.batch(sampler.epoch(0)[0])
         flops = step_flops(model, x0.contiguous(memory_format=fmt), y0, loss_fn)
+        if name == "plain":
+            step = _naive_step(model, torch.optim.AdamW(model.parameters(), 1e-3), loss_fn)
+        else:
+            cfg = uh.TrainConfig(epochs=repeats + 1, batch_size=batch, lr=1e-3, steps_per_epoch=steps)
+            state = uh.make_train_state(model, cfg, steps, torch.device("cpu"))
+            step = lambda x, y, _s=state: uh.train_step(_s, x, y)  # noqa: E731
         gen = torch.Generator().manual_seed(0)
         per = []
         for r in range(repeats + 1):  # first repeat warms up
@@ -118,7 +133,7 @@ def run(image_size: int = 128, base: int = 16, depth: int = 4, context: int = 3,
             else:
                 epochs = [b for e in range(r * 100, r * 100 + 100) for b in sampler.epoch(e)]
                 batches = (resident.batch(b) for b in epochs[:steps])
-            total, data_t, n = _loop(model, opt, loss_fn, batches, fmt, gen=gen)
+            total, data_t, n = _loop(step, batches, fmt, gen=gen)
             assert n == steps * batch, (n, steps * batch)
             if r:
                 per.append((total, data_t))
@@ -130,8 +145,8 @@ def run(image_size: int = 128, base: int = 16, depth: int = 4, context: int = 3,
                          "data_wait": data_t / total, "steps": steps}
     results["peak_flops"] = peak
     if write:
-        label = {"plain": "plain: contiguous tensors, torch DataLoader over the memory-mapped cache",
-                 "ours": "ours: channels_last, resident tensor gathered by index (uh.SliceSet)"}
+        label = {"plain": "plain: contiguous tensors, torch DataLoader over the memory-mapped cache, textbook step",
+                 "ours": "ours: channels_last, resident tensor gathered by index (uh.SliceSet), uh.train_step"}
         rows = [[label[n], f"{r['slices_per_s']:.1f}", f"{r['achieved_flops'] / 1e9:.0f}", f"{r['share_of_peak']:.0%}",
                  f"{r['compute_share_of_peak']:.0%}", f"{r['data_wait']:.1%}",
                  f"{r['slices_per_s'] / results['plain']['slices_per_s']:.2f}×"]

@@ -129,9 +129,7 @@ def load(path: Path = RESULTS) -> list[dict]:
 def save(rows: list[dict], path: Path = RESULTS) -> None:
     """Store results atomically (NaN as null)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(uh.json_safe(rows), indent=1))
-    tmp.replace(path)
+    uh.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(uh.json_safe(rows), indent=1)))
 
 
 def _ms(vals: list[float | None]) -> str:

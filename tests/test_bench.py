@@ -10,16 +10,18 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
+import bench_gpu  # noqa: E402
 import bench_infer  # noqa: E402
 import bench_preprocess  # noqa: E402
 import bench_train  # noqa: E402
 import common  # noqa: E402
 import recipe_study  # noqa: E402
+import tumour_study  # noqa: E402
 
 
 @pytest.fixture()
 def work(tmp_path, monkeypatch):
-    for mod in (bench_preprocess, bench_train, recipe_study):
+    for mod in (bench_preprocess, bench_train, recipe_study, tumour_study, bench_gpu):
         monkeypatch.setattr(mod, "WORK", tmp_path)
     return tmp_path
 
@@ -77,3 +79,37 @@ def test_paired_comparison_of_arms():
     assert recipe_study.paired(rows, "A", "missing") is None
     table = recipe_study.paired_table(rows, [("A", "B")])
     assert "+0.100" in table and "3 / 0" in table
+
+
+def test_tiny_tumour_study_budget_fair_and_kept_aside(work, tmp_path, monkeypatch):
+    out = tmp_path / "tumour.json"
+    common_args = ["--seconds", "3", "--seeds", "0", "--batch", "2", "--train-cases", "3", "--val-cases", "2",
+                   "--kept-cases", "2", "--shape", "48", "48", "12", "--base", "4", "--results", str(out)]
+    monkeypatch.setitem(tumour_study.BASE, "image_size", 32)
+    rows = tumour_study.main(["--arms", "baseline", "default + liver-box cascade", "--no-write", *common_args])
+    by_arm = {r["arm"]: r for r in rows}
+    assert set(by_arm) == {"baseline", "default + liver-box cascade"}
+    assert list(by_arm["baseline"]["steps"]) == ["stage1"]
+    assert list(by_arm["default + liver-box cascade"]["steps"]) == ["stage1", "stage2"]  # both stages calibrated
+    assert by_arm["default + liver-box cascade"]["roi_size"] == 32  # 0.6 x 48, rounded up to 32
+    for r in rows:
+        assert r["set"] == "validation" and r["seconds_budget"] == 3 and r["train_seconds"] > 0
+        assert "median_tumor_volume_ratio" in r["summary"] and len(r["per_case"]) == 2
+        assert r["real_ct_liver_dice"] is None or 0 <= r["real_ct_liver_dice"] <= 1  # None without ../shared
+    tables: dict[str, str] = {}
+    monkeypatch.setattr(tumour_study, "write_table", lambda name, text: tables.__setitem__(name, text))
+    rows = tumour_study.main(["--kept-aside", "baseline", "default + liver-box cascade", "--training-cases", "baseline",
+                              *common_args])
+    assert [r["arm"] for r in rows if r["set"] == "training cases"] == ["baseline"]
+    kept = [r for r in rows if r["set"] == "kept-aside"]
+    assert sorted(r["arm"] for r in kept) == ["baseline", "default + liver-box cascade"]  # stage 2 reloaded too
+    assert tables["tumour_study"].count("| baseline |") == 3  # once per set: validation, kept aside, training
+    assert "default + liver-box cascade" in tables["tumour_study_paired"]
+    with pytest.raises(ValueError, match="other settings"):  # resuming never mixes runs of another budget
+        tumour_study.main([*common_args[:1], "7", *common_args[2:], "--no-write"])
+
+
+def test_gpu_bench_runs_the_product_step_on_cpu(work):
+    out = bench_gpu.run(image_size=32, batch=4, steps=3, device="cpu", shape=(48, 48, 12), preset="quick", workers=0)
+    assert out["fp32+DataLoader"] > 0 and out["amp+channels_last+resident"] > 0 and out["speedup"] > 0
+    assert out["evaluate 2 volumes s"] > 0 and out["fp32+DataLoader peak GiB"] is None  # no CUDA here

@@ -382,7 +382,7 @@ def test_synthetic_set_layout_dtypes_determinism(synthetic_dir, tmp_path):
 
 
 def test_synthetic_statistics_like_lits():
-    labels, facts = [], []
+    labels, facts, n_with_tumour = [], [], 0
     for i in range(10):
         img, lab, aff, f = uh.synthetic_ct_volume((96, 96, 40), seed=uh.hash_seed(11, i))
         labels.append(lab)
@@ -393,6 +393,7 @@ def test_synthetic_statistics_like_lits():
         assert 0.3 <= share <= 0.5, share
         cx = np.argwhere(liver)[:, 0].mean()
         assert cx > 48  # liver on the patient's right
+        n_with_tumour += bool((lab == 2).any())
         if (lab == 2).any():
             burden = (lab == 2).sum() / liver.sum()
             assert 0.001 <= burden <= 0.08, burden
@@ -403,6 +404,7 @@ def test_synthetic_statistics_like_lits():
         # the liver's neighbours share its HU: a threshold alone does not find it
         band = (img > f["liver_hu"] - 25) & (img < f["liver_hu"] + 25)
         assert (band & ~liver).sum() > 0.2 * (band & liver).sum()
+    assert n_with_tumour >= 5  # the tumour checks above ran on most cases (15 % are tumour-free by design)
     stats = uh.class_statistics(labels)
     assert 0.0005 < stats["voxel_share"]["tumor"] < stats["voxel_share"]["liver"] < 0.2
     assert 0.001 <= stats["tumor_share_of_liver_median"] <= 0.07
@@ -476,3 +478,20 @@ def test_format_table_and_describe_results():
     assert "'last' checkpoint" in words and "undefined (empty prediction) in 1 case" in words
     assert "lesions" not in words  # no lesion keys, no lesion line
     assert "SYNTHETIC" not in uh.describe_results(summary, synthetic=False)
+
+
+def test_synthetic_lesion_size_and_contrast_knobs():
+    shape = (64, 64, 24)
+    for seed in range(8):  # a seed whose case has lesions
+        img, lab, _aff, facts = uh.synthetic_ct_volume(shape, seed)
+        if facts["lesions"]:
+            break
+    assert facts["lesions"], "no seed in 0-7 gave a case with lesions"
+    small_img, small_lab, _aff, small = uh.synthetic_ct_volume(shape, seed, lesion_size=0.6, lesion_contrast=0.6)
+    assert len(small["lesions"]) == len(facts["lesions"])
+    np.testing.assert_array_equal(small_lab >= 1, lab >= 1)  # same anatomy: only the lesions change
+    assert 0 < (small_lab == 2).sum() < (lab == 2).sum()
+    for big, little in zip(facts["lesions"], small["lesions"]):  # the same draws, scaled
+        assert little["kind"] == big["kind"]
+        assert abs(little["radius_mm"] - 0.6 * big["radius_mm"]) <= 0.1  # radii are stored rounded to 0.1 mm
+        assert abs(little["delta_hu"] - 0.6 * big["delta_hu"]) <= 0.1

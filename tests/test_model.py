@@ -247,6 +247,21 @@ def test_resume_refuses_other_settings(tiny_data, tmp_path):
         _run(tiny_data, tmp_path / "x", epochs=1, seed=5)
 
 
+def test_resume_refuses_another_run_and_says_what_differs(tiny_data, tmp_path):
+    settings = {"IMAGE_SIZE": 32, "HU_WINDOW": [-100, 400], "RESUME": True}
+    run = uh.run_identity(settings, ["liver_0", "liver_1"], "data")
+    _run(tiny_data, tmp_path / "x", epochs=1, run=run)
+    again = uh.run_identity({**settings, "RESUME": False}, ["liver_0", "liver_1"], "data")  # not a RUN_KEY
+    assert again == run
+    _run(tiny_data, tmp_path / "x", epochs=1, run=again)  # same run: resumes (nothing left to train)
+    other = uh.run_identity({**settings, "HU_WINDOW": [-200, 250]}, ["liver_0", "liver_1"], "data")
+    with pytest.raises(ValueError, match=r"HU_WINDOW: \[-100, 400\] -> \[-200, 250\]"):
+        _run(tiny_data, tmp_path / "x", epochs=1, run=other)
+    moved = uh.run_identity(settings, ["liver_0", "liver_2"], "data")  # another split
+    with pytest.raises(ValueError, match="train_cases"):
+        _run(tiny_data, tmp_path / "x", epochs=1, run=moved)
+
+
 def test_weights_only_refuses_pickled_objects(tmp_path):
     torch.save({"model": {}, "payload": uh.TrainConfig()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
@@ -384,6 +399,45 @@ def test_predict_cascade_pastes_at_full_resolution():
     assert uh.predict_cascade(empty, full, (1, 1, 1), uh.Stage2(_Threshold(), 64), 1, "cpu").sum() == 0
 
 
+class _LabelFromIntensity(torch.nn.Module):
+    """A perfect stand-in stage 2 for images that encode their label as intensity (label / 2)."""
+
+    def forward(self, x):
+        lab = torch.round(x[:, x.shape[1] // 2] * 2).long().clamp(0, 2)
+        return torch.nn.functional.one_hot(lab, 3).permute(0, 3, 1, 2).float() * 20
+
+
+def test_cascade_crop_paste_round_trip_is_exact():
+    truth = np.zeros((96, 80, 12), np.uint8)
+    truth[30:62, 20:50, 3:9] = 1
+    truth[40:46, 30:37, 4:7] = 2  # a small lesion inside the liver
+    truth[52, 44, 5] = 2  # and a one-voxel one
+    image = truth / 2.0  # the stand-in stage 2 reads the label back from the intensity
+    stage1 = truth.copy()
+    stage1[stage1 == 2] = 1  # stage 1 only finds the liver
+    for roi in (48, 64):  # the box (32 + 2 * 5 voxels of margin = 42) fits the window: native, no resize
+        box, crop = uh.cascade_input(stage1, image, (1.0, 1.0, 2.0), uh.Stage2(_LabelFromIntensity(), roi, 5.0))
+        x0, x1, y0, y1, z0, z1 = box
+        assert (x1 - x0, y1 - y0) == (roi, roi) and crop.shape == (z1 - z0, roi, roi)
+        out = uh.predict_cascade(stage1, image, (1.0, 1.0, 2.0), uh.Stage2(_LabelFromIntensity(), roi, 5.0), 1, "cpu")
+        np.testing.assert_array_equal(out, truth)  # pasted back voxel for voxel: Dice 1 for liver and tumour
+    small = uh.predict_cascade(stage1, image, (1.0, 1.0, 2.0), uh.Stage2(_LabelFromIntensity(), 24, 5.0), 1, "cpu")
+    assert uh.dice(small == 1, truth == 1) > 0.9  # a box larger than the window is resized: close, not exact
+    assert not np.array_equal(small, truth)
+
+
+def test_liver_box_grows_to_the_stage2_window():
+    m = np.zeros((100, 80, 30), bool)
+    m[40:60, 30:40, 10:20] = True
+    x0, x1, y0, y1, z0, z1 = uh.liver_box(m, (1.0, 1.0, 2.0), margin_mm=4, min_side=40)
+    assert (x0, x1, y0, y1) == (30, 70, 15, 55) and (z0, z1) == (8, 22)  # 28 -> 40 around the centre (50, 35)
+    edge = uh.liver_box(m, (1.0, 1.0, 2.0), margin_mm=4, min_side=90)
+    assert (edge[2], edge[3]) == (0, 80) and edge[1] - edge[0] == 90  # clamped to the image's 80 in y
+    assert uh.roi_size_for((192, 192)) == 128 and uh.roi_size_for((256, 256)) == 160
+    assert uh.roi_size_for((512, 512)) == 320 and uh.roi_size_for((100, 90)) == 64
+    assert uh.cascade_epochs(20) == (7, 13) and uh.cascade_epochs(2) == (1, 1) and uh.cascade_epochs(1) == (1, 1)
+
+
 def test_cascade_in_evaluate_and_predict_volume(tiny_data, synthetic_dir, tmp_path):
     m, _ = _run(tiny_data, tmp_path / "s1", epochs=1)
     s2 = uh.Stage2(uh.UNet(3, 3, base_channels=4, depth=2), roi_size=32, margin_mm=10)
@@ -391,6 +445,8 @@ def test_cascade_in_evaluate_and_predict_volume(tiny_data, synthetic_dir, tmp_pa
     assert len(ev["per_case"]) == 2 and "dice_liver" in ev["summary"]
     out = uh.predict_volume(m, synthetic_dir / "images" / "liver_4.nii.gz", 32, 3, stage2=s2)
     assert out.shape == nib.load(str(synthetic_dir / "images" / "liver_4.nii.gz")).shape
+    uh.plot_cascade(tiny_data["val_cases"][0], m, s2, 3, "cpu", tmp_path)
+    assert (tmp_path / "cascade.png").stat().st_size > 10_000
 
 
 def test_validation_2d_tumour_dice_needs_true_tumour():
@@ -448,3 +504,62 @@ def test_pooled_counts_and_raw_values_by_hand():
     assert row["dice_liver_lits_raw"] == pytest.approx(6 / 8) and row["dice_tumor_raw"] == pytest.approx(0.5)
     uh._score_with_raw(raw, final, truth, (1.0, 1.0, 1.0), pooled)  # a second case accumulates
     assert pooled["liver_lits"].tolist() == [12, 14]
+
+
+def test_predict_volume_feeds_the_network_what_training_saw(synthetic_dir, tmp_path, monkeypatch):
+    for files in uh.find_cases(synthetic_dir)[:3]:  # RAS and LPS headers among them
+        cached = uh.preprocess_dataset([files], tmp_path / "cache", 32, (-100, 400), workers=0, progress=False)[0]
+        seen = {}
+        real = uh.predict_slices
+
+        def spy(model, slices, *args, _real=real, _seen=seen, **kwargs):
+            _seen["slices"] = np.array(slices)
+            return _real(model, slices, *args, **kwargs)
+
+        monkeypatch.setattr(uh, "predict_slices", spy)
+        uh.predict_volume(uh.UNet(1, 3, 4, 2), files.image, 32, 1, (-100, 400))
+        monkeypatch.setattr(uh, "predict_slices", real)
+        assert seen["slices"].dtype == np.float16
+        np.testing.assert_array_equal(seen["slices"], np.asarray(cached.image))  # bit for bit the training input
+
+
+def test_bf16_only_on_compute_capability_8(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, native in (((6, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, _c=capability: _c)
+        assert uh._native_bf16() is native, capability  # P100, T4: fp16 + scaler; A100, H100: bf16
+
+
+def test_determinism_is_the_default_on_cpu_and_opt_in_on_cuda(monkeypatch):
+    try:
+        assert uh.set_determinism(0) is True and torch.are_deterministic_algorithms_enabled()
+        assert uh.set_determinism(0, deterministic=False) is False
+        assert not torch.are_deterministic_algorithms_enabled()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert uh.set_determinism(0) is False and torch.backends.cudnn.benchmark  # fast by default on CUDA
+        assert uh.set_determinism(0, deterministic=True) is True and not torch.backends.cudnn.benchmark
+    finally:
+        monkeypatch.undo()
+        torch.backends.cudnn.benchmark = False
+        uh.set_determinism(0)
+
+
+def test_available_ram_reads_the_kernels_estimate(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:          500000 kB\nMemAvailable:   9000000 kB\n")
+    assert uh.available_ram(meminfo) == 9_000_000 * 1024  # free pages alone (500 MB) would understate it
+    assert uh.available_ram(tmp_path / "missing") > 0  # elsewhere: free physical pages
+
+
+def test_resume_across_precision_changes(tiny_data, tmp_path):
+    """A run saved without a grad scaler (bf16 GPU, CPU) resumes where one is on (fp16 GPU), and back."""
+    _run(tiny_data, tmp_path / "a", epochs=1)  # CPU: the saved scaler state is empty
+    cfg = uh.TrainConfig(epochs=1, batch_size=8, lr=3e-3, steps_per_epoch=3, tumor_share=0.25, seed=0)
+    state = uh.make_train_state(uh.UNet(3, 3, base_channels=4, depth=2), cfg, 3, torch.device("cpu"))
+    state.scaler = torch.amp.GradScaler("cpu", enabled=True)  # stands in for a T4's fp16 scaler
+    assert uh.resume_state(tmp_path / "a" / "last.pt", state, cfg)[0] == 1
+    ck = uh.load_checkpoint(tmp_path / "a" / "last.pt")
+    ck["scaler"] = state.scaler.state_dict()  # now a checkpoint written with the scaler on ...
+    torch.save(ck, tmp_path / "a" / "last.pt")
+    plain = uh.make_train_state(uh.UNet(3, 3, base_channels=4, depth=2), cfg, 3, torch.device("cpu"))
+    assert uh.resume_state(tmp_path / "a" / "last.pt", plain, cfg)[0] == 1  # ... resumes where it is off

@@ -48,6 +48,7 @@ def test_notebook_writes_metrics_figures_and_prediction(tiny_run):
     for fig in ("training_curves.png", "per_case_dice.png", "overlays.png"):
         assert (out / fig).stat().st_size > 10_000, fig
     assert metrics["evaluated_checkpoint"] == "last"  # the final model, not the one chosen on these cases
+    assert metrics["deterministic"] is True  # the CPU default, recorded
     preds = sorted((out / "predictions").glob("*_pred.nii.gz"))  # every validation case, saved by evaluate
     assert sorted(p.name.replace("_pred.nii.gz", "") for p in preds) == sorted(metrics["data"]["validation"])
     assert len(preds) == 2  # 5 cases, VAL_FRACTION 0.4
@@ -76,7 +77,7 @@ def _outputs_of(executed: Path, marker: str) -> str:
 
 def test_notebook_scores_the_final_model(tiny_run):
     text = _outputs_of(tiny_run / "executed.ipynb", "uh.evaluate(")
-    assert "'last' checkpoint (epoch 2)" in text  # EPOCHS 2: the last epoch's weights were scored
+    assert "'last' checkpoint (epoch 1)" in text  # EPOCHS 2, cascade: stage 1's one epoch, its last weights
     assert "the final model" in text and "nnU-Net convention" in text
 
 
@@ -121,6 +122,8 @@ def test_cascade_from_parameters_alone(tmp_path):
     assert metrics["evaluated_checkpoint"] == "best"
     assert metrics["config"]["CASCADE"] is True
     assert (out / "stage2" / "best.pt").exists() and (out / "stage2" / "training_curves.png").exists()
+    assert (out / "cascade.png").stat().st_size > 10_000  # what stage 2 receives and returns
+    assert metrics["config"]["ROI_SIZE"] == 64  # 0.6 x 64 voxels in-plane, rounded up to 32 (no larger than 64)
     assert len(metrics["history"]) == 1  # the budget is split: EPOCHS 2 -> 1 epoch per stage
 
 

@@ -1,0 +1,302 @@
+"""The budget-fair tumour study: recipes compared at the same training wall-clock, at 256², with a kept-aside set.
+
+Every arm trains for the same number of seconds on this machine (the step count that fills them is
+measured per arm and stage before training: the cascade trains two networks, a larger input costs
+more per step; the measured seconds stand beside every row), on 256×256 synthetic CT (the Kaggle
+set's in-plane size), and is scored in 3D on a validation set generated from another seed (the
+generator seeds 100 / 200 are those of the earlier step-based study, now at 256²). A third set, with
+smaller and fainter lesions (seed 300), is kept aside: it is scored once, for the arm chosen on the
+validation set and the baseline, and never used to choose. The models trained on synthetic CT are also
+run on the real abdominal CT in ../shared (liver Dice only: it has no tumour labels).
+
+    python bench/tumour_study.py --seconds 200 --seeds 0 1 2            # the study (about 1 hour for 5 arms)
+    python bench/tumour_study.py --kept-aside "CHOSEN ARM" baseline     # then the final check, and the tables
+
+Results: bench/results/tumour_study.json (one entry per arm, seed and set, so an interrupted study
+resumes); tables in BENCHMARKS.md §5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from common import ROOT, WORK, md_table, stamp, write_table
+from recipe_study import _ms, load, paired, save
+
+import unet_helpers as uh
+
+RESULTS = ROOT / "bench" / "results" / "tumour_study.json"
+REAL_CT = ROOT.parent / "shared" / "data" / "real_ct"
+BASE = {"context": 1, "tumor_share": 0.0, "liver_share": 0.0, "empty_fraction": 1.0, "loss": "dice_ce",
+        "postprocess": False, "cascade": False, "image_size": 128, "hu_window": (-100.0, 400.0)}  # the seed's setup
+# "default" is the recipe default as it stood before this study (frozen here, so that the arms keep their meaning
+# when the study changes uh.RECIPES["default"]): tumour/liver oversampling, fewer empty slices, post-processing
+OLD_DEFAULT = {"tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2, "postprocess": True}
+WINDOW = {"hu_window": (-50.0, 250.0)}
+ARMS: dict[str, dict] = {
+    "baseline": {},
+    "default": OLD_DEFAULT,
+    "default + liver-box cascade": {**OLD_DEFAULT, "cascade": True},
+    "default + HU window -50..250": {**OLD_DEFAULT, **WINDOW},
+    "default + cascade + HU window -50..250": {**OLD_DEFAULT, "cascade": True, **WINDOW},
+}
+SETS = {  # name: (generator seed, lesion size scale, lesion contrast scale)
+    "train": (100, 1.0, 1.0), "validation": (200, 1.0, 1.0), "kept-aside": (300, 0.6, 0.6)}
+
+
+def dataset(name: str, n: int, shape) -> list:
+    """Case files of one synthetic set (generated once)."""
+    seed, size, contrast = SETS[name]
+    folder = WORK / f"tumour_{name}_{n}_{'x'.join(map(str, shape))}"
+    uh.make_synthetic_dataset(folder, n, tuple(shape), seed=seed, progress=False, lesion_size=size,
+                              lesion_contrast=contrast)
+    return uh.find_cases(folder)
+
+
+def cached(files: list, cfg: dict, roi: int | None) -> list:
+    """Preprocessed cases for an arm (the cache keys on size, window and ROI)."""
+    return uh.preprocess_dataset(files, WORK / "tumour_cache", cfg["image_size"], cfg["hu_window"],
+                                 progress=False, roi_size=roi)
+
+
+def train_config(cfg: dict, seed: int, batch: int, steps: int, lr: float = 2e-3) -> uh.TrainConfig:
+    """The arm's training settings for ``steps`` optimizer steps (4 epochs, warm-up + cosine)."""
+    return uh.TrainConfig(epochs=4, batch_size=batch, lr=lr, steps_per_epoch=max(1, steps // 4), seed=seed,
+                          tumor_share=cfg["tumor_share"], liver_share=cfg["liver_share"], loss=cfg["loss"],
+                          strong_augment=cfg.get("strong_augment", False))
+
+
+def new_model(cfg: dict, seed: int, base: int) -> uh.UNet:
+    uh.set_determinism(seed)
+    return uh.UNet(cfg["context"], 3, base, 4)
+
+
+def steps_for(seconds: float, cases: list, cfg: dict, seed: int, batch: int, base: int, out: Path) -> int:
+    """Optimizer steps that fill ``seconds`` here: the library's training loop timed for 3 epochs of 10 steps.
+
+    The faster of epochs 2 and 3 is used (the first pays for start-up; anything else running on the
+    machine only slows an epoch down); the calibration itself is not counted in the arm's training time.
+    """
+    data = uh.SliceSet(cases, cfg["context"])
+    index = uh.select_slices(cases, cfg["empty_fraction"], seed)
+    tc = uh.TrainConfig(**{**uh.asdict_plain(train_config(cfg, seed, batch, 40)), "epochs": 3, "steps_per_epoch": 10})
+    hist = uh.train(new_model(cfg, seed, base), data, index, tc, out, resume=False, progress=False)
+    per_step = min(h["epoch_seconds"] for h in hist[1:]) / 10
+    return max(8, int(seconds / per_step))
+
+
+def fit(cases: list, cfg: dict, seed: int, batch: int, base: int, steps: int, out: Path) -> uh.UNet:
+    """Train one network of an arm for ``steps`` steps; its final checkpoint is ``out/last.pt``."""
+    model = new_model(cfg, seed, base)
+    uh.train(model, uh.SliceSet(cases, cfg["context"]), uh.select_slices(cases, cfg["empty_fraction"], seed),
+             train_config(cfg, seed, batch, steps), out, resume=False, progress=False)
+    return model
+
+
+def run_arm(arm: str, seed: int, seconds: float, batch: int, train_files: list, val_files: list,
+            base: int = 16) -> dict:
+    """Train one arm with one seed for ``seconds`` of training, score it on the validation set."""
+    cfg = {**BASE, **ARMS[arm]}
+    roi = uh.roi_size_for(uh.load_case(train_files[0].image).image.shape) if cfg["cascade"] else None
+    tr, va = cached(train_files, cfg, roi), cached(val_files, cfg, None)
+    out = WORK / "tumour_runs" / f"{arm.replace(' ', '_')}_{seed}"
+    stages = [("stage1", tr, seconds * (uh.CASCADE_STAGE1_SHARE if roi else 1.0))]
+    if roi:
+        stages.append(("stage2", uh.roi_cases(tr), seconds * (1 - uh.CASCADE_STAGE1_SHARE)))
+    steps = {name: steps_for(sec, cases, cfg, seed, batch, base, out / "calibration") for name, cases, sec in stages}
+    t0 = time.perf_counter()
+    models = {name: fit(cases, cfg, seed, batch, base, steps[name], out / name) for name, cases, _ in stages}
+    train_s = time.perf_counter() - t0
+    row = score(arm, seed, "validation", models, roi, va)
+    row.update(seconds_budget=seconds, train_seconds=train_s, steps=steps, batch=batch, roi_size=roi,
+               real_ct_liver_dice=real_ct_liver_dice(arm, models, roi))
+    return row
+
+
+def load_models(arm: str, seed: int, base: int = 16) -> dict:
+    """The final networks of a finished arm × seed, from their ``last.pt`` (stage 2 too for a cascade arm)."""
+    cfg = {**BASE, **ARMS[arm]}
+    out = WORK / "tumour_runs" / f"{arm.replace(' ', '_')}_{seed}"
+    models = {}
+    for name in ("stage1", "stage2") if cfg["cascade"] else ("stage1",):
+        if not (out / name / "last.pt").exists():
+            raise FileNotFoundError(f"{out / name / 'last.pt'} is missing: rerun the arm '{arm}' seed {seed}")
+        models[name] = new_model(cfg, seed, base)
+        models[name].load_state_dict(uh.load_checkpoint(out / name / "last.pt")["model"])
+    return models
+
+
+def score(arm: str, seed: int, set_name: str, models: dict, roi: int | None, cases: list) -> dict:
+    """3D scores of an arm's final models on some cached cases (post-processed as the recipe says)."""
+    cfg = {**BASE, **ARMS[arm]}
+    stage2 = uh.Stage2(models["stage2"], roi) if "stage2" in models else None
+    ev = uh.evaluate(models["stage1"], cases, cfg["context"], "cpu", postprocess_pred=cfg["postprocess"],
+                     keep_predictions=False, progress=False, stage2=stage2)
+    keys = ("dice_liver_lits", "dice_liver", "dice_tumor", "dice_tumor_all_cases", "dice_tumor_global",
+            "dice_liver_global", "median_tumor_volume_ratio", "lesion_recall", "lesion_precision",
+            "fp_tumor_ml_tumor_free_cases")
+    per_case = [{k: r[k] for k in ("case", "has_tumor", "dice_liver", "dice_liver_lits", "dice_tumor",
+                                   "tumor_ml", "pred_tumor_ml", "tumor_volume_ratio", "fp_tumor_ml")}
+                for r in ev["per_case"]]
+    return {"arm": arm, "seed": seed, "set": set_name, "summary": {k: ev["summary"][k] for k in keys},
+            "lesion_recall_by_volume": ev["summary"]["lesion_recall_by_volume"], "per_case": per_case}
+
+
+def real_ct_liver_dice(arm: str, models: dict, roi: int | None) -> float | None:
+    """Liver Dice (label ≥ 1 vs the mask) of an arm's synthetic-trained models on the real CT in ../shared."""
+    image, mask = REAL_CT / "abdomen_ct_3mm_ras.nii.gz", REAL_CT / "abdomen_ct_3mm_ras_liver.nii.gz"
+    if not image.exists():
+        return None
+    cfg = {**BASE, **ARMS[arm]}
+    stage2 = uh.Stage2(models["stage2"], roi) if "stage2" in models else None
+    pred = uh.predict_volume(models["stage1"], image, cfg["image_size"], cfg["context"], cfg["hu_window"],
+                             postprocess_pred=cfg["postprocess"], stage2=stage2)
+    truth = np.asanyarray(nib.load(str(mask)).dataobj) > 0.5  # both in the file's own voxel order
+    return uh.dice(pred >= 1, truth)
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    vals = [r["summary"][key] for r in rows if r["summary"].get(key) is not None]
+    return statistics.mean(vals) if vals else float("nan")
+
+
+def table(rows: list[dict], set_name: str) -> str:
+    """Mean ± std over seeds of each arm's scores on one set, with seconds beside every row."""
+    by_arm: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["set"] == set_name:
+            by_arm.setdefault(r["arm"], []).append(r)
+    base_t = _mean(by_arm.get("baseline", []), "dice_tumor")
+    body = []
+    for arm in ARMS:
+        rs = by_arm.get(arm)
+        if not rs:
+            continue
+        val = [r for r in rows if r["arm"] == arm and r["set"] == "validation"]
+        steps = " + ".join(str(v) for v in val[0]["steps"].values()) if val else "-"
+        t = _mean(rs, "dice_tumor")
+        body.append([arm, f"{val[0]['seconds_budget']:.0f}" if val else "-",
+                     f"{statistics.mean(r['train_seconds'] for r in val):.0f}" if val else "-", steps, len(rs),
+                     *(_ms([r["summary"][k] for r in rs]) for k in (
+                         "dice_liver_lits", "dice_tumor", "dice_tumor_all_cases", "dice_tumor_global",
+                         "median_tumor_volume_ratio", "lesion_recall", "fp_tumor_ml_tumor_free_cases")),
+                     f"{t / base_t:.2f}×" if base_t and base_t == base_t and t == t else "-"])
+    return md_table(["arm", "budget s", "train s (measured)", "steps", "seeds", "liver Dice (label ≥ 1)",
+                     "tumour Dice per case", "tumour Dice, all cases (nnU-Net)", "tumour Dice global",
+                     "tumour volume pred/true (median)", "lesion recall", "FP tumour mL (tumour-free)",
+                     "tumour vs baseline"], body)
+
+
+def paired_rows(rows: list[dict]) -> str:
+    """Paired differences on the validation set (same seeds, same cases; bootstrap over cases)."""
+    val = [r for r in rows if r["set"] == "validation"]
+    body = []
+    for a, b in (("default", "baseline"), ("default + liver-box cascade", "default"),
+                 ("default + HU window -50..250", "default"), ("default + cascade + HU window -50..250", "default"),
+                 ("default + cascade + HU window -50..250", "default + liver-box cascade"),
+                 ("default + liver-box cascade", "baseline"),
+                 ("default + cascade + HU window -50..250", "baseline")):
+        t, liv = paired(val, a, b), paired(val, a, b, "dice_liver_lits")
+        if t is None or liv is None:
+            continue
+        body.append([a, b, f"{t['mean']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}]",
+                     f"{t['a_better']} / {t['b_better']}",
+                     f"{liv['mean']:+.3f} [{liv['low']:+.3f}, {liv['high']:+.3f}]", f"{t['cases']} × {t['seeds']}"])
+    return md_table(["arm A", "arm B", "tumour Dice A − B [95 % CI]", "cases A better / B better",
+                     "liver Dice (label ≥ 1) A − B", "tumour cases × seeds"], body)
+
+
+def real_ct_table(rows: list[dict]) -> str:
+    """Liver Dice on the real CT sample of each arm's synthetic-trained models (mean ± std over seeds)."""
+    body = []
+    for arm in ARMS:
+        vals = [r.get("real_ct_liver_dice") for r in rows if r["arm"] == arm and r["set"] == "validation"]
+        if vals and all(v is not None for v in vals):
+            body.append([arm, _ms(vals), len(vals)])
+    if not body:
+        return "Skipped: the real CT samples (../shared/data/real_ct) were not present when the study ran."
+    return md_table(["arm (trained on synthetic CT only)", "liver Dice on the real abdominal CT", "seeds"], body)
+
+
+def write_tables(rows: list[dict], a: argparse.Namespace, command: str) -> None:
+    """The study's tables in BENCHMARKS.md §5."""
+    setup = (f"Synthetic CT only (no real tumours). Train: {a.train_cases} cases (generator seed 100); validation: "
+             f"{a.val_cases} cases (seed 200); kept aside: {a.kept_cases} cases (seed 300, lesions 0.6× the size "
+             f"and 0.6× the contrast), all {'×'.join(map(str, a.shape))} voxels. Quick U-Net (base {a.base}, "
+             f"depth 4), {BASE['image_size']}² input, batch {a.batch}, AdamW 2e-3, warm-up + cosine; every arm "
+             "trains for the same wall-clock on this machine (steps measured per arm and stage before training, "
+             "the measured training seconds beside each row; the cascade gives stage 1 a third and stage 2 two "
+             "thirds, on a 160-pixel window around the liver box, resized only where a liver box is larger); "
+             "final checkpoint, 3D per-case Dice, mean ± std over training seeds.")
+    write_table("tumour_study", stamp(command) + "\n\n" + setup + "\n\n**Validation set** (the study chooses "
+                "on this):\n\n" + table(rows, "validation") + "\n\n**Kept-aside set** (smaller, fainter lesions; "
+                "scored once, after the choice):\n\n" + table(rows, "kept-aside") + "\n\n**Eight of the training "
+                "cases** (the same final models on lesions they were trained on):\n\n"
+                + table(rows, "training cases"))
+    write_table("tumour_study_paired", paired_rows(rows))
+    write_table("tumour_study_real_ct", real_ct_table(rows))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=200.0, help="training wall-clock of every arm")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="*", default=list(ARMS))
+    ap.add_argument("--kept-aside", nargs="*", default=[], help="arms to score once on the kept-aside set")
+    ap.add_argument("--training-cases", nargs="*", default=[],
+                    help="arms to score on 8 of their own training cases (how well they fit what they saw)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--train-cases", type=int, default=24)
+    ap.add_argument("--val-cases", type=int, default=16)
+    ap.add_argument("--kept-cases", type=int, default=16)
+    ap.add_argument("--shape", type=int, nargs=3, default=[256, 256, 48])
+    ap.add_argument("--base", type=int, default=16)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args(argv)
+    setup = {"seconds": a.seconds, "batch": a.batch, "train_cases": a.train_cases, "val_cases": a.val_cases,
+             "kept_cases": a.kept_cases, "shape": list(a.shape), "base": a.base}
+    rows = load(a.results)
+    other = [r for r in rows if r.get("setup", setup) != setup]
+    if other:  # resuming must not mix runs of other settings into one table
+        raise ValueError(f"{a.results} holds runs with other settings ({other[0]['setup']}, now {setup}); "
+                         "use another --results file")
+    train_files, val_files = dataset("train", a.train_cases, a.shape), dataset("validation", a.val_cases, a.shape)
+    for seed in a.seeds if not (a.kept_aside or a.training_cases) else []:
+        for arm in a.arms:
+            if any((r["arm"], r["seed"], r["set"]) == (arm, seed, "validation") for r in rows):
+                continue
+            t0 = time.perf_counter()
+            new = {**run_arm(arm, seed, a.seconds, a.batch, train_files, val_files, a.base), "setup": setup}
+            rows = [*load(a.results), new]
+            save(rows, a.results)
+            s = new["summary"]
+            print(f"{arm} seed {seed}: liver {s['dice_liver_lits']:.3f} tumour {s['dice_tumor']:.3f} "
+                  f"ratio {s['median_tumor_volume_ratio']:.2f} ({new['train_seconds']:.0f} s training, "
+                  f"{time.perf_counter() - t0:.0f} s in all)", flush=True)
+    kept_files = dataset("kept-aside", a.kept_cases, a.shape) if a.kept_aside else []
+    for set_name, arms, files in (("kept-aside", a.kept_aside, kept_files),
+                                  ("training cases", a.training_cases, train_files[:8])):
+        for arm in arms:
+            for r in [r for r in rows if r["arm"] == arm and r["set"] == "validation"]:
+                if any((k["arm"], k["seed"], k["set"]) == (arm, r["seed"], set_name) for k in rows):
+                    continue
+                cfg = {**BASE, **ARMS[arm]}
+                row = score(arm, r["seed"], set_name, load_models(arm, r["seed"], a.base), r["roi_size"],
+                            cached(files, cfg, None))
+                rows = [*load(a.results), {**row, "setup": setup}]
+                save(rows, a.results)
+                print(f"{set_name} {arm} seed {r['seed']}: tumour {row['summary']['dice_tumor']:.3f}", flush=True)
+    if not a.no_write:
+        write_tables(rows, a, "python bench/tumour_study.py " + " ".join(argv or []))
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])

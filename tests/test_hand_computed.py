@@ -1,0 +1,80 @@
+"""Hand-computed expected values for the loss, the augmentation and the orientation round trip.
+
+Each expected number is worked out in the comments, not taken from the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_nifti
+
+import unet_helpers as uh
+
+
+def test_soft_dice_ce_loss_by_hand():
+    # one image of 2 pixels; logits = log(p) so that the softmax is exactly p
+    p = torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.2, 0.7]])  # pixel 0, pixel 1; classes 0, 1, 2
+    logits = p.log().T.reshape(1, 3, 1, 2)
+    target = torch.tensor([[[1, 2]]])
+    total, parts = uh.make_loss("dice_ce", smooth=0.0)(logits, target)
+    # CE = mean(-log 0.5, -log 0.7)
+    ce = (-math.log(0.5) - math.log(0.7)) / 2
+    # class 1: tp 0.5, fp 0.2, fn 0.5 -> 0.5 / (0.5 + 0.1 + 0.25); class 2: tp 0.7, fp 0.3, fn 0.3 -> 0.7 / 1.0
+    dice_loss = 1 - (0.5 / 0.85 + 0.7) / 2
+    assert parts["ce"].item() == pytest.approx(ce, abs=1e-6)
+    assert parts["dice"].item() == pytest.approx(dice_loss, abs=1e-6)
+    assert total.item() == pytest.approx(ce + dice_loss, abs=1e-6)
+    # per-slice Dice of two images = mean of each image's own Dice (here: the same image twice)
+    _, per_slice = uh.make_loss("dice_ce_per_slice", smooth=0.0)(logits.repeat(2, 1, 1, 1), target.repeat(2, 1, 1))
+    assert per_slice["dice"].item() == pytest.approx(dice_loss, abs=1e-6)
+
+
+def test_augmentation_keeps_labels_and_moves_image_with_label():
+    y = torch.zeros(4, 32, 32, dtype=torch.long)
+    y[:, 8:24, 6:20] = 1
+    y[:, 12:18, 10:15] = 2
+    x = (y.float() / 2)[:, None]  # the image encodes its label: 0, 0.5, 1
+    gen = torch.Generator().manual_seed(0)
+    xa, ya = uh.augment_batch(x, y, generator=gen, intensity=0.0, noise=0.0, p=1.0)
+    assert set(torch.unique(ya).tolist()) <= {0, 1, 2}
+    assert not torch.equal(ya, y)  # something moved
+    agree = (torch.round(xa[:, 0] * 2).long() == ya).float().mean().item()
+    assert agree > 0.97  # image and label moved together (bilinear vs nearest differ on edges only)
+    assert (ya == 2).sum() > 0.7 * (y == 2).sum()  # the lesion survives scaling by at most 15 %
+
+
+def test_orientation_round_trip_with_permuted_axes(tmp_path):
+    data = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3) - 1000  # CT-like values
+    data[0, 0, :] = 40
+    # file axis 0 runs along world +y (anterior, 1.5 mm), axis 1 along world +x (right, 2 mm), axis 2 along +z
+    affine = np.array([[0, 2.0, 0, 0], [1.5, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])
+    path = write_nifti(tmp_path / "perm.nii.gz", data, affine)
+    case = uh.load_case(path)
+    # canonical RAS: array axis 0 = x = file axis 1, axis 1 = y = file axis 0
+    np.testing.assert_array_equal(case.image, data.transpose(1, 0, 2).astype(np.float32))
+    assert tuple(case.spacing) == (2.0, 1.5, 3.0)
+    np.testing.assert_array_equal(uh.from_canonical(case.image, case.source_affine), data)
+
+
+def test_contrast_and_gamma_augmentation_by_their_definitions():
+    x = torch.linspace(0.1, 0.9, 2 * 16 * 16).reshape(2, 1, 16, 16)
+    y = torch.zeros(2, 16, 16, dtype=torch.long)
+    still = {"rotate_deg": 0.0, "scale": (1.0, 1.0), "translate": 0.0, "intensity": 0.0, "noise": 0.0, "p": 1.0}
+    xc, yc = uh.augment_batch(x, y, torch.Generator().manual_seed(1), contrast=0.25, **still)
+    assert torch.equal(yc, y)
+    for i in range(2):  # deviations from the image mean scaled by one factor k in [0.75, 1.25]
+        m, d = x[i].mean(), x[i] - x[i].mean()
+        k = ((xc[i] - m) * d).sum() / (d * d).sum()  # least-squares factor, then every pixel must fit it
+        assert torch.allclose(xc[i], m + k * d, atol=1e-5)
+        assert 0.75 <= k.item() <= 1.25 and abs(k.item() - 1) > 1e-3
+    xg, _ = uh.augment_batch(x, y, torch.Generator().manual_seed(2), gamma=0.4, **still)
+    for i in range(2):  # x ** g with one exponent g in [exp(-0.4), exp(0.4)]
+        g = torch.log(xg[i]) / torch.log(x[i])
+        assert torch.allclose(g, g.flatten()[0].expand_as(g), atol=1e-4)
+        assert math.exp(-0.4) <= g.flatten()[0].item() <= math.exp(0.4)
+    plain, _ = uh.augment_batch(x, y, torch.Generator().manual_seed(1), **still)
+    assert torch.allclose(plain, x, atol=1e-6)  # everything off: the image passes unchanged

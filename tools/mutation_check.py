@@ -1,0 +1,101 @@
+"""Mutation check: plant deliberate bugs in a copy of unet_helpers.py and make sure the tests catch each.
+
+A bug that the suite does not catch is a missing test. Each mutation is one exact text replacement in a
+copy of the module (the original is never touched); the unit tests (the notebook tests excluded, for
+time) then run against the copy and must fail. The unmutated copy must pass first.
+
+    python tools/mutation_check.py            # exit 0 when every mutation is caught (a few minutes)
+    python tools/mutation_check.py --list     # the mutations
+
+Run by .ci/run after the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ["tests/test_data.py", "tests/test_evaluation.py", "tests/test_model.py", "tests/test_hand_computed.py"]
+
+# name: (exact text in unet_helpers.py, its mutated replacement)
+MUTATIONS: dict[str, tuple[str, str]] = {
+    "Dice numerator (tp instead of 2 tp)": (
+        "return float(2 * tp / denom) if denom else empty",
+        "return float(tp / denom) if denom else empty"),
+    "swapped label index (tumour scored as label 1)": (
+        '"dice_tumor": dice(pred == 2, truth == 2) if has_tumor else float("nan"),',
+        '"dice_tumor": dice(pred == 1, truth == 2) if has_tumor else float("nan"),'),
+    "dropped orientation flip (no reorientation to RAS)": (
+        "    view = apply_orientation(data, ornt)  # a flipped/transposed view",
+        "    view = data  # a flipped/transposed view"),
+    "HU window bound (upper bound used as the offset)": (
+        "    out -= lo\n",
+        "    out -= hi\n"),
+    "train/validation leak (validation cases also in training)": (
+        "    return [i for i in ids if patient[i] not in val_units], val",
+        "    return list(ids), val"),
+    "post-processing keeps every component": (
+        "        fg = lab == sizes.argmax()",
+        "        fg = lab > 0"),
+    "lesion counted as detected without overlap": (
+        '"detected": bool(len(hits)),',
+        '"detected": True,'),
+}
+
+
+def run_tests(module: Path, workdir: Path) -> tuple[bool, float]:
+    """Run the unit tests with ``module`` as unet_helpers; (passed, seconds)."""
+    shutil.copy(module, workdir / "unet_helpers.py")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    real_ct = ROOT.parent / "shared" / "data" / "real_ct"  # the copy lives elsewhere: point its tests at ../shared
+    if real_ct.exists():
+        env.setdefault("LIVER_REAL_CT_DIR", str(real_ct))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
+                          cwd=workdir, env=env, capture_output=True, text=True)
+    return proc.returncode == 0, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--list", action="store_true")
+    a = ap.parse_args(argv)
+    if a.list:
+        print("\n".join(MUTATIONS))
+        return 0
+    source = (ROOT / "unet_helpers.py").read_text()
+    missing = [name for name, (old, _new) in MUTATIONS.items() if source.count(old) != 1]
+    if missing:  # the code moved on: a mutation that no longer applies checks nothing
+        print("mutations whose text is not found exactly once in unet_helpers.py:", *missing, sep="\n  ")
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "pyproject.toml", work / "pyproject.toml")
+        original = work / "original.py"
+        original.write_text(source)
+        ok, secs = run_tests(original, work)
+        print(f"unmutated: {'passes' if ok else 'FAILS'} ({secs:.0f} s)", flush=True)
+        if not ok:
+            return 2
+        survivors = []
+        for name, (old, new) in MUTATIONS.items():
+            mutant = work / "mutant.py"
+            mutant.write_text(source.replace(old, new))
+            passed, secs = run_tests(mutant, work)
+            print(f"{'SURVIVED' if passed else 'caught  '}  {name} ({secs:.0f} s)", flush=True)
+            if passed:
+                survivors.append(name)
+    print(f"{len(MUTATIONS) - len(survivors)} of {len(MUTATIONS)} mutations caught")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
