@@ -145,7 +145,8 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
 
     The preset is "full" on a CUDA GPU with real data, else "quick"; ``CONTEXT_SLICES``,
     ``CASCADE``, ``HU_WINDOW``, ``LOSS`` and the sampling, augmentation and post-processing options
-    come from ``RECIPE`` (``RECIPE_SETTINGS`` holds them with your overrides); with the
+    come from ``RECIPE`` (``RECIPE_SETTINGS`` holds them with your overrides); the recipe's cascade is
+    used only where ``IMAGE_SIZE`` is below the CT's in-plane size (where stage 2 gains resolution); with the
     cascade, ``ROI_SIZE`` comes from ``native_shape`` (the CT's voxels per slice, :func:`roi_size_for`).
 
     Returns:
@@ -168,8 +169,11 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
         s["CONTEXT_SLICES"] = rec["context"]
         notes.append(f"CONTEXT_SLICES = {rec['context']} (recipe {s['RECIPE']!r})")
     if s.get("CASCADE") is None:
-        s["CASCADE"] = rec["cascade"]
-        notes.append(f"CASCADE = {rec['cascade']} (recipe {s['RECIPE']!r})")
+        gains = native_shape is None or s["IMAGE_SIZE"] < max(native_shape[:2])  # stage 2 sees finer pixels
+        s["CASCADE"] = bool(rec["cascade"] and gains)
+        notes.append(f"CASCADE = {s['CASCADE']} (recipe {s['RECIPE']!r}" + ("" if gains or not rec["cascade"] else
+                     f"; off: IMAGE_SIZE {s['IMAGE_SIZE']} is already the CT's in-plane size, so stage 2 would "
+                     "gain no resolution") + ")")
     if s.get("HU_WINDOW") is None:
         s["HU_WINDOW"] = tuple(rec["hu_window"])
         notes.append(f"HU_WINDOW = {s['HU_WINDOW']} (recipe {s['RECIPE']!r})")
@@ -2474,12 +2478,13 @@ def plot_cascade(case: CachedCase, stage1: torch.nn.Module, stage2: Stage2, cont
     inside = truth[x0:x1, y0:y1, z0:z1]
     k = int(np.lexsort(((inside >= 1).sum((0, 1)), (inside == 2).sum((0, 1))))[-1])  # most tumour, then liver
     z = z0 + k
+    crop_k = np.asarray(crop[k], np.float32)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     panels = ((full[:, :, z], coarse[:, :, z], f"stage 1 ({case.image.shape[1]}²): liver box, z={z}"),
-              (_resize2d(crop[k], (x1 - x0, y1 - y0)), truth[x0:x1, y0:y1, z],
+              (_resize2d(crop_k, (x1 - x0, y1 - y0)), truth[x0:x1, y0:y1, z],
                f"stage 2 input: the {x1 - x0}×{y1 - y0} box at native resolution"
                + ("" if x1 - x0 <= stage2.roi_size else f" (resized to {stage2.roi_size}²)") + "; truth"),
-              (_resize2d(crop[k], (x1 - x0, y1 - y0)), inner[:, :, k], "stage 2 output, pasted back"))
+              (_resize2d(crop_k, (x1 - x0, y1 - y0)), inner[:, :, k], "stage 2 output, pasted back"))
     for ax, (img, lab, name) in zip(axes, panels):
         ax.imshow(show_slice(img), cmap="gray", vmin=0, vmax=1)
         ax.contour(show_slice(lab >= 1), levels=[0.5], colors="lime", linewidths=1)

@@ -51,10 +51,11 @@ def run(image_size: int = 256, batch: int = 32, steps: int = 40, write: bool = F
             step = lambda x, y, _s=state: uh.train_step(_s, x, y)  # noqa: E731
             s = uh.SliceSet(cached, 3, dev)
             sampler = uh.TumorAwareSampler(index, s.has_liver, s.has_tumor, batch, 0.33, 0.17, 0)
-            batches = lambda s=s, sampler=sampler: (s.batch(b) for b in sampler.epoch(0)[:steps])  # noqa: E731
+            batches = lambda s=s, sampler=sampler: (s.batch(b) for b in uh.epoch_batches(sampler, 0, steps))  # noqa: E731
         else:
             step = _naive_step(model, torch.optim.AdamW(model.parameters(), 1e-3), uh.make_loss("dice_ce").to(dev))
-            loader = torch.utils.data.DataLoader(MemmapSlices(cached, index, 3), batch_size=batch, shuffle=True,
+            sampler = torch.utils.data.RandomSampler(index, replacement=True, num_samples=10**6)  # never runs dry
+            loader = torch.utils.data.DataLoader(MemmapSlices(cached, index, 3), batch_size=batch, sampler=sampler,
                                                  num_workers=workers, pin_memory=dev.type == "cuda",
                                                  drop_last=True, persistent_workers=workers > 0)
             batches = lambda loader=loader: _LazyLoader(loader, steps)  # noqa: E731

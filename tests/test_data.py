@@ -495,3 +495,16 @@ def test_synthetic_lesion_size_and_contrast_knobs():
         assert little["kind"] == big["kind"]
         assert abs(little["radius_mm"] - 0.6 * big["radius_mm"]) <= 0.1  # radii are stored rounded to 0.1 mm
         assert abs(little["delta_hu"] - 0.6 * big["delta_hu"]) <= 0.1
+
+
+def test_cascade_default_only_where_stage_two_gains_resolution():
+    base = {"RECIPE": "default", "PRESET": "full"}  # full preset: IMAGE_SIZE 256
+    on_512, _ = uh.resolve_settings(base, torch.device("cpu"), False, native_shape=(512, 512, 90))
+    assert on_512["CASCADE"] is True and on_512["ROI_SIZE"] == 320  # 256² stage 1, native 320-pixel window
+    off_256, notes = uh.resolve_settings(base, torch.device("cpu"), False, native_shape=(256, 256, 90))
+    assert off_256["CASCADE"] is False and any("gain no resolution" in n for n in notes)
+    forced, _ = uh.resolve_settings({**base, "CASCADE": True}, torch.device("cpu"), False, native_shape=(256, 256, 90))
+    assert forced["CASCADE"] is True  # a setting you give is kept
+    quick, _ = uh.resolve_settings({"RECIPE": "default"}, torch.device("cpu"), True, native_shape=(192, 192, 48))
+    assert quick["CASCADE"] is True and quick["IMAGE_SIZE"] == 128 and quick["ROI_SIZE"] == 128
+    assert uh.resolve_settings({"RECIPE": "baseline"}, torch.device("cpu"), True, (192, 192, 48))[0]["CASCADE"] is False

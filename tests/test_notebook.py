@@ -77,7 +77,7 @@ def _outputs_of(executed: Path, marker: str) -> str:
 
 def test_notebook_scores_the_final_model(tiny_run):
     text = _outputs_of(tiny_run / "executed.ipynb", "uh.evaluate(")
-    assert "'last' checkpoint (epoch 1)" in text  # EPOCHS 2, cascade: stage 1's one epoch, its last weights
+    assert "'last' checkpoint (epoch 1, stage 2 epoch 1)" in text  # EPOCHS 2, cascade: one epoch per stage
     assert "the final model" in text and "nnU-Net convention" in text
 
 
