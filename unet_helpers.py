@@ -21,6 +21,10 @@ Conventions: volumes are held in the canonical RAS+ orientation as ``(X, Y, Z)``
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import datetime
+import errno
 import hashlib
 import json
 import math
@@ -32,7 +36,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,6 +191,8 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
     if s.get("EVAL_CHECKPOINT", "last") not in ("last", "best"):
         raise ValueError(f"EVAL_CHECKPOINT must be 'last' or 'best', got {s['EVAL_CHECKPOINT']!r}")
     check_fold(s.get("FOLD"))
+    s["GPUS"], gpu_note = resolve_gpus(s.get("GPUS"), device, s["BATCH_SIZE"])
+    notes.append(gpu_note)
     if s["CASCADE"]:
         if s.get("ROI_SIZE") is None:
             s["ROI_SIZE"] = roi_size_for(native_shape) if native_shape else s["IMAGE_SIZE"]
@@ -198,6 +204,29 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
     rec.update(context=s["CONTEXT_SLICES"], cascade=bool(s["CASCADE"]))
     s["RECIPE_SETTINGS"] = rec
     return s, notes
+
+
+def resolve_gpus(gpus: int | None, device: torch.device, batch_size: int,
+                 visible: int | None = None) -> tuple[int, str]:
+    """How many GPUs train (``GPUS``): None = every visible CUDA GPU (Kaggle's 2 x T4: both), 1 off a GPU.
+
+    Returns:
+        (number, a line saying why). Several GPUs train with DistributedDataParallel (:func:`train_replicated`).
+    """
+    if device.type != "cuda":
+        if gpus not in (None, 1):
+            raise ValueError(f"GPUS = {gpus} needs CUDA GPUs; this run uses {device.type}. Set GPUS = None or 1.")
+        return 1, f"GPUS = 1 ({device.type})"
+    visible = torch.cuda.device_count() if visible is None else visible
+    n = max(1, visible) if gpus is None else int(gpus)
+    if gpus is not None and not 1 <= n <= visible:
+        raise ValueError(f"GPUS = {gpus}, but {visible} CUDA GPU(s) are visible.")
+    if n > 1 and batch_size % n:
+        if gpus is not None:
+            raise ValueError(f"BATCH_SIZE {batch_size} does not split evenly over {n} GPUs; use a multiple of {n}.")
+        return 1, f"GPUS = 1 (BATCH_SIZE {batch_size} does not split over the {n} visible GPUs; use a multiple)"
+    how = "one process per GPU, DistributedDataParallel, each takes BATCH_SIZE / GPUS slices a step" if n > 1 else ""
+    return n, f"GPUS = {n} ({'all visible' if gpus is None else 'set by you'}{'; ' + how if how else ''})"
 
 
 def check_fold(fold: Any, n_folds: int = 5) -> None:
@@ -698,6 +727,103 @@ def cache_key(case: CaseFiles, image_size: int, hu_window: Sequence[float], roi:
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+KAGGLE_WORKING = Path("/kaggle/working")  # Kaggle's output folder (20 GB, saved with the notebook)
+KAGGLE_TEMP = Path("/kaggle/temp")        # Kaggle's scratch folder on the machine's disk (gone after the session)
+COLAB_DRIVE = Path("/content/drive")      # Google Drive mounted in Colab (15 GB free, slow for many small reads)
+CACHE_RESERVE_BYTES = 1 << 30             # free space left untouched on the cache's disk
+
+
+class CacheSpaceError(OSError):
+    """The slice cache does not fit the free space of its disk."""
+
+
+def default_cache_dir(output_dir: str | os.PathLike) -> Path:
+    """Where preprocessed slices go when ``CACHE_DIR`` is None: a fast local disk, not a quota'd output folder.
+
+    Kaggle: ``/kaggle/temp/liver_cache`` (the machine's own disk; not counted in ``/kaggle/working``'s 20 GB
+    and not saved as notebook output; rebuilt in each new session). Colab with ``OUTPUT_DIR`` on Google
+    Drive: ``/content/liver_cache`` (the VM's local disk). Elsewhere ``OUTPUT_DIR/cache``, kept between runs.
+    """
+    out = Path(output_dir).resolve()
+    if KAGGLE_WORKING.is_dir():
+        return KAGGLE_TEMP / "liver_cache"
+    if out == COLAB_DRIVE or COLAB_DRIVE in out.parents:
+        return COLAB_DRIVE.parent / "liver_cache"
+    return out / "cache"
+
+
+def cache_bytes_needed(cases: Sequence[CaseFiles], image_size: int, roi_size: int | None = None) -> tuple[int, int]:
+    """Bytes that caching ``cases`` writes, from their headers: (certain, likely).
+
+    ``certain``: the network slices (float16 image + uint8 label, Z x S x S each), which every case writes.
+    ``likely`` adds the cascade's liver-box slices (Z x R x R x 3, an upper bound: only slices with liver
+    get one) and the full-resolution label of the liver box (at most X x Y x Z bytes, counted at a quarter).
+    """
+    certain = likely = 0
+    for c in cases:
+        x, y, z = canonical_shape(c.image)[:3]
+        slices = z * image_size * image_size * (3 if c.label else 2)
+        certain += slices
+        if c.label:
+            likely += slices + (z * roi_size * roi_size * 3 if roi_size else 0) + x * y * z // 4
+        else:
+            likely += slices
+    return certain, likely
+
+
+def check_cache_space(cache_dir: Path, certain: int, likely: int) -> None:
+    """Refuse to start a cache that cannot fit (``certain`` bytes over the free space); warn when it may not.
+
+    Raises:
+        CacheSpaceError: naming the folder, the space needed and free, and what to change.
+    """
+    free = shutil.disk_usage(cache_dir).free - CACHE_RESERVE_BYTES
+    gb = 2 ** 30
+    if certain > free:
+        raise CacheSpaceError(
+            f"The slice cache needs at least {certain / gb:.1f} GB (likely {likely / gb:.1f} GB) in {cache_dir}, "
+            f"but only {max(free, 0) / gb:.1f} GB are free there (after a {CACHE_RESERVE_BYTES / gb:.0f} GB "
+            "reserve). Set CACHE_DIR to a disk with more room (Kaggle: /kaggle/temp; Colab: /content), delete "
+            "old cache folders, or lower IMAGE_SIZE.")
+    if likely > free:
+        warnings.warn(f"The slice cache may need up to {likely / gb:.1f} GB in {cache_dir}; {free / gb:.1f} GB "
+                      "are free. If the disk fills, preprocessing stops with a clear error and keeps what it "
+                      "finished.", stacklevel=3)
+
+
+def _entry_source(entry: Path) -> str | None:
+    """The image file a finished cache entry was made from (None for folders that are no entry)."""
+    try:
+        return str(Path(json.loads((entry / "meta.json").read_text())["image_path"]).resolve())
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def remove_stale_entries(cache_dir: Path, cases: Sequence[CaseFiles], keep: Iterable[Path],
+                         tmp_age_s: float = 3600.0) -> tuple[list[str], int]:
+    """Delete this data's cache entries of earlier settings (or earlier file versions) and old temp folders.
+
+    An entry is stale when it was made from the image file of one of ``cases`` (its ``meta.json`` says
+    which) but is not in ``keep``; entries of other files are left alone, even under the same case id
+    (another data set may share the folder). Temp folders of interrupted writes older than ``tmp_age_s``
+    go too (younger ones may belong to a run in progress). A run with other settings on the same files in
+    the same folder loses its entries: give concurrent runs their own ``CACHE_DIR``.
+
+    Returns:
+        (names removed, bytes freed).
+    """
+    sources, keep = {str(Path(c.image).resolve()) for c in cases}, {Path(k).name for k in keep}
+    removed, freed = [], 0
+    for entry in sorted(Path(cache_dir).iterdir()) if Path(cache_dir).is_dir() else []:
+        old_tmp = entry.name.startswith(".tmp-") and time.time() - entry.stat().st_mtime > tmp_age_s
+        stale = not entry.name.startswith(".tmp-") and entry.name not in keep and _entry_source(entry) in sources
+        if entry.is_dir() and (stale or old_tmp):
+            freed += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed, freed
+
+
 def _check_cache_dir(cache_dir: Path, data_dirs: Iterable[Path]) -> None:
     """Refuse a cache folder inside a data folder (inputs are read-only, e.g. /kaggle/input)."""
     cache_dir = cache_dir.resolve()
@@ -777,10 +903,31 @@ def _open_entry(entry: Path, from_cache: bool) -> CachedCase:
         np.load(entry / "roi_label.npy", mmap_mode="r") if (entry / "roi_label.npy").exists() else None)
 
 
+def _decode_all(todo: list, image_size: int, hu_window: tuple, roi: tuple | None, workers: int, bar) -> None:
+    """Write the cache entries of ``todo`` ((case, entry) pairs), in ``workers`` processes when > 1."""
+    if workers > 1:
+        import multiprocessing as mp
+        # fork on Linux, as torch's DataLoader does (workers keep torch single-threaded); spawn elsewhere
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+            futures = [pool.submit(_preprocess_one, c, str(e), image_size, hu_window, roi) for c, e in todo]
+            try:
+                for fut in futures:
+                    fut.result()
+                    bar.update()
+            except BaseException:  # e.g. a full disk: stop at once rather than decode every other case first
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    else:
+        for c, e in todo:
+            _preprocess_one(c, str(e), image_size, hu_window, roi)
+            bar.update()
+
+
 def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike, image_size: int = 256,
                        hu_window: Sequence[float] = DEFAULT_HU_WINDOW, workers: int | None = None,
                        progress: bool = True, roi_size: int | None = None,
-                       roi_margin_mm: float = ROI_MARGIN_MM) -> list[CachedCase]:
+                       roi_margin_mm: float = ROI_MARGIN_MM, clean: bool = False) -> list[CachedCase]:
     """Window, resize and cache every case once; later calls only memory-map the cache.
 
     Used in the notebook section "Preprocess".  Each case is keyed by a hash of its input files
@@ -798,6 +945,8 @@ def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike,
         roi_size: also cache each labelled case's liver box (ground truth + ``roi_margin_mm``, at least
             ``roi_size`` pixels wide) from the full-resolution slices, resized to ``roi_size`` only where
             the box is larger (training data of the cascade's stage 2).
+        clean: first remove these cases' entries of earlier settings (:func:`remove_stale_entries`) and
+            say so; the notebook does, scripts that switch settings back and forth (the studies) do not.
 
     Returns:
         One :class:`CachedCase` per input case, in input order.
@@ -810,36 +959,27 @@ def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike,
     roi = (int(roi_size), float(roi_margin_mm)) if roi_size else None
     entries = [cache_dir / f"{c.case_id}-{cache_key(c, image_size, hu_window, roi)}" for c in cases]
     todo = [(c, e) for c, e in zip(cases, entries) if not (e / "meta.json").exists()]
+    removed, freed = remove_stale_entries(cache_dir, cases, entries) if clean else ([], 0)
+    if removed and progress:
+        print(f"cache: removed {len(removed)} stale entries of earlier settings from {cache_dir} "
+              f"({freed / 2**30:.2f} GB freed): {', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''}")
+    if todo:
+        check_cache_space(cache_dir, *cache_bytes_needed([c for c, _ in todo], image_size, roi[0] if roi else None))
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if len(todo) >= 4 else 0
     bar = tqdm(total=len(todo), desc="preprocess volumes", unit="vol", disable=not progress or not todo)
-    if workers > 1:
-        import multiprocessing as mp
-        # fork on Linux, as torch's DataLoader does (workers keep torch single-threaded); spawn elsewhere
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-            futures = [pool.submit(_preprocess_one, c, str(e), image_size, hu_window, roi) for c, e in todo]
-            for fut in futures:
-                fut.result()
-                bar.update()
-    else:
-        for c, e in todo:
-            _preprocess_one(c, str(e), image_size, hu_window, roi)
-            bar.update()
-    bar.close()
+    try:
+        _decode_all(todo, image_size, hu_window, roi, workers, bar)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise CacheSpaceError(f"The disk of the slice cache {cache_dir} is full ({err}). Finished entries are kept "
+                              "and reused; set CACHE_DIR to a disk with more room (Kaggle: /kaggle/temp; Colab: "
+                              "/content) or lower IMAGE_SIZE, then run again.") from err
+    finally:
+        bar.close()
     done = {e for _, e in todo}
     return [_open_entry(e, from_cache=e not in done) for e in entries]
-
-
-def clean_cache(cache_dir: str | os.PathLike, keep: Sequence[CachedCase]) -> int:
-    """Delete cache entries not in ``keep`` and interrupted temp folders; return how many."""
-    keep_paths = {Path(c.meta["entry"]).resolve() for c in keep}
-    removed = 0
-    for entry in Path(cache_dir).iterdir():
-        if entry.is_dir() and entry.resolve() not in keep_paths:
-            shutil.rmtree(entry, ignore_errors=True)
-            removed += 1
-    return removed
 
 
 def roi_cases(cases: Sequence[CachedCase]) -> list[CachedCase]:
@@ -850,7 +990,7 @@ def roi_cases(cases: Sequence[CachedCase]) -> list[CachedCase]:
             continue
         lab = np.asarray(c.roi_label)
         out.append(CachedCase(c.case_id, c.roi_image, c.roi_label, None, (lab >= 1).any(axis=(1, 2)),
-                              (lab == 2).any(axis=(1, 2)), c.meta, c.from_cache))
+                              (lab == 2).any(axis=(1, 2)), {**c.meta, "view": "roi"}, c.from_cache))
     if not out:
         raise ValueError("No liver boxes in these cached cases: preprocess with roi_size=... (and labels)")
     return out
@@ -1067,29 +1207,67 @@ class SliceSet:
         """Gather slices ``index`` as (B, context, S, S) float32 inputs and (B, S, S) long labels on ``device``.
 
         Slices travel as float16/uint8 and are converted on the target device (half the transfer).
+        Slices held on the CPU go to a GPU from pinned memory (:meth:`host_batch`), so the copy is
+        asynchronous.
         """
         device = torch.device(device) if device is not None else self.device
-        if self.resident:
+        if self.resident and self.device.type != "cpu":
             index = torch.as_tensor(index, device=self.device)
             x, y = self.images[self.neighbours[index]], self.labels[index]
         else:
-            x, y = self._gather_lazy(np.asarray(index))
-        x = x.to(device, non_blocking=True).float()
-        return x, y.to(device, non_blocking=True).long()
+            x, y = self.host_batch(index, pin=device.type == "cuda")
+        return to_device(x, y, device)
 
-    def _gather_lazy(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read one batch from the memory-mapped cache."""
+    def host_batch(self, index: np.ndarray | torch.Tensor, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch gathered in CPU memory as float16 inputs and uint8 labels; in pinned (page-locked)
+        memory when ``pin``, which a copy to the GPU needs to be asynchronous (CUDA only).
+
+        Resident sets gather from RAM, others read the memory-mapped cache.
+        """
+        index = np.asarray(index)
         neigh = self.neighbours_np[index]
-        case, local = self.case_of[neigh], neigh - self.offsets[self.case_of[neigh]]
         size = self.cases[0].image.shape[1:]
-        x = np.empty((*neigh.shape, *size), np.float16)
-        y = np.empty((len(index), *size), np.uint8)
+        x = torch.empty((*neigh.shape, *size), dtype=torch.float16, pin_memory=pin)
+        y = torch.empty((len(index), *size), dtype=torch.uint8, pin_memory=pin)
+        if self.resident:
+            torch.index_select(self.images, 0, torch.from_numpy(neigh.reshape(-1)), out=x.view(-1, *size))
+            torch.index_select(self.labels, 0, torch.from_numpy(index), out=y)
+            return x, y
+        case, local = self.case_of[neigh], neigh - self.offsets[self.case_of[neigh]]
+        xn, yn = x.numpy(), y.numpy()
         for b in range(neigh.shape[0]):
             for j in range(neigh.shape[1]):
-                x[b, j] = self.cases[case[b, j]].image[local[b, j]]
+                xn[b, j] = self.cases[case[b, j]].image[local[b, j]]
             ci = self.case_of[index[b]]
-            y[b] = self.cases[ci].label[index[b] - self.offsets[ci]]
-        return torch.from_numpy(x), torch.from_numpy(y)
+            yn[b] = self.cases[ci].label[index[b] - self.offsets[ci]]
+        return x, y
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs as float32 and labels as int64 on ``device`` (converted there: half the bytes travel)."""
+    return x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True).long()
+
+
+def iter_batches(data: SliceSet, batches: Sequence[np.ndarray],
+                 device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield the batches ``batches`` of ``data`` on ``device``, prefetching where the slices live elsewhere.
+
+    Slices resident on the training device are gathered there, at once. Slices in CPU memory or in
+    the memory-mapped cache are gathered one batch ahead in a background thread (into pinned memory
+    when training on a GPU), so reading and copying overlap the step that runs meanwhile.
+    """
+    if data.resident and (data.device.type != "cpu" or device.type == "cpu"):  # gathered where the slices are
+        for idx in batches:
+            yield data.batch(idx, device)
+        return
+    pin = device.type == "cuda"
+    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+        ahead = pool.submit(data.host_batch, batches[0], pin) if len(batches) else None
+        for i in range(len(batches)):
+            x, y = ahead.result()
+            if i + 1 < len(batches):
+                ahead = pool.submit(data.host_batch, batches[i + 1], pin)
+            yield to_device(x, y, device)
 
 
 class TumorAwareSampler:
@@ -1366,8 +1544,9 @@ def make_loss(name: str = "dice_ce", **kwargs: Any) -> DiceCELoss:
 
 def choose_data_device(n_bytes: int, device: torch.device, share: float = 0.4) -> torch.device:
     """Keep the training slices on the GPU when they take under ``share`` of its free memory."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
+    if device.type == "cuda":  # an explicit index: torch <= 2.4 refuses a device without one
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free, _total = torch.cuda.mem_get_info(index)
         if n_bytes < share * free:
             return device
     return torch.device("cpu")
@@ -1435,11 +1614,22 @@ def _native_bf16() -> bool:
 
 
 def _autocast(device: torch.device, enabled: bool):
-    """Mixed-precision context on CUDA (bf16 where native, else fp16 with a grad scaler); a no-op elsewhere."""
+    """Mixed-precision context on CUDA (bf16 where native, else fp16 with a grad scaler); a no-op elsewhere.
+
+    The no-op is a plain ``nullcontext``: older torch releases refuse ``torch.autocast("mps", ...)`` even
+    when disabled.
+    """
     if device.type == "cuda" and enabled:
         dtype = torch.bfloat16 if _native_bf16() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _grad_scaler(enabled: bool):
+    """The fp16 gradient scaler: ``torch.amp.GradScaler("cuda")`` from torch 2.3 on, ``torch.cuda.amp`` before."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch 2.1-2.2 (deprecated, and still working, later)
 
 
 @torch.no_grad()
@@ -1489,7 +1679,7 @@ class TrainState:
     loss_fn: DiceCELoss
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
+    scaler: Any                   # torch.amp.GradScaler (torch.cuda.amp.GradScaler before torch 2.3)
     device: torch.device
     use_amp: bool                 # mixed precision (CUDA only)
     memory_format: torch.memory_format
@@ -1510,7 +1700,7 @@ def make_train_state(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: 
 
     use_amp = cfg.amp and device.type == "cuda"
     return TrainState(model, make_loss(cfg.loss).to(device), opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
-                      torch.amp.GradScaler("cuda", enabled=use_amp and not _native_bf16()), device, use_amp, memfmt)
+                      _grad_scaler(use_amp and not _native_bf16()), device, use_amp, memfmt)
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, grad_clip: float = 1.0) -> tuple:
@@ -1540,21 +1730,33 @@ def epoch_batches(sampler: TumorAwareSampler, epoch: int, steps: int) -> list[np
     return batches[:steps]
 
 
+def shard_batches(batches: list[np.ndarray], rank: int, world: int) -> list[np.ndarray]:
+    """Process ``rank``'s share of every batch when ``world`` processes train together (all of it when alone)."""
+    return [idx[rank::world] for idx in batches] if world > 1 else batches
+
+
 def train_epoch(state: TrainState, data: SliceSet, batches: list[np.ndarray], cfg: TrainConfig, epoch: int,
                 progress: bool = True) -> tuple[float, float]:
     """Run :func:`train_step` over one epoch's batches (augmented on the device); mean CE and Dice loss."""
-    gen = torch.Generator(device=state.device)
-    gen.manual_seed(hash_seed(cfg.seed, epoch, 7))
-    sums = torch.zeros(2, device=state.device)  # CE, Dice loss; read once per epoch (no GPU sync per step)
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not progress, mininterval=2.0)
-    for step, idx in enumerate(bar):
-        x, y = data.batch(idx, state.device)
+    rank, world = dist_rank_world()
+    gen = torch.Generator(device=state.device)  # rank 0 draws as a single process does; the others their own
+    gen.manual_seed(hash_seed(cfg.seed, epoch, 7) if rank == 0 else hash_seed(cfg.seed, epoch, 7, rank))
+    batches = shard_batches(batches, rank, world)  # data-parallel: each process takes its share of every batch
+    # CE, Dice loss: read once per epoch, so logging adds no GPU sync per step (the fp16 GradScaler still
+    # syncs once per step in scaler.step, to skip steps whose gradients overflowed; bf16 and fp32 do not)
+    sums = torch.zeros(2, device=state.device)
+    bar = tqdm(iter_batches(data, batches, state.device), desc=f"epoch {epoch + 1}", total=len(batches),
+               leave=False, unit="batch", disable=not progress, mininterval=2.0)
+    for step, (x, y) in enumerate(bar):
         if cfg.augment:
             x, y = augment_batch(x, y, generator=gen, **(STRONG_AUGMENT if cfg.strong_augment else {}))
         loss, parts = train_step(state, x.contiguous(memory_format=state.memory_format), y, cfg.grad_clip)
         sums += torch.stack([parts["ce"], parts["dice"]])
         if progress and step % 10 == 0:  # live loss, synced every 10th step only
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    if world > 1:  # the mean over all processes
+        torch.distributed.all_reduce(sums)
+        sums /= world
     ce_sum, dice_sum = sums.tolist()
     return ce_sum / len(batches), dice_sum / len(batches)
 
@@ -1608,10 +1810,11 @@ def save_checkpoints(out: Path, state: TrainState, cfg: TrainConfig, epoch: int,
                      best: float, extra_state: dict | None = None, run: dict | None = None) -> float:
     """Write ``last.pt`` (and ``best.pt`` when this epoch scores best) and the history; returns the new best."""
     score = _selection_score(history[-1])
-    ck = {"model": state.model.state_dict(), "optimizer": state.opt.state_dict(),
+    # unwrap: plain parameter names, also after multi-GPU training (the checkpoint fits any number of GPUs)
+    ck = {"model": unwrap(state.model).state_dict(), "optimizer": state.opt.state_dict(),
           "scheduler": state.sched.state_dict(), "scaler": state.scaler.state_dict(), "epoch": epoch,
           "history": history, "train_config": asdict_plain(cfg), "best": max(best, score),
-          "model_hparams": getattr(state.model, "hparams", {}), "extra": extra_state or {}, "run": run}
+          "model_hparams": getattr(unwrap(state.model), "hparams", {}), "extra": extra_state or {}, "run": run}
     if score > best:
         _atomic_torch_save(ck, out / "best.pt")
     _atomic_torch_save(ck, out / "last.pt")
@@ -1622,7 +1825,7 @@ def save_checkpoints(out: Path, state: TrainState, cfg: TrainConfig, epoch: int,
 def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray, cfg: TrainConfig,
           output_dir: str | os.PathLike, val_data: SliceSet | None = None, val_index: np.ndarray | None = None,
           device: torch.device | str | None = None, resume: bool = True, progress: bool = True,
-          extra_state: dict | None = None, run: dict | None = None) -> list[dict]:
+          extra_state: dict | None = None, run: dict | None = None, replicas: int = 1) -> list[dict]:
     """Train with CE + Dice, AdamW, warm-up + cosine, clipping; checkpoint and log every epoch.
 
     Used in the notebook section "Train".  Writes ``history.csv`` / ``history.json`` (one row
@@ -1642,10 +1845,16 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
         progress: tqdm bars.
         extra_state: plain data saved in the checkpoints (e.g. the notebook's config).
         run: the run's identity (:func:`run_identity`): saved, and compared before resuming.
+        replicas: data-parallel processes (:func:`train_replicated`): one per GPU on CUDA; on the CPU,
+            processes that talk through gloo (for tests). 1 = this process alone.
 
     Returns:
         The history: one dict per epoch.
     """
+    rank, world = dist_rank_world()
+    if replicas > 1 and world == 1:
+        return train_replicated(replicas, model, train_data, train_index, cfg, output_dir, val_data, val_index,
+                                device, resume, progress, extra_state, run)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     sampler = TumorAwareSampler(train_index, train_data.has_liver, train_data.has_tumor, cfg.batch_size,
@@ -1657,6 +1866,8 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
         start_epoch, history, best = resume_state(out / "last.pt", state, cfg, run)
         if progress and start_epoch < cfg.epochs:
             print(f"Resuming from {out / 'last.pt'} at epoch {start_epoch + 1}/{cfg.epochs}")
+    if world > 1:  # after resuming: DDP starts every process from rank 0's weights
+        state.model = _ddp_wrap(model, state.device, cfg.batch_size, world)
     model.train()
     bar = tqdm(range(start_epoch, cfg.epochs), desc="epochs", unit="ep", disable=not progress)
     for epoch in bar:
@@ -1664,15 +1875,146 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
         ce, dice_loss = train_epoch(state, train_data, epoch_batches(sampler, epoch, steps), cfg, epoch, progress)
         secs = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_ce": ce, "train_dice_loss": dice_loss, "lr": state.opt.param_groups[0]["lr"],
-               "epoch_seconds": secs, "slices_per_second": steps * cfg.batch_size / secs}
-        if val_data is not None and val_index is not None and len(val_index):
+               "epoch_seconds": secs, "slices_per_second": steps * cfg.batch_size / secs, "processes": world}
+        if rank == 0 and val_data is not None and val_index is not None and len(val_index):
             row.update(validate_slices(model, val_data, val_index, state.loss_fn, state.device, cfg.val_batch_size,
                                        state.use_amp))
         history.append({k: float(v) if k != "epoch" else v for k, v in row.items()})
-        best = save_checkpoints(out, state, cfg, epoch, history, best, extra_state, run)
+        if rank == 0:  # one writer; the other processes wait at their next gradient exchange
+            best = save_checkpoints(out, state, cfg, epoch, history, best, extra_state, run)
         bar.set_postfix({k: f"{history[-1][k]:.3f}" for k in ("train_ce", "val_dice_liver_2d", "val_dice_tumor_2d")
                          if k in history[-1]})
     return history
+
+
+# --- Several GPUs: DistributedDataParallel, one process per GPU, launched from the notebook ---------------
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process in a data-parallel run; (0, 1) outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _ddp_wrap(model: torch.nn.Module, device: torch.device, batch_size: int, world: int) -> torch.nn.Module:
+    """Wrap ``model`` for data-parallel training; each process then takes ``batch_size / world`` slices a step."""
+    if batch_size % world:
+        raise ValueError(f"BATCH_SIZE {batch_size} does not split evenly over {world} GPUs; use a multiple of {world}.")
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _free_port() -> int:
+    """A free TCP port on the loopback interface, for the processes' rendezvous."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _slice_spec(data: SliceSet | None) -> dict | None:
+    """What a worker process needs to rebuild ``data``: its cache entries, view and context (no arrays)."""
+    if data is None:
+        return None
+    if any("entry" not in c.meta for c in data.cases):
+        raise ValueError("Training on several GPUs needs cached cases from uh.preprocess_dataset.")
+    return {"entries": [c.meta["entry"] for c in data.cases], "roi": any(c.meta.get("view") == "roi"
+            for c in data.cases), "context": data.context}
+
+
+def _open_slice_spec(spec: dict | None, device: torch.device) -> SliceSet | None:
+    """A worker's :class:`SliceSet`: on its GPU when it fits, else memory-mapped (the page cache then holds one
+    copy for all processes, where resident copies in RAM would hold one each)."""
+    if spec is None:
+        return None
+    cases = [_open_entry(Path(e), from_cache=True) for e in spec["entries"]]
+    cases = roi_cases(cases) if spec["roi"] else cases
+    n_bytes = sum(c.image.nbytes + c.label.nbytes for c in cases)
+    on = choose_data_device(n_bytes, device)
+    return SliceSet(cases, spec["context"], on, resident=on.type != "cpu")
+
+
+def _ddp_worker(rank: int, world: int, port: int, job: dict) -> None:
+    """One process of :func:`train_replicated`: join the group, rebuild the data, run :func:`train`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if job["device_type"] == "cuda":
+        torch.cuda.set_device(rank)
+        device, backend = torch.device("cuda", rank), "nccl"
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        device, backend = torch.device("cpu"), "gloo"
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, det = job["flags"]
+    torch.use_deterministic_algorithms(det, warn_only=True)
+    # rank 0 validates and saves while the others wait at their next exchange: allow it an hour
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(hours=1))
+    try:
+        # a private copy: tensors passed to spawned processes live in shared memory, and every process
+        # stepping the same weights would apply each update once per process
+        model = copy.deepcopy(job["model"])
+        train(model, _open_slice_spec(job["train"], device), job["train_index"], job["cfg"], job["output_dir"],
+              _open_slice_spec(job["val"] if rank == 0 else None, device), job["val_index"], device, job["resume"],
+              job["progress"] and rank == 0, job["extra_state"], job["run"])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def train_replicated(replicas: int, model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
+                     cfg: TrainConfig, output_dir: str | os.PathLike, val_data: SliceSet | None = None,
+                     val_index: np.ndarray | None = None, device: torch.device | str | None = None,
+                     resume: bool = True, progress: bool = True, extra_state: dict | None = None,
+                     run: dict | None = None, poll_s: float = 30.0) -> list[dict]:
+    """:func:`train` on ``replicas`` GPUs with DistributedDataParallel, started from a notebook cell.
+
+    One process per GPU (``torch.multiprocessing`` with "spawn", which works in Jupyter because the
+    worker lives in this module); each rebuilds the data from the slice cache, takes its share of every
+    batch (the batch size is the total over GPUs) and averages gradients with NCCL. Rank 0 validates and
+    writes the same ``last.pt``/``best.pt``/history as one GPU, so runs resume on any number of GPUs.
+    Epoch rows print here as they finish (the workers' own output goes to the Jupyter server's log).
+    On a CPU the processes use gloo, which is how the tests check this path. Afterwards ``model`` holds the
+    last epoch's weights, on ``device`` (during training it waits on the CPU, leaving GPU 0's memory to
+    the worker there). An interrupt stops the workers too.
+
+    Returns:
+        The history: one dict per epoch.
+    """
+    target = torch.device(device) if device is not None else train_data.device
+    if target.type == "cuda" and torch.cuda.device_count() < replicas:
+        raise ValueError(f"{replicas} GPUs asked for, {torch.cuda.device_count()} visible; set GPUS lower.")
+    unwrap(model).cpu()  # GPU 0 must hold as much free memory as GPU 1 while the workers train
+    if target.type == "cuda":
+        torch.cuda.empty_cache()
+    job = {"model": copy.deepcopy(unwrap(model)), "train": _slice_spec(train_data), "val": _slice_spec(val_data),
+           "train_index": np.asarray(train_index), "val_index": None if val_index is None else np.asarray(val_index),
+           "cfg": cfg, "output_dir": str(output_dir), "resume": resume, "progress": progress,
+           "extra_state": extra_state, "run": run,
+           "device_type": torch.device(device).type if device is not None else train_data.device.type,
+           "flags": (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+                     torch.are_deterministic_algorithms_enabled())}
+    ctx = torch.multiprocessing.start_processes(_ddp_worker, args=(replicas, _free_port(), job), nprocs=replicas,
+                                                join=False, start_method="spawn")
+    log = Path(output_dir) / "history.json"
+    shown = len(json.loads(log.read_text())) if log.exists() else 0  # rows of an earlier call are not news
+    try:
+        while not ctx.join(timeout=poll_s):
+            rows = json.loads(log.read_text()) if log.exists() else []
+            for row in rows[shown:] if progress else []:
+                print(f"epoch {row['epoch']}: train CE {row['train_ce']:.3f}, Dice loss {row['train_dice_loss']:.3f}, "
+                      f"{row['slices_per_second']:.0f} slices/s")
+            shown = max(shown, len(rows))
+    except BaseException:  # an interrupt or a failed worker: stop them all, so none goes on writing last.pt
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
+        raise
+    ck = load_checkpoint(Path(output_dir) / "last.pt")
+    unwrap(model).load_state_dict(ck["model"])
+    unwrap(model).to(target, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    return ck["history"]
 
 
 def asdict_plain(obj: Any) -> dict:

@@ -258,7 +258,7 @@ def test_cache_reuse_invalidation_and_data_untouched(synthetic_dir, tmp_path, mo
     before = _hash_tree(synthetic_dir)
     cases = uh.find_cases(synthetic_dir)
     cache = tmp_path / "cache"
-    first = uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False)
+    first = uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False, clean=False)
     assert not any(c.from_cache for c in first)
     assert first[0].image.dtype == np.float16 and first[0].image.shape == (24, 32, 32)
     assert isinstance(first[0].image, np.memmap)
@@ -267,21 +267,23 @@ def test_cache_reuse_invalidation_and_data_untouched(synthetic_dir, tmp_path, mo
     calls = []
     real_load = uh.load_case
     monkeypatch.setattr(uh, "load_case", lambda *a, **k: calls.append(a) or real_load(*a, **k))
-    again = uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False)
+    again = uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False, clean=False)
     assert calls == [] and all(c.from_cache for c in again)
     np.testing.assert_array_equal(again[2].image, first[2].image)
 
-    uh.preprocess_dataset(cases, cache, image_size=32, hu_window=(-200, 250), workers=0, progress=False)
+    uh.preprocess_dataset(cases, cache, image_size=32, hu_window=(-200, 250), workers=0, progress=False, clean=False)
     assert len(calls) == len(cases)  # a parameter change re-decodes everything
 
     calls.clear()
     st = cases[1].image.stat()
     os.utime(cases[1].image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    third = uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False)
+    third = uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False, clean=False)
     assert [c.case_id for c in third if not c.from_cache] == [cases[1].case_id]
     assert len(calls) == 1
-    assert uh.clean_cache(cache, keep=third) == len(cases) + 1  # the (-200, 250) entries + old liver_1
-    assert all(c.from_cache for c in uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False))
+    removed, freed = uh.remove_stale_entries(cache, cases, keep=[c.meta["entry"] for c in third])
+    assert len(removed) == len(cases) + 1 and freed > 0  # the (-200, 250) entries + the old liver_1
+    again = uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False, clean=False)
+    assert all(c.from_cache for c in again)
     os.utime(cases[1].image, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert _hash_tree(synthetic_dir) == before  # nothing written into the data folder
 
@@ -508,3 +510,101 @@ def test_cascade_default_only_where_stage_two_gains_resolution():
     quick, _ = uh.resolve_settings({"RECIPE": "default"}, torch.device("cpu"), True, native_shape=(192, 192, 48))
     assert quick["CASCADE"] is True and quick["IMAGE_SIZE"] == 128 and quick["ROI_SIZE"] == 128
     assert uh.resolve_settings({"RECIPE": "baseline"}, torch.device("cpu"), True, (192, 192, 48))[0]["CASCADE"] is False
+
+
+def test_prefetched_batches_equal_direct_gathering(synthetic_dir, tmp_path):
+    """iter_batches (a background thread reads one batch ahead) yields exactly what SliceSet.batch gives,
+    in order, for slices in RAM and for memory-mapped ones; pinned memory itself needs CUDA (not shown here)."""
+    cached = uh.preprocess_dataset(uh.find_cases(synthetic_dir)[:3], tmp_path / "c", image_size=32, workers=0,
+                                   progress=False)
+    batches = [np.array([0, 24, 71, 5]), np.array([70, 1, 2, 3]), np.array([30, 31, 60, 10])]
+    direct = uh.SliceSet(cached, context=3, resident=True)  # gathered in RAM, no thread
+    for resident in (True, False):  # memory-mapped slices go through the read-ahead thread
+        s = uh.SliceSet(cached, context=3, resident=resident)
+        got = list(uh.iter_batches(s, batches, torch.device("cpu")))
+        assert len(got) == 3
+        for (x, y), idx in zip(got, batches):
+            ex, ey = direct.batch(idx)
+            assert x.dtype == torch.float32 and y.dtype == torch.int64
+            assert torch.equal(x, ex) and torch.equal(y, ey)
+            # by hand: the middle channel is the slice itself, the label its own
+            case = int(np.searchsorted(s.offsets, idx[0], side="right") - 1)
+            np.testing.assert_array_equal(x[0, 1].numpy(), np.asarray(cached[case].image[idx[0] - s.offsets[case]],
+                                                                         np.float32))
+    assert list(uh.iter_batches(s, [], torch.device("cpu"))) == []
+
+
+def test_cache_dir_defaults_off_quotad_output_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(uh, "KAGGLE_WORKING", tmp_path / "no-kaggle")
+    assert uh.default_cache_dir(tmp_path / "out") == (tmp_path / "out" / "cache").resolve()
+    monkeypatch.setattr(uh, "COLAB_DRIVE", tmp_path / "drive")
+    assert uh.default_cache_dir(tmp_path / "drive" / "MyDrive" / "run") == tmp_path / "liver_cache"
+    (tmp_path / "kaggle" / "working").mkdir(parents=True)
+    monkeypatch.setattr(uh, "KAGGLE_WORKING", tmp_path / "kaggle" / "working")
+    monkeypatch.setattr(uh, "KAGGLE_TEMP", tmp_path / "kaggle" / "temp")
+    assert uh.default_cache_dir("outputs") == tmp_path / "kaggle" / "temp" / "liver_cache"
+
+
+def test_cache_space_is_checked_before_writing(synthetic_dir, tmp_path, monkeypatch):
+    cases = uh.find_cases(synthetic_dir)[:2]
+    certain, likely = uh.cache_bytes_needed(cases, 32, roi_size=40)
+    # by hand: 24 slices of 32 x 32 at 3 bytes (float16 image + uint8 label) per case; plus 24 x 40 x 40 x 3
+    # liver-box bytes and a quarter of the 64 x 64 x 24 label volume
+    assert certain == 2 * 24 * 32 * 32 * 3
+    assert likely == certain + 2 * (24 * 40 * 40 * 3 + 64 * 64 * 24 // 4)
+    real_usage = uh.shutil.disk_usage
+
+    def usage(free):
+        return lambda p: real_usage(p)._replace(free=free)
+
+    monkeypatch.setattr(uh.shutil, "disk_usage", usage(uh.CACHE_RESERVE_BYTES + certain - 1))
+    with pytest.raises(uh.CacheSpaceError, match=r"needs at least 0\.0 GB .*CACHE_DIR") as err:
+        uh.preprocess_dataset(cases, tmp_path / "cache", image_size=32, workers=0, progress=False)
+    assert str(tmp_path / "cache") in str(err.value)
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing written
+    monkeypatch.setattr(uh.shutil, "disk_usage", usage(uh.CACHE_RESERVE_BYTES + certain))
+    with pytest.warns(UserWarning, match="may need up to"):
+        uh.preprocess_dataset(cases, tmp_path / "cache", image_size=32, workers=0, progress=False, roi_size=40)
+    monkeypatch.setattr(uh.shutil, "disk_usage", usage(0))  # a full disk, and nothing left to write: fine
+    assert all(c.from_cache for c in uh.preprocess_dataset(cases, tmp_path / "cache", image_size=32, workers=0,
+                                                           progress=False, roi_size=40))
+
+
+def test_full_disk_during_caching_stops_clearly_and_keeps_finished_entries(synthetic_dir, tmp_path, monkeypatch):
+    cases = uh.find_cases(synthetic_dir)[:3]
+    real_save, n = np.save, {"saves": 0}
+
+    def save(path, arr, *a, **k):
+        n["saves"] += 1
+        if n["saves"] > 5:  # the second case runs out of disk
+            raise OSError(uh.errno.ENOSPC, "No space left on device")
+        return real_save(path, arr, *a, **k)
+
+    monkeypatch.setattr(uh.np, "save", save)
+    with pytest.raises(uh.CacheSpaceError, match="is full"):
+        uh.preprocess_dataset(cases, tmp_path / "cache", image_size=32, workers=0, progress=False)
+    monkeypatch.setattr(uh.np, "save", real_save)
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(left) == 1 and left[0].startswith(cases[0].case_id + "-")  # no half-written entry
+    again = uh.preprocess_dataset(cases, tmp_path / "cache", image_size=32, workers=0, progress=False)
+    assert [c.from_cache for c in again] == [True, False, False]
+
+
+def test_stale_cache_entries_of_this_data_are_removed_and_said(synthetic_dir, tmp_path, capsys):
+    cases = uh.find_cases(synthetic_dir)[:2]
+    cache = tmp_path / "cache"
+    old = uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False)
+    other = cache / "liver_0-0123456789abcdef"  # another data set's case of the same id, in a shared folder: kept
+    other.mkdir()
+    (other / "meta.json").write_text('{"image_path": "/elsewhere/liver_0.nii.gz"}')
+    (cache / ".tmp-liver_0-old").mkdir()
+    os.utime(cache / ".tmp-liver_0-old", (0, 0))  # an interrupted write, hours old
+    (cache / ".tmp-liver_0-new").mkdir()  # may belong to a run in progress: kept
+    new = uh.preprocess_dataset(cases, cache, image_size=48, workers=0, progress=True, clean=True)
+    said = capsys.readouterr().out
+    assert "removed 3 stale entries" in said
+    names = {p.name for p in cache.iterdir()}
+    assert names == {Path(c.meta["entry"]).name for c in new} | {other.name, ".tmp-liver_0-new"}
+    assert not any(Path(c.meta["entry"]).exists() for c in old)
+    assert uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False)
+    assert len(list(cache.iterdir())) == 2 + 2 + 2  # by default (clean=False) both settings' entries stay

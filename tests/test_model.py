@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -556,6 +557,76 @@ def test_resume_across_precision_changes(tiny_data, tmp_path):
     _run(tiny_data, tmp_path / "a", epochs=1)  # CPU: the saved scaler state is empty
     cfg = uh.TrainConfig(epochs=1, batch_size=8, lr=3e-3, steps_per_epoch=3, tumor_share=0.25, seed=0)
     state = uh.make_train_state(uh.UNet(3, 3, base_channels=4, depth=2), cfg, 3, torch.device("cpu"))
+    if not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("torch < 2.3 has no CPU GradScaler to stand in for a GPU's")
     state.scaler = torch.amp.GradScaler("cpu", enabled=True)  # stands in for a T4's fp16 scaler
     assert uh.resume_state(tmp_path / "a" / "last.pt", state, cfg)[0] == 1
     assert state.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()  # a fresh scale, not a failure
+
+
+def _ddp_cfg(epochs=2):
+    # no augmentation and per-slice Dice: the loss of a batch is then the mean of its halves' losses, so two
+    # processes with half a batch each must follow one process with the whole batch
+    return uh.TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, steps_per_epoch=3, tumor_share=0.25, seed=0,
+                          augment=False, loss="dice_ce_per_slice")
+
+
+def test_ddp_two_processes_follow_one_process(tiny_data, tmp_path):
+    """DistributedDataParallel on the CPU (gloo, 2 spawned processes) vs one process: same loss curve.
+
+    Tolerance 1e-4 relative on the per-epoch losses and 1e-3 absolute on the weights (a shared-weights bug,
+    each process stepping the same memory, moves them by 2 x lr = 6e-3 a step): the only difference is the
+    order of float sums (two half-batch gradients averaged vs one whole batch). Instance norm, because
+    batch norm's statistics are per process by design (as with DataParallel).
+    """
+    torch.manual_seed(0)
+    one = uh.UNet(3, 3, base_channels=4, depth=2, norm="instance")
+    two, init = copy.deepcopy(one), copy.deepcopy(one)
+    h1 = uh.train(one, tiny_data["train"], tiny_data["ti"], _ddp_cfg(), tmp_path / "one", tiny_data["val"],
+                  tiny_data["vi"], progress=False)
+    h2 = uh.train(two, tiny_data["train"], tiny_data["ti"], _ddp_cfg(), tmp_path / "two", tiny_data["val"],
+                  tiny_data["vi"], progress=False, replicas=2)
+    assert [r["processes"] for r in h1] == [1, 1] and [r["processes"] for r in h2] == [2, 2]
+    for key in ("train_ce", "train_dice_loss", "val_ce"):
+        np.testing.assert_allclose([r[key] for r in h2], [r[key] for r in h1], rtol=1e-4, err_msg=key)
+    # the hard 2D Dice may flip a few pixels' argmax (Adam turns float noise in near-zero gradients into +-lr)
+    np.testing.assert_allclose([r["val_dice_liver_2d"] for r in h2], [r["val_dice_liver_2d"] for r in h1], atol=2e-3)
+    for (name, p1), p2 in zip(one.state_dict().items(), two.state_dict().values()):
+        np.testing.assert_allclose(p2.numpy(), p1.numpy(), atol=1e-3, err_msg=name)
+    assert any(not torch.equal(a, b) for a, b in zip(two.state_dict().values(), init.state_dict().values()))
+
+
+def test_ddp_checkpoint_resumes_in_one_process(tiny_data, tmp_path):
+    """A multi-GPU run's last.pt has plain parameter names and loads into a one-GPU run (a Kaggle session ends)."""
+    torch.manual_seed(0)
+    trained = uh.UNet(3, 3, base_channels=4, depth=2)
+    uh.train(trained, tiny_data["train"], tiny_data["ti"], _ddp_cfg(2), tmp_path, progress=False, replicas=2)
+    ck = uh.load_checkpoint(tmp_path / "last.pt")
+    assert not any(k.startswith("module.") for k in ck["model"])
+    state = uh.make_train_state(uh.UNet(3, 3, base_channels=4, depth=2), _ddp_cfg(2), 3, torch.device("cpu"))
+    next_epoch, history, _ = uh.resume_state(tmp_path / "last.pt", state, _ddp_cfg(2))
+    assert next_epoch == 2 and [r["processes"] for r in history] == [2, 2]
+    for a, b in zip(state.model.state_dict().values(), trained.state_dict().values()):
+        assert torch.equal(a, b)  # and train_replicated left the trained weights in the caller's model
+
+
+def test_distributed_batches_are_split_without_overlap():
+    batches = [np.arange(8) + 10 * i for i in range(3)]
+    a, b = uh.shard_batches(batches, 0, 2), uh.shard_batches(batches, 1, 2)
+    for whole, x, y in zip(batches, a, b):
+        assert len(x) == len(y) == 4 and sorted(np.concatenate([x, y]).tolist()) == whole.tolist()
+    assert uh.shard_batches(batches, 0, 1) is batches
+    with pytest.raises(ValueError, match="multiple of 3"):
+        uh._ddp_wrap(uh.UNet(1, 3, 4, 1), torch.device("cpu"), 8, 3)
+
+
+def test_multi_gpu_setting_resolves_and_refuses_what_cannot_run():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert uh.resolve_gpus(None, cuda, 32, visible=2)[0] == 2  # Kaggle's 2 x T4: both by default
+    assert uh.resolve_gpus(1, cuda, 32, visible=2)[0] == 1
+    assert uh.resolve_gpus(None, cuda, 15, visible=2)[0] == 1  # automatic: one GPU when the batch cannot split
+    assert uh.resolve_gpus(None, cpu, 16)[0] == 1 and uh.resolve_gpus(None, cuda, 15, visible=1)[0] == 1
+    for gpus, device, batch, visible, msg in [(3, cuda, 32, 2, "2 CUDA GPU"), (2, cuda, 15, 2, "multiple of 2"),
+                                              (2, cpu, 16, 0, "needs CUDA"), (0, cuda, 16, 1, "1 CUDA GPU")]:
+        with pytest.raises(ValueError, match=msg):
+            uh.resolve_gpus(gpus, device, batch, visible=visible)

@@ -47,6 +47,12 @@ MUTATIONS: dict[str, tuple[str, str]] = {
     "lesion counted as detected without overlap": (
         '"detected": bool(len(hits)),',
         '"detected": True,'),
+    "multi-GPU processes step one shared copy of the weights": (
+        '        model = copy.deepcopy(job["model"])',
+        '        model = job["model"]'),
+    "multi-GPU processes each train on the whole batch": (
+        "    return [idx[rank::world] for idx in batches] if world > 1 else batches",
+        "    return batches"),
 }
 
 
