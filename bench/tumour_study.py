@@ -233,13 +233,13 @@ def write_tables(rows: list[dict], a: argparse.Namespace, command: str) -> None:
              "the measured training seconds beside each row; the cascade gives stage 1 a third and stage 2 two "
              "thirds, on a 160-pixel window around the liver box, resized only where a liver box is larger); "
              "final checkpoint, 3D per-case Dice, mean ± std over training seeds.")
-    write_table("tumour_study", stamp(command) + "\n\n" + setup + "\n\n**Validation set** (the study chooses "
+    write_table(a.tables, stamp(command) + "\n\n" + setup + "\n\n**Validation set** (the study chooses "
                 "on this):\n\n" + table(rows, "validation") + "\n\n**Kept-aside set** (smaller, fainter lesions; "
                 "scored once, after the choice):\n\n" + table(rows, "kept-aside") + "\n\n**Eight of the training "
                 "cases** (the same final models on lesions they were trained on):\n\n"
                 + table(rows, "training cases"))
-    write_table("tumour_study_paired", paired_rows(rows))
-    write_table("tumour_study_real_ct", real_ct_table(rows))
+    write_table(f"{a.tables}_paired", paired_rows(rows))
+    write_table(f"{a.tables}_real_ct", real_ct_table(rows))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--base", type=int, default=16)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--tables", default="tumour_study", help="BENCHMARKS.md block names the tables replace")
     a = ap.parse_args(argv)
     setup = {"seconds": a.seconds, "batch": a.batch, "train_cases": a.train_cases, "val_cases": a.val_cases,
              "kept_cases": a.kept_cases, "shape": list(a.shape), "base": a.base}
