@@ -1822,6 +1822,17 @@ def save_checkpoints(out: Path, state: TrainState, cfg: TrainConfig, epoch: int,
     return max(best, score)
 
 
+def _start_or_resume(out: Path, state: TrainState, cfg: TrainConfig, run: dict | None, resume: bool,
+                     progress: bool) -> tuple[int, list[dict], float]:
+    """(first epoch, history, best score): from ``out/last.pt`` when resuming one, else a fresh start."""
+    if not (resume and (out / "last.pt").exists()):
+        return 0, [], -1.0
+    start_epoch, history, best = resume_state(out / "last.pt", state, cfg, run)
+    if progress and start_epoch < cfg.epochs:
+        print(f"Resuming from {out / 'last.pt'} at epoch {start_epoch + 1}/{cfg.epochs}")
+    return start_epoch, history, best
+
+
 def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray, cfg: TrainConfig,
           output_dir: str | os.PathLike, val_data: SliceSet | None = None, val_index: np.ndarray | None = None,
           device: torch.device | str | None = None, resume: bool = True, progress: bool = True,
@@ -1861,11 +1872,7 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
                                 cfg.tumor_share, cfg.liver_share, cfg.seed)
     steps = cfg.steps_per_epoch or len(sampler)
     state = make_train_state(model, cfg, steps, torch.device(device) if device is not None else train_data.device)
-    start_epoch, history, best = 0, [], -1.0
-    if resume and (out / "last.pt").exists():
-        start_epoch, history, best = resume_state(out / "last.pt", state, cfg, run)
-        if progress and start_epoch < cfg.epochs:
-            print(f"Resuming from {out / 'last.pt'} at epoch {start_epoch + 1}/{cfg.epochs}")
+    start_epoch, history, best = _start_or_resume(out, state, cfg, run, resume, progress)
     if world > 1:  # after resuming: DDP starts every process from rank 0's weights
         state.model = _ddp_wrap(model, state.device, cfg.batch_size, world)
     model.train()
