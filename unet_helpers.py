@@ -1999,7 +1999,7 @@ def train_replicated(replicas: int, model: torch.nn.Module, train_data: SliceSet
            "train_index": np.asarray(train_index), "val_index": None if val_index is None else np.asarray(val_index),
            "cfg": cfg, "output_dir": str(output_dir), "resume": resume, "progress": progress,
            "extra_state": extra_state, "run": run,
-           "device_type": torch.device(device).type if device is not None else train_data.device.type,
+           "device_type": target.type,
            "flags": (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
                      torch.are_deterministic_algorithms_enabled())}
     ctx = torch.multiprocessing.start_processes(_ddp_worker, args=(replicas, _free_port(), job), nprocs=replicas,
