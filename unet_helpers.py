@@ -93,12 +93,13 @@ RECIPES: dict[str, dict] = {
     # the seed notebook's setup: plain 2D, one slice in, uniform sampling over all slices, no post-processing
     "baseline": {"context": 1, "tumor_share": 0.0, "liver_share": 0.0, "empty_fraction": 1.0,
                  "loss": "dice_ce", "postprocess": False, "cascade": False, "hu_window": (-100.0, 400.0),
-                 "strong_augment": False},
-    # our default, chosen by the budget-fair study (BENCHMARKS.md §5): the liver-box cascade (stage 2 at native
-    # resolution) with tumour/liver oversampling, fewer empty slices and post-processing in both stages
-    "default": {"context": 1, "tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2,
+                 "strong_augment": False, "lesion_augment": False},
+    # our default, chosen by the budget-fair study (BENCHMARKS.md §5, §5c-e): the liver-box cascade (stage 2 at
+    # native resolution) with 3 adjacent slices in (2.5D), tumour/liver oversampling, fewer empty slices and
+    # post-processing in both stages
+    "default": {"context": 3, "tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2,
                 "loss": "dice_ce", "postprocess": True, "cascade": True, "hu_window": (-100.0, 400.0),
-                "strong_augment": False},
+                "strong_augment": False, "lesion_augment": False},
 }
 
 
@@ -1310,12 +1311,15 @@ class TumorAwareSampler:
 
 
 STRONG_AUGMENT = {"contrast": 0.25, "gamma": 0.4}  # nnU-Net-like ranges: contrast x0.75-1.25, gamma 0.67-1.49
+# lesion contrast: in half the slices with tumour, the lesions' mean difference from the liver is multiplied by
+# 0.5-1.5, with its sign flipped half the time (hypodense <-> hyperdense); texture and rim are kept
+LESION_AUGMENT = {"p": 0.5, "magnitude": (0.5, 1.5), "flip": 0.5}
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
                   rotate_deg: float = 12.0, scale: tuple[float, float] = (0.85, 1.15), translate: float = 0.04,
                   intensity: float = 0.1, noise: float = 0.03, p: float = 0.8, contrast: float = 0.0,
-                  gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  gamma: float = 0.0, lesion: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random rotation/scaling/shift, intensity shift/scale and Gaussian noise, on x's device.
 
     No left-right flip: it would break the prior that the liver lies on the patient's right.
@@ -1328,6 +1332,8 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
             (lesion-to-liver contrast changes with it).
         gamma: > 0 also raises each image to a power in [exp(-g), exp(g)] (a non-linear contrast change).
             Both off by default; :data:`STRONG_AUGMENT` turns them on (``TrainConfig.strong_augment``).
+        lesion: settings of :func:`lesion_contrast` (e.g. :data:`LESION_AUGMENT`, ``TrainConfig.lesion_augment``);
+            None = off. Drawn last, so the other draws are those of a run without it.
     """
     b, dev = x.shape[0], x.device
 
@@ -1355,7 +1361,38 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
     if gamma > 0:
         power = torch.exp((rand(b, 1, 1, 1) * 2 - 1) * gamma * on.view(b, 1, 1, 1))
         x = x.clamp(0, 1) ** power
+    if lesion:
+        x = lesion_contrast(x, y, rand(3, b), **lesion)
     return x, y
+
+
+def lesion_contrast(x: torch.Tensor, y: torch.Tensor, draws: torch.Tensor, p: float = 0.5,
+                    magnitude: tuple[float, float] = (0.5, 1.5), flip: float = 0.5) -> torch.Tensor:
+    """Change how much the lesions of each slice differ from their liver: a faint, strong or inverted version.
+
+    Per slice with both tumour and liver in its label, with probability ``p``: d = mean(tumour) - mean(liver)
+    of the centre channel; the tumour pixels are shifted by (k - 1)·d, so that d becomes k·d, with k drawn
+    in ``magnitude`` and negated with probability ``flip``; the pixels just outside by a part of that (the
+    tumour share of their 3x3 neighbourhood), so that no sharp edge marks the label. Texture and noise inside
+    the lesion are kept; all channels get the centre slice's shift.
+    Synthetic lesions are mostly hypodense and real ones vary in contrast; a model that has met every contrast
+    is not bound to the frequencies of its training set.
+
+    Args:
+        x: (B, C, S, S) images; y: (B, S, S) labels (0 background, 1 liver, 2 tumour) of the centre channel.
+        draws: (3, B) uniform numbers in [0, 1): whether, how much, which sign.
+    Returns:
+        x with the lesions' contrast changed (a new tensor).
+    """
+    tumour, liver = (y == 2)[:, None].to(x.dtype), (y == 1)[:, None].to(x.dtype)
+    n_t, n_l = tumour.sum((2, 3)), liver.sum((2, 3))  # (B, 1)
+    mid = x[:, x.shape[1] // 2:x.shape[1] // 2 + 1]
+    d = (mid * tumour).sum((2, 3)) / n_t.clamp(min=1) - (mid * liver).sum((2, 3)) / n_l.clamp(min=1)
+    k = magnitude[0] + draws[1] * (magnitude[1] - magnitude[0])
+    k = torch.where(draws[2] < flip, -k, k)[:, None]
+    on = ((draws[0] < p)[:, None] & (n_t > 0) & (n_l > 0)).to(x.dtype)
+    soft = torch.maximum(tumour, F.avg_pool2d(tumour, 3, stride=1, padding=1, count_include_pad=False))
+    return x + ((k - 1) * d * on)[:, :, None, None] * soft
 
 
 # =============================================================================================
@@ -1568,6 +1605,7 @@ class TrainConfig:
     loss: str = "dice_ce"               # 'dice_ce' | 'focal_dice' | 'tversky_ce'
     augment: bool = True                # rotation/scale/intensity/noise on the device
     strong_augment: bool = False        # also contrast and gamma (STRONG_AUGMENT), against memorised lesion looks
+    lesion_augment: bool = False        # also the lesions' contrast to the liver (LESION_AUGMENT, lesion_contrast)
     amp: bool = True                    # mixed precision on CUDA (bf16 where supported, else fp16)
     channels_last: bool = True          # memory format (faster convs on GPU and CPU)
     seed: int = 0                       # fixes sampling and augmentation per epoch
@@ -1749,7 +1787,8 @@ def train_epoch(state: TrainState, data: SliceSet, batches: list[np.ndarray], cf
                leave=False, unit="batch", disable=not progress, mininterval=2.0)
     for step, (x, y) in enumerate(bar):
         if cfg.augment:
-            x, y = augment_batch(x, y, generator=gen, **(STRONG_AUGMENT if cfg.strong_augment else {}))
+            x, y = augment_batch(x, y, generator=gen, lesion=LESION_AUGMENT if cfg.lesion_augment else None,
+                                 **(STRONG_AUGMENT if cfg.strong_augment else {}))
         loss, parts = train_step(state, x.contiguous(memory_format=state.memory_format), y, cfg.grad_clip)
         sums += torch.stack([parts["ce"], parts["dice"]])
         if progress and step % 10 == 0:  # live loss, synced every 10th step only

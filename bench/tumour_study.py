@@ -19,6 +19,7 @@ resumes); tables in BENCHMARKS.md §5.
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -44,6 +45,9 @@ ARMS: dict[str, dict] = {
     "default + liver-box cascade": {**OLD_DEFAULT, "cascade": True},
     "default + HU window -50..250": {**OLD_DEFAULT, **WINDOW},
     "default + cascade + HU window -50..250": {**OLD_DEFAULT, "cascade": True, **WINDOW},
+    "cascade + lesion contrast": {**OLD_DEFAULT, "cascade": True, "lesion_augment": True},
+    "cascade + 2.5D context 3": {**OLD_DEFAULT, "cascade": True, "context": 3},
+    "cascade + lesion contrast + context 3": {**OLD_DEFAULT, "cascade": True, "lesion_augment": True, "context": 3},
 }
 SETS = {  # name: (generator seed, lesion size scale, lesion contrast scale)
     "train": (100, 1.0, 1.0), "validation": (200, 1.0, 1.0), "kept-aside": (300, 0.6, 0.6)}
@@ -68,7 +72,8 @@ def train_config(cfg: dict, seed: int, batch: int, steps: int, lr: float = 2e-3)
     """The arm's training settings for ``steps`` optimizer steps (4 epochs, warm-up + cosine)."""
     return uh.TrainConfig(epochs=4, batch_size=batch, lr=lr, steps_per_epoch=max(1, steps // 4), seed=seed,
                           tumor_share=cfg["tumor_share"], liver_share=cfg["liver_share"], loss=cfg["loss"],
-                          strong_augment=cfg.get("strong_augment", False))
+                          strong_augment=cfg.get("strong_augment", False),
+                          lesion_augment=cfg.get("lesion_augment", False))
 
 
 def new_model(cfg: dict, seed: int, base: int) -> uh.UNet:
@@ -200,7 +205,12 @@ def paired_rows(rows: list[dict]) -> str:
                  ("default + HU window -50..250", "default"), ("default + cascade + HU window -50..250", "default"),
                  ("default + cascade + HU window -50..250", "default + liver-box cascade"),
                  ("default + liver-box cascade", "baseline"),
-                 ("default + cascade + HU window -50..250", "baseline")):
+                 ("default + cascade + HU window -50..250", "baseline"),
+                 ("cascade + lesion contrast", "default + liver-box cascade"),
+                 ("cascade + 2.5D context 3", "default + liver-box cascade"),
+                 ("cascade + lesion contrast + context 3", "default + liver-box cascade"),
+                 ("cascade + lesion contrast", "baseline"), ("cascade + 2.5D context 3", "baseline"),
+                 ("cascade + lesion contrast + context 3", "baseline")):
         t, liv = paired(val, a, b), paired(val, a, b, "dice_liver_lits")
         if t is None or liv is None:
             continue
@@ -294,7 +304,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 save(rows, a.results)
                 print(f"{set_name} {arm} seed {r['seed']}: tumour {row['summary']['dice_tumor']:.3f}", flush=True)
     if not a.no_write:
-        write_tables(rows, a, "python bench/tumour_study.py " + " ".join(argv or []))
+        write_tables(rows, a, "cd bench && python tumour_study.py " + shlex.join(argv or []))
     return rows
 
 

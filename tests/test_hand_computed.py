@@ -75,3 +75,48 @@ def test_contrast_and_gamma_augmentation_by_their_definitions():
         assert math.exp(-0.4) <= g.flatten()[0].item() <= math.exp(0.4)
     plain, _ = uh.augment_batch(x, y, torch.Generator().manual_seed(1), **still)
     assert torch.allclose(plain, x, atol=1e-6)  # everything off: the image passes unchanged
+
+
+def test_lesion_contrast_by_hand():
+    # 2 slices of 8x8: liver 0.5 in rows/cols 1..6, a 2x2 lesion of 0.3 at rows/cols 3..4, so d = 0.3 - 0.5 = -0.2
+    y = torch.zeros(3, 8, 8, dtype=torch.long)
+    y[:, 1:7, 1:7] = 1
+    y[:, 3:5, 3:5] = 2
+    y[2, 1:7, 1:7] = torch.where(y[2, 1:7, 1:7] == 2, 2, 0)  # slice 2: tumour but no liver -> left alone
+    x = torch.full((3, 3, 8, 8), 0.5)
+    x[:, :, 3:5, 3:5] = 0.3
+    x[:, 0] += 0.1  # a brighter neighbour slice: the shift comes from the centre channel and moves all channels
+    # draws: slice 0 on, k = 0.5 + 0.25 * 1.0 = 0.75, kept positive; slice 1 on, k = 1.0, flipped to -1.0;
+    # slice 2 on but without liver
+    draws = torch.tensor([[0.1, 0.1, 0.1], [0.25, 0.5, 0.9], [0.9, 0.2, 0.9]])
+    out = uh.lesion_contrast(x, y, draws, p=0.5, magnitude=(0.5, 1.5), flip=0.5)
+    # slice 0: tumour shifted by (0.75 - 1) * (-0.2) = +0.05 -> 0.35 in the centre channel, 0.45 in channel 0
+    assert torch.allclose(out[0, 1, 3:5, 3:5], torch.full((2, 2), 0.35))
+    assert torch.allclose(out[0, 0, 3:5, 3:5], torch.full((2, 2), 0.45))
+    # slice 1: shift (-1 - 1) * (-0.2) = +0.4 -> 0.7: the hypodense lesion became hyperdense by the same 0.2
+    assert torch.allclose(out[1, 1, 3:5, 3:5], torch.full((2, 2), 0.7))
+    # the pixel left of the lesion, (3, 2): 2 of its 9 neighbours are tumour -> 0.5 + 0.4 * 2 / 9
+    assert out[1, 1, 3, 2].item() == pytest.approx(0.5 + 0.4 * 2 / 9, abs=1e-6)
+    # its diagonal neighbour (2, 2) touches 1 tumour pixel -> 0.5 + 0.4 / 9; two pixels away: unchanged
+    assert out[1, 1, 2, 2].item() == pytest.approx(0.5 + 0.4 / 9, abs=1e-6)
+    assert out[1, 1, 1, 1].item() == pytest.approx(0.5) and out[1, 1, 3, 0].item() == pytest.approx(0.5)
+    assert torch.equal(out[2], x[2])  # no liver in the label: no reference, nothing changed
+    off = uh.lesion_contrast(x, y, torch.tensor([[0.6, 0.6, 0.6], [0.0, 0.0, 0.0], [0.9, 0.9, 0.9]]), p=0.5)
+    assert torch.equal(off, x)  # p not drawn for any slice
+
+
+def test_lesion_contrast_is_drawn_after_every_other_augmentation():
+    y = torch.zeros(4, 16, 16, dtype=torch.long)
+    y[:, 2:14, 2:14] = 1
+    y[:, 6:10, 6:10] = 2
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    plain, yp = uh.augment_batch(x, y, torch.Generator().manual_seed(4))
+    never, yn = uh.augment_batch(x, y, torch.Generator().manual_seed(4), lesion={**uh.LESION_AUGMENT, "p": 0.0})
+    assert torch.equal(plain, never) and torch.equal(yp, yn)  # off, it changes no other draw
+    always, ya = uh.augment_batch(x, y, torch.Generator().manual_seed(4), lesion={**uh.LESION_AUGMENT, "p": 1.0})
+    assert torch.equal(ya, yp)
+    moved = (always - plain).abs() > 1e-6
+    assert moved.any() and not moved[:, 0][yp == 0].any()  # only the lesion and its rim change, never far away
+    changed_outside = moved[:, 0] & (yp != 2)
+    near = torch.nn.functional.max_pool2d((yp == 2).float()[:, None], 3, 1, 1)[:, 0] > 0
+    assert not (changed_outside & ~near).any()
