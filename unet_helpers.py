@@ -94,7 +94,7 @@ RECIPES: dict[str, dict] = {
     "baseline": {"context": 1, "tumor_share": 0.0, "liver_share": 0.0, "empty_fraction": 1.0,
                  "loss": "dice_ce", "postprocess": False, "cascade": False, "hu_window": (-100.0, 400.0),
                  "strong_augment": False, "lesion_augment": False},
-    # our default, chosen by the budget-fair study (BENCHMARKS.md §5, §5c-e): the liver-box cascade (stage 2 at
+    # our default, chosen by the budget-fair study (BENCHMARKS.md §5, §5c-d): the liver-box cascade (stage 2 at
     # native resolution) with 3 adjacent slices in (2.5D), tumour/liver oversampling, fewer empty slices and
     # post-processing in both stages
     "default": {"context": 3, "tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2,
@@ -1376,7 +1376,9 @@ def lesion_contrast(x: torch.Tensor, y: torch.Tensor, draws: torch.Tensor, p: fl
     tumour share of their 3x3 neighbourhood), so that no sharp edge marks the label. Texture and noise inside
     the lesion are kept; all channels get the centre slice's shift.
     Synthetic lesions are mostly hypodense and real ones vary in contrast; a model that has met every contrast
-    is not bound to the frequencies of its training set.
+    is not bound to the frequencies of its training set. Limits: one d per slice (a dark and a bright lesion
+    in one slice get their average, and move together); the rim shift reaches background where a lesion
+    touches the liver's edge. Measured in BENCHMARKS.md §5c: no gain; off in both recipes.
 
     Args:
         x: (B, C, S, S) images; y: (B, S, S) labels (0 background, 1 liver, 2 tumour) of the centre channel.

@@ -78,27 +78,32 @@ def test_contrast_and_gamma_augmentation_by_their_definitions():
 
 
 def test_lesion_contrast_by_hand():
-    # 2 slices of 8x8: liver 0.5 in rows/cols 1..6, a 2x2 lesion of 0.3 at rows/cols 3..4, so d = 0.3 - 0.5 = -0.2
+    # 8x8 slices: liver 0.5 in rows/cols 1..6, a 2x2 lesion at rows/cols 3..4 -- 0.3 in slice 0 (d = -0.2),
+    # 0.25 in slice 1 (d = -0.25); channel 0 is a neighbour slice: liver 0.6 and its own lesion at 0.2
     y = torch.zeros(3, 8, 8, dtype=torch.long)
     y[:, 1:7, 1:7] = 1
     y[:, 3:5, 3:5] = 2
     y[2, 1:7, 1:7] = torch.where(y[2, 1:7, 1:7] == 2, 2, 0)  # slice 2: tumour but no liver -> left alone
     x = torch.full((3, 3, 8, 8), 0.5)
     x[:, :, 3:5, 3:5] = 0.3
-    x[:, 0] += 0.1  # a brighter neighbour slice: the shift comes from the centre channel and moves all channels
+    x[1, :, 3:5, 3:5] = 0.25
+    x[:, 0] += 0.1
+    x[:, 0, 3:5, 3:5] = 0.2
     # draws: slice 0 on, k = 0.5 + 0.25 * 1.0 = 0.75, kept positive; slice 1 on, k = 1.0, flipped to -1.0;
     # slice 2 on but without liver
     draws = torch.tensor([[0.1, 0.1, 0.1], [0.25, 0.5, 0.9], [0.9, 0.2, 0.9]])
     out = uh.lesion_contrast(x, y, draws, p=0.5, magnitude=(0.5, 1.5), flip=0.5)
-    # slice 0: tumour shifted by (0.75 - 1) * (-0.2) = +0.05 -> 0.35 in the centre channel, 0.45 in channel 0
+    # slice 0: d from the centre channel (-0.2; channel 0 would give -0.4), shift (0.75 - 1) * (-0.2) = +0.05
+    # -> lesion 0.35 in the centre channel; channel 0 gets the same shift: 0.2 + 0.05
     assert torch.allclose(out[0, 1, 3:5, 3:5], torch.full((2, 2), 0.35))
-    assert torch.allclose(out[0, 0, 3:5, 3:5], torch.full((2, 2), 0.45))
-    # slice 1: shift (-1 - 1) * (-0.2) = +0.4 -> 0.7: the hypodense lesion became hyperdense by the same 0.2
-    assert torch.allclose(out[1, 1, 3:5, 3:5], torch.full((2, 2), 0.7))
-    # the pixel left of the lesion, (3, 2): 2 of its 9 neighbours are tumour -> 0.5 + 0.4 * 2 / 9
-    assert out[1, 1, 3, 2].item() == pytest.approx(0.5 + 0.4 * 2 / 9, abs=1e-6)
-    # its diagonal neighbour (2, 2) touches 1 tumour pixel -> 0.5 + 0.4 / 9; two pixels away: unchanged
-    assert out[1, 1, 2, 2].item() == pytest.approx(0.5 + 0.4 / 9, abs=1e-6)
+    assert torch.allclose(out[0, 0, 3:5, 3:5], torch.full((2, 2), 0.25))
+    # slice 1: its own d = -0.25 (not the batch's), shift (-1 - 1) * (-0.25) = +0.5 -> 0.75: the hypodense
+    # lesion became hyperdense by the same 0.25
+    assert torch.allclose(out[1, 1, 3:5, 3:5], torch.full((2, 2), 0.75))
+    # the pixel left of the lesion, (3, 2): 2 of its 9 neighbours are tumour -> 0.5 + 0.5 * 2 / 9
+    assert out[1, 1, 3, 2].item() == pytest.approx(0.5 + 0.5 * 2 / 9, abs=1e-6)
+    # its diagonal neighbour (2, 2) touches 1 tumour pixel -> 0.5 + 0.5 / 9; two pixels away: unchanged
+    assert out[1, 1, 2, 2].item() == pytest.approx(0.5 + 0.5 / 9, abs=1e-6)
     assert out[1, 1, 1, 1].item() == pytest.approx(0.5) and out[1, 1, 3, 0].item() == pytest.approx(0.5)
     assert torch.equal(out[2], x[2])  # no liver in the label: no reference, nothing changed
     off = uh.lesion_contrast(x, y, torch.tensor([[0.6, 0.6, 0.6], [0.0, 0.0, 0.0], [0.9, 0.9, 0.9]]), p=0.5)
