@@ -113,3 +113,16 @@ def test_gpu_bench_runs_the_product_step_on_cpu(work):
     out = bench_gpu.run(image_size=32, batch=4, steps=3, device="cpu", shape=(48, 48, 12), preset="quick", workers=0)
     assert out["fp32+DataLoader"] > 0 and out["amp+channels_last+resident"] > 0 and out["speedup"] > 0
     assert out["evaluate 2 volumes s"] > 0 and out["fp32+DataLoader peak GiB"] is None  # no CUDA here
+
+
+def test_volume_ratio_split_by_how_well_a_case_is_segmented():
+    def case(dice, ratio, has=True):
+        return {"has_tumor": has, "dice_tumor": dice, "tumor_volume_ratio": ratio}
+    rows = [{"arm": "baseline", "set": "validation", "per_case": [case(0.9, 1.1), case(0.85, 0.9), case(0.2, 0.1),
+                                                                     case(float("nan"), 0.0, has=False)]},
+            {"arm": "baseline", "set": "validation", "per_case": [case(0.5, 0.3), case(0.1, 0.5)]},
+            {"arm": "baseline", "set": "kept-aside", "per_case": [case(0.95, 5.0)]}]  # other sets are not counted
+    table = tumour_study.ratio_table(rows)
+    # found well: ratios 1.1 and 0.9 -> median 1.00, range 0.90-1.10; the other three: 0.1, 0.3, 0.5 -> median 0.30
+    assert "| baseline | 2 of 5 | 1.00 (0.90–1.10) | 0.30 |" in table
+    assert "default" not in table.split("\n", 2)[2]  # arms without rows are left out
