@@ -49,6 +49,8 @@ ARMS: dict[str, dict] = {
     "cascade + 2.5D context 3": {**OLD_DEFAULT, "cascade": True, "context": 3},
     "cascade + lesion contrast + context 3": {**OLD_DEFAULT, "cascade": True, "lesion_augment": True, "context": 3},
     "cascade + context 3, stage 1 a fifth": {**OLD_DEFAULT, "cascade": True, "context": 3, "stage1_share": 0.2},
+    "cascade + context 5": {**OLD_DEFAULT, "cascade": True, "context": 5},
+    "cascade + context 3, tumour share 0.5": {**OLD_DEFAULT, "cascade": True, "context": 3, "tumor_share": 0.5},
 }
 SETS = {  # name: (generator seed, lesion size scale, lesion contrast scale)
     "train": (100, 1.0, 1.0), "validation": (200, 1.0, 1.0), "kept-aside": (300, 0.6, 0.6)}
@@ -213,7 +215,9 @@ def paired_rows(rows: list[dict]) -> str:
                  ("cascade + lesion contrast + context 3", "default + liver-box cascade"),
                  ("cascade + lesion contrast", "baseline"), ("cascade + 2.5D context 3", "baseline"),
                  ("cascade + lesion contrast + context 3", "baseline"),
-                 ("cascade + context 3, stage 1 a fifth", "cascade + 2.5D context 3")):
+                 ("cascade + context 3, stage 1 a fifth", "cascade + 2.5D context 3"),
+                 ("cascade + context 5", "cascade + 2.5D context 3"),
+                 ("cascade + context 3, tumour share 0.5", "cascade + 2.5D context 3")):
         t, liv = paired(val, a, b), paired(val, a, b, "dice_liver_lits")
         if t is None or liv is None:
             continue
