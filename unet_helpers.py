@@ -195,16 +195,23 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
     s["GPUS"], gpu_note = resolve_gpus(s.get("GPUS"), device, s["BATCH_SIZE"])
     notes.append(gpu_note)
     if s["CASCADE"]:
-        if s.get("ROI_SIZE") is None:
-            s["ROI_SIZE"] = roi_size_for(native_shape) if native_shape else s["IMAGE_SIZE"]
-            notes.append(f"ROI_SIZE = {s['ROI_SIZE']} (0.6 of the CT's in-plane size: the liver box at native "
-                         "resolution)")
-        e1, e2 = cascade_epochs(s["EPOCHS"])
-        notes.append(f"cascade: stage 1 (liver box) trains {e1} epochs, stage 2 (liver box at native resolution) "
-                     f"{e2} (same budget as {s['EPOCHS']})")
+        notes += _resolve_cascade(s, native_shape)
     rec.update(context=s["CONTEXT_SLICES"], cascade=bool(s["CASCADE"]))
     s["RECIPE_SETTINGS"] = rec
     return s, notes
+
+
+def _resolve_cascade(s: dict, native_shape: Sequence[int] | None) -> list[str]:
+    """The cascade's part of :func:`resolve_settings`: ``ROI_SIZE`` when None (in place), and the epoch split."""
+    notes = []
+    if s.get("ROI_SIZE") is None:
+        s["ROI_SIZE"] = roi_size_for(native_shape) if native_shape else s["IMAGE_SIZE"]
+        notes.append(f"ROI_SIZE = {s['ROI_SIZE']} (0.6 of the CT's in-plane size: the liver box at native "
+                     "resolution)")
+    e1, e2 = cascade_epochs(s["EPOCHS"])
+    notes.append(f"cascade: stage 1 (liver box) trains {e1} epochs, stage 2 (liver box at native resolution) "
+                 f"{e2} (same budget as {s['EPOCHS']})")
+    return notes
 
 
 def resolve_gpus(gpus: int | None, device: torch.device, batch_size: int,
