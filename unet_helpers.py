@@ -72,6 +72,7 @@ def environment(device: torch.device | str | None = None) -> dict:
            "device": str(device) if device is not None else str(pick_device())}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
+    env["precision"] = mixed_precision(env["device"])
     return env
 
 
@@ -93,13 +94,14 @@ RECIPES: dict[str, dict] = {
     # the seed notebook's setup: plain 2D, one slice in, uniform sampling over all slices, no post-processing
     "baseline": {"context": 1, "tumor_share": 0.0, "liver_share": 0.0, "empty_fraction": 1.0,
                  "loss": "dice_ce", "postprocess": False, "cascade": False, "hu_window": (-100.0, 400.0),
-                 "strong_augment": False, "lesion_augment": False},
+                 "strong_augment": False, "lesion_augment": False, "lesion_balance": False},
     # our default, chosen by the budget-fair study (BENCHMARKS.md §5, §5c-d): the liver-box cascade (stage 2 at
     # native resolution) with 3 adjacent slices in (2.5D), tumour/liver oversampling, fewer empty slices and
-    # post-processing in both stages
+    # post-processing in both stages; lesion_balance stays off (§5e: more tumour found on the validation set,
+    # not on the kept-aside set or the real CT)
     "default": {"context": 3, "tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2,
                 "loss": "dice_ce", "postprocess": True, "cascade": True, "hu_window": (-100.0, 400.0),
-                "strong_augment": False, "lesion_augment": False},
+                "strong_augment": False, "lesion_augment": False, "lesion_balance": False},
 }
 
 
@@ -177,8 +179,8 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
         gains = native_shape is None or s["IMAGE_SIZE"] < max(native_shape[:2])  # stage 2 sees finer pixels
         s["CASCADE"] = bool(rec["cascade"] and gains)
         notes.append(f"CASCADE = {s['CASCADE']} (recipe {s['RECIPE']!r}" + ("" if gains or not rec["cascade"] else
-                     f"; off: IMAGE_SIZE {s['IMAGE_SIZE']} is already the CT's in-plane size, so stage 2 would "
-                     "gain no resolution") + ")")
+                     f"; off: IMAGE_SIZE {s['IMAGE_SIZE']} is not below the CT's {max(native_shape[:2])} voxels "
+                     "in-plane, so stage 2 would gain no resolution") + ")")
     if s.get("HU_WINDOW") is None:
         s["HU_WINDOW"] = tuple(rec["hu_window"])
         notes.append(f"HU_WINDOW = {s['HU_WINDOW']} (recipe {s['RECIPE']!r})")
@@ -212,6 +214,12 @@ def _resolve_cascade(s: dict, native_shape: Sequence[int] | None) -> list[str]:
     notes.append(f"cascade: stage 1 (liver box) trains {e1} epochs, stage 2 (liver box at native resolution) "
                  f"{e2} (same budget as {s['EPOCHS']})")
     return notes
+
+
+def patch_steps(steps: int, roi_size: int, patch_size: int | None) -> int:
+    """Steps that show as many pixels on ``patch_size`` windows as ``steps`` do on whole ``roi_size`` slices:
+    a stage-2 epoch on windows costs what an epoch on whole liver boxes does, so the budget stays the same."""
+    return steps if not patch_size else int(math.ceil(steps * (roi_size / patch_size) ** 2))
 
 
 def resolve_gpus(gpus: int | None, device: torch.device, batch_size: int,
@@ -1278,19 +1286,90 @@ def iter_batches(data: SliceSet, batches: Sequence[np.ndarray],
             yield to_device(x, y, device)
 
 
+LESION_BAND_HU = 15.0  # contrast-balanced sampling: lesions within +-15 HU of the liver are "faint"
+
+
+def lesion_contrasts(image: np.ndarray, label: np.ndarray, liver_level: float | None = None) -> tuple:
+    """The lesions of a labelled volume and how much each differs from the liver.
+
+    Args:
+        image: intensities (HU, or anything linear in HU), the label's shape.
+        label: 0/1/2 labels; lesions are 26-connected components of label 2.
+        liver_level: the liver's intensity; None = the median of ``image`` over label 1.
+
+    Returns:
+        (components: int array of the label's shape, 0 outside lesions and k inside lesion k;
+        deltas: (n,) each lesion's mean intensity minus the liver level).
+    """
+    from scipy import ndimage
+    comps, n = ndimage.label(label == 2, np.ones((3, 3, 3), bool))
+    liver = float(np.median(image[label == 1])) if liver_level is None else liver_level
+    return comps, np.asarray(ndimage.mean(image, comps, np.arange(1, n + 1)), np.float64).reshape(n) - liver
+
+
+def contrast_group(deltas_hu: np.ndarray, band_hu: float = LESION_BAND_HU) -> np.ndarray:
+    """0 hypodense (below ``-band_hu``), 1 faint (within the band), 2 hyperdense (above ``+band_hu``)."""
+    return np.where(deltas_hu < -band_hu, 0, np.where(deltas_hu > band_hu, 2, 1))
+
+
+def lesion_contrast_groups(case: CachedCase, band_hu: float = LESION_BAND_HU) -> np.ndarray:
+    """Each slice's lesion contrast group: -1 no lesion, 0 hypodense, 1 faint, 2 hyperdense.
+
+    Lesions (:func:`lesion_contrasts`) of the case's network slices are grouped by their difference
+    from the liver's median (label 1), in HU through the case's window (``meta["hu_window"]``), by
+    :func:`contrast_group`. A slice holding lesions of several groups takes the faint or hyperdense one
+    with more voxels there (the rarer looks); a tumour slice whose lesion vanished at network
+    resolution is -1.
+
+    Args:
+        case: a cached case (stage 1's slices, or a liver-box view from :func:`roi_cases`) with labels.
+        band_hu: half-width of the faint band around the liver's intensity.
+
+    Returns:
+        (Z,) int8 array.
+    """
+    label, groups = np.asarray(case.label), np.full(case.label.shape[0], -1, np.int8)
+    zs = np.flatnonzero((label == 2).any(axis=(1, 2)))
+    if not len(zs) or not (label == 1).any():
+        return groups
+    lo, hi = case.meta["hu_window"]
+    z0, z1 = zs[0], zs[-1] + 1
+    liver = float(np.median(case.image[label == 1].astype(np.float32))) * (hi - lo)
+    comps, deltas = lesion_contrasts(np.asarray(case.image[z0:z1], np.float32) * (hi - lo), label[z0:z1], liver)
+    kind = contrast_group(deltas, band_hu)
+    votes = np.zeros((z1 - z0, 3), np.int64)  # voxels of each group per slice
+    np.add.at(votes, (np.nonzero(comps)[0], kind[comps[comps > 0] - 1]), 1)
+    rare = votes[:, 1:].argmax(axis=1) + 1
+    groups[z0:z1] = np.where(votes[:, 1:].sum(axis=1) > 0, rare, np.where(votes[:, 0] > 0, 0, -1))
+    return groups
+
+
+def slice_contrast_groups(cases: Sequence[CachedCase]) -> np.ndarray:
+    """:func:`lesion_contrast_groups` of the cases, in the order of a :class:`SliceSet` of them (its
+    ``tumor_groups`` for :class:`TumorAwareSampler`)."""
+    return np.concatenate([lesion_contrast_groups(c) for c in cases])
+
+
 class TumorAwareSampler:
     """Batches of slice indices with a fixed share drawn from tumour slices and from liver slices.
 
     As nnU-Net oversamples foreground, a share ``tumor_share`` of each batch comes from slices
     with tumour and ``liver_share`` from slices with liver; the rest is drawn uniformly from
     ``pool``.  With both shares 0 this is plain uniform sampling (the baseline recipe).
+    With ``tumor_groups`` (per slice, :func:`lesion_contrast_groups`) the tumour draws first pick a
+    contrast group uniformly, then a slice of it, so rare lesion looks are seen as often as common ones.
     Each epoch is a fixed function of (seed, epoch), so a resumed run sees the same batches.
     """
 
     def __init__(self, pool: np.ndarray, has_liver: np.ndarray, has_tumor: np.ndarray, batch_size: int,
-                 tumor_share: float = 0.0, liver_share: float = 0.0, seed: int = 0):
+                 tumor_share: float = 0.0, liver_share: float = 0.0, seed: int = 0,
+                 tumor_groups: np.ndarray | None = None):
         self.pool = np.asarray(pool)
         self.tumor = self.pool[has_tumor[self.pool]]
+        # contrast-balanced: each group of tumour slices (lesion_contrast_groups) gets an equal share of the draws;
+        # a tumour slice without a group (its lesion vanished at network resolution) counts as hypodense
+        groups = None if tumor_groups is None else np.maximum(tumor_groups[self.tumor], 0)
+        self.tumor_by_group = None if groups is None else [self.tumor[groups == g] for g in np.unique(groups)]
         self.liver = self.pool[has_liver[self.pool]]
         self.batch_size, self.seed = batch_size, seed
         self.n_tumor = int(round(batch_size * tumor_share)) if len(self.tumor) else 0
@@ -1310,11 +1389,18 @@ class TumorAwareSampler:
         for b in range(len(self)):
             parts = [perm[b * n_uniform:(b + 1) * n_uniform] if n_uniform else perm[:0]]
             if self.n_tumor:
-                parts.append(rng.choice(self.tumor, self.n_tumor))
+                parts.append(self._tumor_draws(rng))
             if self.n_liver:
                 parts.append(rng.choice(self.liver, self.n_liver))
             batches.append(np.concatenate(parts))
         return batches
+
+    def _tumor_draws(self, rng: np.random.Generator) -> np.ndarray:
+        """``n_tumor`` tumour slices: uniform over them, or a group drawn first (uniform over the groups)."""
+        if self.tumor_by_group is None:
+            return rng.choice(self.tumor, self.n_tumor)
+        groups = rng.integers(len(self.tumor_by_group), size=self.n_tumor)
+        return np.array([rng.choice(self.tumor_by_group[g]) for g in groups], dtype=self.tumor.dtype)
 
 
 STRONG_AUGMENT = {"contrast": 0.25, "gamma": 0.4}  # nnU-Net-like ranges: contrast x0.75-1.25, gamma 0.67-1.49
@@ -1371,6 +1457,40 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
     if lesion:
         x = lesion_contrast(x, y, rand(3, b), **lesion)
     return x, y
+
+
+def random_patches(x: torch.Tensor, y: torch.Tensor, size: int,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``size`` × ``size`` window of each sample, centred on tumour half the time where the sample has any.
+
+    Each window is centred (then shifted inside the slice) on one pixel drawn per sample: with tumour in the
+    sample, a tumour pixel with probability 1/2, else any pixel uniformly. A fully convolutional U-Net
+    trained on windows predicts whole slices; a window costs (size / S)² of a slice's compute, so a fixed
+    training time buys that many more samples (nnU-Net trains on patches). No host sync.
+
+    Args:
+        x: (B, C, S, S) images; y: (B, S, S) labels (2 = tumour); size: window side, at most S.
+        generator: torch generator on x's device.
+
+    Returns:
+        (B, C, size, size) images and (B, size, size) labels.
+    """
+    b, s, dev = x.shape[0], x.shape[-1], x.device
+    if x.shape[-2] != s:
+        raise ValueError(f"random_patches needs square slices, got {tuple(x.shape[-2:])}")
+    if size >= s:
+        return x, y
+    tumour = (y == 2).flatten(1).float()
+    weights = 1 + tumour * (s * s / tumour.sum(1, keepdim=True).clamp(min=1))  # tumour and the rest: 1/2 each
+    # one pixel per sample with probability proportional to its weight (w / Exp(1) races, as multinomial
+    # draws, but without the host syncs that torch.multinomial has on older releases)
+    centre = (weights / torch.empty_like(weights).exponential_(generator=generator)).argmax(1)
+    top = (centre // s - size // 2).clamp(0, s - size)
+    left = (centre % s - size // 2).clamp(0, s - size)
+    ar = torch.arange(size, device=dev)
+    rows, cols = (top[:, None] + ar)[:, :, None], (left[:, None] + ar)[:, None, :]
+    batch = torch.arange(b, device=dev)[:, None, None]
+    return x.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2), y[batch, rows, cols]
 
 
 def lesion_contrast(x: torch.Tensor, y: torch.Tensor, draws: torch.Tensor, p: float = 0.5,
@@ -1615,6 +1735,8 @@ class TrainConfig:
     augment: bool = True                # rotation/scale/intensity/noise on the device
     strong_augment: bool = False        # also contrast and gamma (STRONG_AUGMENT), against memorised lesion looks
     lesion_augment: bool = False        # also the lesions' contrast to the liver (LESION_AUGMENT, lesion_contrast)
+    lesion_balance: bool = False        # tumour draws balanced over lesion contrast groups (lesion_contrast_groups)
+    patch_size: int | None = None       # train on random windows of this size (random_patches); None: whole slices
     amp: bool = True                    # mixed precision on CUDA (bf16 where supported, else fp16)
     channels_last: bool = True          # memory format (faster convs on GPU and CPU)
     seed: int = 0                       # fixes sampling and augmentation per epoch
@@ -1658,6 +1780,14 @@ def _native_bf16() -> bool:
     True for a T4 or P100 (it only checks that a bf16 tensor can be made); those get fp16 + GradScaler.
     """
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def mixed_precision(device: torch.device | str) -> str:
+    """The training step's arithmetic on ``device`` with ``TrainConfig.amp`` on (as in the notebook):
+    "bf16" autocast (CUDA capability 8.0+), "fp16 + GradScaler" (older CUDA GPUs) or "fp32" (CPU, MPS)."""
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "bf16" if _native_bf16() else "fp16 + GradScaler"
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -1798,6 +1928,8 @@ def train_epoch(state: TrainState, data: SliceSet, batches: list[np.ndarray], cf
         if cfg.augment:
             x, y = augment_batch(x, y, generator=gen, lesion=LESION_AUGMENT if cfg.lesion_augment else None,
                                  **(STRONG_AUGMENT if cfg.strong_augment else {}))
+        if cfg.patch_size:
+            x, y = random_patches(x, y, cfg.patch_size, generator=gen)
         loss, parts = train_step(state, x.contiguous(memory_format=state.memory_format), y, cfg.grad_clip)
         sums += torch.stack([parts["ce"], parts["dice"]])
         if progress and step % 10 == 0:  # live loss, synced every 10th step only
@@ -1810,8 +1942,8 @@ def train_epoch(state: TrainState, data: SliceSet, batches: list[np.ndarray], cf
 
 
 RUN_KEYS = ("RECIPE", "RECIPE_SETTINGS", "PRESET", "EPOCHS", "IMAGE_SIZE", "BATCH_SIZE", "BASE_CHANNELS", "DEPTH",
-            "CONTEXT_SLICES", "CASCADE", "ROI_SIZE", "LOSS", "HU_WINDOW", "VAL_FRACTION", "LR", "STEPS_PER_EPOCH",
-            "SEED", "FOLD")  # the settings that shape what a run learns (not RESUME, DEVICE, EVAL_CHECKPOINT ...)
+            "CONTEXT_SLICES", "CASCADE", "ROI_SIZE", "PATCH_SIZE", "LOSS", "HU_WINDOW", "VAL_FRACTION", "LR",
+            "STEPS_PER_EPOCH", "SEED", "FOLD")  # what shapes a run's learning (not RESUME, DEVICE, EVAL_CHECKPOINT ...)
 
 
 def run_identity(settings: dict, train_ids: Sequence[str], data_root: str | os.PathLike) -> dict:
@@ -1840,7 +1972,8 @@ def resume_state(path: Path, state: TrainState, cfg: TrainConfig,
         (:func:`run_identity`) are not today's: continuing would train old weights on other data.
     """
     ck = load_checkpoint(path, map_location=state.device)
-    diff = _differences(ck["train_config"], asdict_plain(cfg))
+    # a setting added since the checkpoint was written counts as its default (what that run used)
+    diff = _differences({**asdict_plain(TrainConfig()), **ck["train_config"]}, asdict_plain(cfg))
     if run is not None:
         diff = "; ".join(d for d in (diff, _differences(ck.get("run") or {}, run)) if d)
     if diff:
@@ -1916,8 +2049,10 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
                                 device, resume, progress, extra_state, run)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    balance = cfg.lesion_balance and cfg.tumor_share > 0  # groups only steer the tumour draws
+    groups = slice_contrast_groups(train_data.cases) if balance else None
     sampler = TumorAwareSampler(train_index, train_data.has_liver, train_data.has_tumor, cfg.batch_size,
-                                cfg.tumor_share, cfg.liver_share, cfg.seed)
+                                cfg.tumor_share, cfg.liver_share, cfg.seed, groups)
     steps = cfg.steps_per_epoch or len(sampler)
     state = make_train_state(model, cfg, steps, torch.device(device) if device is not None else train_data.device)
     start_epoch, history, best = _start_or_resume(out, state, cfg, run, resume, progress)

@@ -51,6 +51,9 @@ ARMS: dict[str, dict] = {
     "cascade + context 3, stage 1 a fifth": {**OLD_DEFAULT, "cascade": True, "context": 3, "stage1_share": 0.2},
     "cascade + context 5": {**OLD_DEFAULT, "cascade": True, "context": 5},
     "cascade + context 3, tumour share 0.5": {**OLD_DEFAULT, "cascade": True, "context": 3, "tumor_share": 0.5},
+    "cascade + context 3, contrast-balanced": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True},
+    "contrast-balanced + stage 2 on 96² patches": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
+                                                    "stage2_patch": 96},
 }
 SETS = {  # name: (generator seed, lesion size scale, lesion contrast scale)
     "train": (100, 1.0, 1.0), "validation": (200, 1.0, 1.0), "kept-aside": (300, 0.6, 0.6)}
@@ -76,7 +79,8 @@ def train_config(cfg: dict, seed: int, batch: int, steps: int, lr: float = 2e-3)
     return uh.TrainConfig(epochs=4, batch_size=batch, lr=lr, steps_per_epoch=max(1, steps // 4), seed=seed,
                           tumor_share=cfg["tumor_share"], liver_share=cfg["liver_share"], loss=cfg["loss"],
                           strong_augment=cfg.get("strong_augment", False),
-                          lesion_augment=cfg.get("lesion_augment", False))
+                          lesion_augment=cfg.get("lesion_augment", False),
+                          lesion_balance=cfg.get("lesion_balance", False), patch_size=cfg.get("patch"))
 
 
 def new_model(cfg: dict, seed: int, base: int) -> uh.UNet:
@@ -117,9 +121,11 @@ def run_arm(arm: str, seed: int, seconds: float, batch: int, train_files: list, 
     stages = [("stage1", tr, seconds * (share if roi else 1.0))]
     if roi:
         stages.append(("stage2", uh.roi_cases(tr), seconds * (1 - share)))
-    steps = {name: steps_for(sec, cases, cfg, seed, batch, base, out / "calibration") for name, cases, sec in stages}
+    conf = {name: {**cfg, "patch": cfg.get("stage2_patch") if name == "stage2" else None} for name, _, _ in stages}
+    steps = {name: steps_for(sec, cases, conf[name], seed, batch, base, out / "calibration")
+             for name, cases, sec in stages}
     t0 = time.perf_counter()
-    models = {name: fit(cases, cfg, seed, batch, base, steps[name], out / name) for name, cases, _ in stages}
+    models = {name: fit(cases, conf[name], seed, batch, base, steps[name], out / name) for name, cases, _ in stages}
     train_s = time.perf_counter() - t0
     row = score(arm, seed, "validation", models, roi, va)
     row.update(seconds_budget=seconds, train_seconds=train_s, steps=steps, batch=batch, roi_size=roi,
@@ -154,6 +160,33 @@ def score(arm: str, seed: int, set_name: str, models: dict, roi: int | None, cas
                 for r in ev["per_case"]]
     return {"arm": arm, "seed": seed, "set": set_name, "summary": {k: ev["summary"][k] for k in keys},
             "lesion_recall_by_volume": ev["summary"]["lesion_recall_by_volume"], "per_case": per_case}
+
+
+GROUPS = ("hypodense", "faint", "hyperdense")  # uh.contrast_group's 0, 1, 2
+
+
+def by_contrast(arm: str, seed: int, set_name: str, models: dict, roi: int | None, files: list) -> dict:
+    """Lesions of at least 1 mL found (any overlap, as in the lesion recall) and their voxels predicted tumour,
+    by contrast group: each lesion's mean HU minus the liver's median HU (``uh.lesion_contrasts``), grouped
+    by ``uh.contrast_group`` (±15 HU)."""
+    cfg = {**BASE, **ARMS[arm]}
+    cases = cached(files, cfg, None)
+    stage2 = uh.Stage2(models["stage2"], roi) if "stage2" in models else None
+    ev = uh.evaluate(models["stage1"], cases, cfg["context"], "cpu", postprocess_pred=cfg["postprocess"],
+                     keep_predictions=True, progress=False, stage2=stage2)
+    out = {g: {"lesions": 0, "found": 0, "voxels": 0, "hit_voxels": 0} for g in GROUPS}
+    for f, c in zip(files, cases):
+        ct = uh.load_case(f.image, f.label, f.case_id)
+        comps, deltas = uh.lesion_contrasts(np.asarray(ct.image, np.float32), np.asarray(ct.label))
+        hit = ev["predictions"][c.case_id] == 2
+        sizes = np.bincount(comps.ravel(), minlength=len(deltas) + 1)[1:]
+        hits = np.bincount(comps[hit], minlength=len(deltas) + 1)[1:]
+        big = sizes * np.prod(ct.spacing) / 1000 >= 1.0
+        for g, n, h in zip(uh.contrast_group(deltas)[big], sizes[big], hits[big]):
+            o = out[GROUPS[g]]
+            o["lesions"], o["found"] = o["lesions"] + 1, o["found"] + int(h > 0)
+            o["voxels"], o["hit_voxels"] = o["voxels"] + int(n), o["hit_voxels"] + int(h)
+    return {"arm": arm, "seed": seed, "set": f"by contrast: {set_name}", "by_contrast": out}
 
 
 def real_ct_liver_dice(arm: str, models: dict, roi: int | None) -> float | None:
@@ -217,7 +250,12 @@ def paired_rows(rows: list[dict]) -> str:
                  ("cascade + lesion contrast + context 3", "baseline"),
                  ("cascade + context 3, stage 1 a fifth", "cascade + 2.5D context 3"),
                  ("cascade + context 5", "cascade + 2.5D context 3"),
-                 ("cascade + context 3, tumour share 0.5", "cascade + 2.5D context 3")):
+                 ("cascade + context 3, tumour share 0.5", "cascade + 2.5D context 3"),
+                 ("cascade + context 3, contrast-balanced", "cascade + 2.5D context 3"),
+                 ("cascade + context 3, contrast-balanced", "baseline"),
+                 ("contrast-balanced + stage 2 on 96² patches", "cascade + context 3, contrast-balanced"),
+                 ("contrast-balanced + stage 2 on 96² patches", "cascade + 2.5D context 3"),
+                 ("contrast-balanced + stage 2 on 96² patches", "baseline")):
         t, liv = paired(val, a, b), paired(val, a, b, "dice_liver_lits")
         if t is None or liv is None:
             continue
@@ -257,6 +295,24 @@ def ratio_table(rows: list[dict], good: float = 0.8) -> str:
                      "volume pred/true on the others (median)"], body)
 
 
+def contrast_table(rows: list[dict]) -> str:
+    """Lesions found and voxel recall by contrast group, pooled over seeds, per arm and set (lesions grouped on
+    the full-resolution HU, not on the network slices that ``uh.lesion_contrast_groups`` reads for sampling)."""
+    body = []
+    for set_name in ("validation", "training cases"):
+        for arm in ARMS:
+            rs = [r for r in rows if r["arm"] == arm and r["set"] == f"by contrast: {set_name}"]
+            if not rs:
+                continue
+            cells = []
+            for g in GROUPS:
+                n, k, v, h = (sum(r["by_contrast"][g][key] for r in rs)
+                              for key in ("lesions", "found", "voxels", "hit_voxels"))
+                cells.append(f"{k} of {n}, {h / v:.2f}" if v else "-")
+            body.append([set_name, arm, len(rs), *cells])
+    return md_table(["set", "arm", "seeds", *(f"{g}: found, voxel recall" for g in GROUPS)], body)
+
+
 def write_tables(rows: list[dict], a: argparse.Namespace, command: str) -> None:
     """The study's tables in BENCHMARKS.md §5."""
     setup = (f"Synthetic CT only (no real tumours). Train: {a.train_cases} cases (generator seed 100); validation: "
@@ -275,6 +331,35 @@ def write_tables(rows: list[dict], a: argparse.Namespace, command: str) -> None:
     write_table(f"{a.tables}_paired", paired_rows(rows))
     write_table(f"{a.tables}_real_ct", real_ct_table(rows))
     write_table(f"{a.tables}_ratio", ratio_table(rows))
+    if any(r["set"].startswith("by contrast") for r in rows):
+        write_table(f"{a.tables}_contrast", contrast_table(rows))
+
+
+def score_trained(rows: list[dict], a: argparse.Namespace, setup: dict, train_files: list, val_files: list) -> list:
+    """The extra scorings of trained arms (kept-aside set, training cases, lesions by contrast), each done once."""
+    kept_files = dataset("kept-aside", a.kept_cases, a.shape) if a.kept_aside else []
+    for set_name, arms, files in (("kept-aside", a.kept_aside, kept_files),
+                                  ("training cases", a.training_cases, train_files[:8])):
+        for arm in arms:
+            for r in [r for r in rows if r["arm"] == arm and r["set"] == "validation"]:
+                if any((k["arm"], k["seed"], k["set"]) == (arm, r["seed"], set_name) for k in rows):
+                    continue
+                cfg = {**BASE, **ARMS[arm]}
+                row = score(arm, r["seed"], set_name, load_models(arm, r["seed"], a.base), r["roi_size"],
+                            cached(files, cfg, None))
+                rows = [*load(a.results), {**row, "setup": setup}]
+                save(rows, a.results)
+                print(f"{set_name} {arm} seed {r['seed']}: tumour {row['summary']['dice_tumor']:.3f}", flush=True)
+    for arm in a.by_contrast:
+        for r in [r for r in rows if r["arm"] == arm and r["set"] == "validation"]:
+            for set_name, files in (("validation", val_files), ("training cases", train_files[:8])):
+                if any((k["arm"], k["seed"], k["set"]) == (arm, r["seed"], f"by contrast: {set_name}") for k in rows):
+                    continue
+                row = by_contrast(arm, r["seed"], set_name, load_models(arm, r["seed"], a.base), r["roi_size"], files)
+                rows = [*load(a.results), {**row, "setup": setup}]
+                save(rows, a.results)
+                print(f"by contrast, {set_name}: {arm} seed {r['seed']}: {row['by_contrast']}", flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -285,6 +370,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--kept-aside", nargs="*", default=[], help="arms to score once on the kept-aside set")
     ap.add_argument("--training-cases", nargs="*", default=[],
                     help="arms to score on 8 of their own training cases (how well they fit what they saw)")
+    ap.add_argument("--by-contrast", nargs="*", default=[],
+                    help="arms whose lesions are counted by contrast group (validation and 8 training cases)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--train-cases", type=int, default=24)
     ap.add_argument("--val-cases", type=int, default=16)
@@ -303,7 +390,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"{a.results} holds runs with other settings ({other[0]['setup']}, now {setup}); "
                          "use another --results file")
     train_files, val_files = dataset("train", a.train_cases, a.shape), dataset("validation", a.val_cases, a.shape)
-    for seed in a.seeds if not (a.kept_aside or a.training_cases) else []:
+    for seed in a.seeds if not (a.kept_aside or a.training_cases or a.by_contrast) else []:
         for arm in a.arms:
             if any((r["arm"], r["seed"], r["set"]) == (arm, seed, "validation") for r in rows):
                 continue
@@ -315,19 +402,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{arm} seed {seed}: liver {s['dice_liver_lits']:.3f} tumour {s['dice_tumor']:.3f} "
                   f"ratio {s['median_tumor_volume_ratio']:.2f} ({new['train_seconds']:.0f} s training, "
                   f"{time.perf_counter() - t0:.0f} s in all)", flush=True)
-    kept_files = dataset("kept-aside", a.kept_cases, a.shape) if a.kept_aside else []
-    for set_name, arms, files in (("kept-aside", a.kept_aside, kept_files),
-                                  ("training cases", a.training_cases, train_files[:8])):
-        for arm in arms:
-            for r in [r for r in rows if r["arm"] == arm and r["set"] == "validation"]:
-                if any((k["arm"], k["seed"], k["set"]) == (arm, r["seed"], set_name) for k in rows):
-                    continue
-                cfg = {**BASE, **ARMS[arm]}
-                row = score(arm, r["seed"], set_name, load_models(arm, r["seed"], a.base), r["roi_size"],
-                            cached(files, cfg, None))
-                rows = [*load(a.results), {**row, "setup": setup}]
-                save(rows, a.results)
-                print(f"{set_name} {arm} seed {r['seed']}: tumour {row['summary']['dice_tumor']:.3f}", flush=True)
+    rows = score_trained(rows, a, setup, train_files, val_files)
     if not a.no_write:
         write_tables(rows, a, "cd bench && python tumour_study.py " + shlex.join(argv or []))
     return rows

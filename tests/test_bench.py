@@ -99,12 +99,18 @@ def test_tiny_tumour_study_budget_fair_and_kept_aside(work, tmp_path, monkeypatc
     tables: dict[str, str] = {}
     monkeypatch.setattr(tumour_study, "write_table", lambda name, text: tables.__setitem__(name, text))
     rows = tumour_study.main(["--kept-aside", "baseline", "default + liver-box cascade", "--training-cases", "baseline",
-                              *common_args])
+                              "--by-contrast", "default + liver-box cascade", *common_args])
     assert [r["arm"] for r in rows if r["set"] == "training cases"] == ["baseline"]
     kept = [r for r in rows if r["set"] == "kept-aside"]
     assert sorted(r["arm"] for r in kept) == ["baseline", "default + liver-box cascade"]  # stage 2 reloaded too
     assert tables["tumour_study"].count("| baseline |") == 3  # once per set: validation, kept aside, training
     assert "default + liver-box cascade" in tables["tumour_study_paired"]
+    counted = [r for r in rows if r["set"].startswith("by contrast")]
+    assert sorted(r["set"] for r in counted) == ["by contrast: training cases", "by contrast: validation"]
+    for r in counted:
+        assert all(0 <= g["found"] <= g["lesions"] and 0 <= g["hit_voxels"] <= g["voxels"]
+                   for g in r["by_contrast"].values())
+    assert tables["tumour_study_contrast"].count("default + liver-box cascade") == 2
     with pytest.raises(ValueError, match="other settings"):  # resuming never mixes runs of another budget
         tumour_study.main([*common_args[:1], "7", *common_args[2:], "--no-write"])
 
@@ -126,3 +132,16 @@ def test_volume_ratio_split_by_how_well_a_case_is_segmented():
     # found well: ratios 1.1 and 0.9 -> median 1.00, range 0.90-1.10; the other three: 0.1, 0.3, 0.5 -> median 0.30
     assert "| baseline | 2 of 5 | 1.00 (0.90–1.10) | 0.30 |" in table
     assert "default" not in table.split("\n", 2)[2]  # arms without rows are left out
+
+
+def test_lesions_by_contrast_pooled_over_seeds():
+    def seed(hypo, faint, hyper):
+        return {"arm": "baseline", "set": "by contrast: validation", "by_contrast": {
+            g: dict(zip(("lesions", "found", "voxels", "hit_voxels"), v))
+            for g, v in zip(("hypodense", "faint", "hyperdense"), (hypo, faint, hyper))}}
+    rows = [seed((3, 2, 100, 60), (1, 0, 50, 0), (0, 0, 0, 0)), seed((2, 2, 50, 40), (1, 1, 50, 25), (1, 0, 20, 0)),
+            {"arm": "baseline", "set": "validation", "per_case": []}]  # other sets are not counted
+    table = tumour_study.contrast_table(rows)
+    # hypodense: 2 + 2 found of 3 + 2, voxels (60 + 40) / 150; faint: 1 of 2, 25 / 100; hyperdense: 0 of 1, 0 / 20
+    assert "| validation | baseline | 2 | 4 of 5, 0.67 | 1 of 2, 0.25 | 0 of 1, 0.00 |" in table
+    assert "training cases" not in table

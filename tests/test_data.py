@@ -365,6 +365,68 @@ def test_slice_selection_set_and_sampler(synthetic_dir, tmp_path):
     assert [b.tolist() for b in samp.epoch(0)] == [b.tolist() for b in batches]
 
 
+def test_lesion_contrast_groups_by_hand():
+    """Window -100..400 HU (500 HU wide): liver 0.4, a hypodense lesion 0.3 (-50 HU), a hyperdense one 0.46
+    (+30 HU) and a faint one 0.42 (+10 HU), placed so that no two lesions touch (26-connectivity)."""
+    image = np.full((4, 8, 8), 0.4, np.float16)
+    label = np.ones((4, 8, 8), np.uint8)
+    image[:, :4], label[:, :4] = 0.0, 0  # half of each slice is background (air), which the liver level must skip
+    image[1:3, 4:6, 1] = 0.3
+    label[1:3, 4:6, 1] = 2  # hypodense: slices 1 and 2 (2 voxels each), one component
+    image[2:4, 7, 6] = 0.46
+    label[2:4, 7, 6] = 2  # hyperdense: slices 2 and 3, one voxel each
+    image[3, 4:6, 4] = 0.42
+    label[3, 4:6, 4] = 2  # faint: slice 3, two voxels
+    has = (label == 2).any(axis=(1, 2))
+    case = uh.CachedCase("c", image, label, None, label.any(axis=(1, 2)) > 0, has, {"hu_window": [-100.0, 400.0]})
+    # slice 0: no lesion; 1: hypodense only; 2: the hyperdense voxel beats two hypodense ones (the rarer
+    # look wins); 3: faint (2 voxels) beats hyperdense (1 voxel)
+    np.testing.assert_array_equal(uh.lesion_contrast_groups(case), [-1, 0, 2, 1])
+    # a 5 HU band makes the +10 HU lesion hyperdense: slice 3 then holds 3 hyperdense voxels
+    np.testing.assert_array_equal(uh.lesion_contrast_groups(case, band_hu=5.0), [-1, 0, 2, 2])
+
+
+def test_contrast_balanced_sampler_draws_each_group_equally():
+    """Ten tumour slices, one of them hyperdense: uniform draws take it 1 time in 10, balanced ones 1 in 2. One
+    tumour slice has no group (its lesion vanished at network resolution): it is drawn with the hypodense."""
+    pool = np.arange(16)
+    has_tumor = np.arange(16) < 10
+    groups = np.where(has_tumor, 0, -1)
+    groups[9], groups[8] = 2, -1
+    shares = []
+    for tumor_groups in (None, groups):
+        samp = uh.TumorAwareSampler(pool, has_tumor, has_tumor, batch_size=8, tumor_share=1.0, seed=0,
+                                    tumor_groups=tumor_groups)
+        draws = np.concatenate([b for e in range(500) for b in samp.epoch(e)])  # 2 batches of 8 per epoch
+        assert len(draws) == 8000 and has_tumor[draws].all()
+        shares.append((np.mean(draws == 9), np.mean(draws == 8)))
+    # uniform: 1/10 each; balanced: slice 9 is 1/2, slice 8 one of the 9 hypodense slices of the other half: 1/18
+    assert abs(shares[0][0] - 0.1) < 0.02 and abs(shares[1][0] - 0.5) < 0.03  # 5-6 standard errors
+    assert abs(shares[0][1] - 0.1) < 0.02 and abs(shares[1][1] - 1 / 18) < 0.015
+
+
+def test_random_patches_by_hand():
+    """10×10 slices, 4×4 windows; sample 0 has one tumour pixel at (8, 1) (off the diagonal, so that a swap of
+    row and column shows), sample 1 none."""
+    x = torch.arange(2 * 3 * 10 * 10, dtype=torch.float32).reshape(2, 3, 10, 10)
+    y = torch.zeros(2, 10, 10, dtype=torch.long)
+    y[0, 8, 1] = 2
+    gen = torch.Generator().manual_seed(0)
+    with_tumour = 0
+    for _ in range(4000):
+        xs, ys = uh.random_patches(x, y, 4, generator=gen)
+        for b in range(2):  # each window is one block of its own sample, the same block of image and label
+            top, left = divmod(int(xs[b, 0, 0, 0]) - 300 * b, 10)
+            assert torch.equal(xs[b], x[b, :, top:top + 4, left:left + 4])
+            assert torch.equal(ys[b], y[b, top:top + 4, left:left + 4])
+        with_tumour += int((ys[0] == 2).any())
+    # the centre is the tumour pixel with weight 1 + 100 of 200, any other with weight 1; a window holds (8, 1)
+    # when its top is 5 or 6 (centre row 7-9) and its left is 0 or 1 (centre column 0-3): 12 centres, weight
+    # 101 + 11 (row and column swapped: 0.06)
+    assert abs(with_tumour / 4000 - 112 / 200) < 0.03  # 0.56, about 4 standard errors
+    assert uh.random_patches(x, y, 10)[0] is x  # a window as large as the slice: the slice itself
+
+
 # ---------------------------------------------------------------- synthetic set
 def test_synthetic_set_layout_dtypes_determinism(synthetic_dir, tmp_path):
     cases = uh.find_cases(synthetic_dir)
@@ -462,6 +524,8 @@ def test_resolve_settings_presets_and_recipe():
     assert s["RECIPE_SETTINGS"]["loss"] == "tversky_ce" and uh.RECIPES["default"]["loss"] == "dice_ce"
     with pytest.raises(ValueError, match="LOSS must be one of"):
         uh.resolve_settings({**base, "LOSS": "mse"}, torch.device("cpu"), False)
+    # windows of 96 from boxes of 160 show (160 / 96)² = 2.78 x fewer pixels a step: 10 steps -> ceil(27.8) = 28
+    assert uh.patch_steps(10, 160, 96) == 28 and uh.patch_steps(10, 160, None) == 10
 
 
 def test_format_table_and_describe_results():

@@ -220,6 +220,17 @@ def test_training_logs_checkpoints_and_determinism(tiny_data, tmp_path):
     assert ck["epoch"] == 1 and ck["model_hparams"]["in_channels"] == 3
 
 
+def test_training_on_patches_with_contrast_balanced_sampling(tiny_data, tmp_path, monkeypatch):
+    seen = []
+    real = uh.train_step
+    monkeypatch.setattr(uh, "train_step", lambda state, x, y, *a: seen.append(x.shape) or real(state, x, y, *a))
+    uh.set_determinism(0)
+    cfg = uh.TrainConfig(epochs=1, batch_size=8, steps_per_epoch=2, tumor_share=0.5, patch_size=24, lesion_balance=True)
+    h = uh.train(uh.UNet(3, 3, base_channels=4, depth=2), tiny_data["train"], tiny_data["ti"], cfg, tmp_path,
+                 progress=False)
+    assert seen == [(8, 3, 24, 24)] * 2 and np.isfinite(h[-1]["train_ce"])  # 24² windows of the 32² slices
+
+
 def test_resume_after_kill_gives_same_weights(tiny_data, tmp_path, monkeypatch):
     ref, href = _run(tiny_data, tmp_path / "ref")
     real = uh.augment_batch
@@ -246,6 +257,19 @@ def test_resume_refuses_other_settings(tiny_data, tmp_path):
     _run(tiny_data, tmp_path / "x", epochs=1)
     with pytest.raises(ValueError, match="other training settings"):
         _run(tiny_data, tmp_path / "x", epochs=1, seed=5)
+
+
+def test_resume_accepts_a_checkpoint_written_before_a_setting_existed(tiny_data, tmp_path):
+    _run(tiny_data, tmp_path / "x", epochs=1)
+    ck = uh.load_checkpoint(tmp_path / "x" / "last.pt")
+    for key in ("lesion_balance", "patch_size"):  # settings added later: an older checkpoint lacks them
+        del ck["train_config"][key]
+    torch.save(ck, tmp_path / "x" / "last.pt")
+    _run(tiny_data, tmp_path / "x", epochs=1)  # their defaults are what that run used: resumes
+    ck["train_config"]["lesion_balance"] = True  # but a stored value that differs is still refused
+    torch.save(ck, tmp_path / "x" / "last.pt")
+    with pytest.raises(ValueError, match="lesion_balance: True -> False"):
+        _run(tiny_data, tmp_path / "x", epochs=1)
 
 
 def test_resume_refuses_another_run_and_says_what_differs(tiny_data, tmp_path):
@@ -529,6 +553,8 @@ def test_bf16_only_on_compute_capability_8(monkeypatch):
     for capability, native in (((6, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, _c=capability: _c)
         assert uh._native_bf16() is native, capability  # P100, T4: fp16 + scaler; A100, H100: bf16
+        assert uh.mixed_precision("cuda:0") == ("bf16" if native else "fp16 + GradScaler"), capability
+    assert uh.mixed_precision("cpu") == "fp32" and uh.mixed_precision(torch.device("mps")) == "fp32"
 
 
 def test_determinism_is_the_default_on_cpu_and_opt_in_on_cuda(monkeypatch):

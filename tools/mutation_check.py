@@ -53,6 +53,15 @@ MUTATIONS: dict[str, tuple[str, str]] = {
     "multi-GPU processes each train on the whole batch": (
         "    return [idx[rank::world] for idx in batches] if world > 1 else batches",
         "    return batches"),
+    "contrast-balanced sampling draws tumour slices uniformly": (
+        "        if self.tumor_by_group is None:\n",
+        "        if True:\n"),
+    "training windows never centred on tumour": (
+        "    weights = 1 + tumour * (s * s / tumour.sum(1, keepdim=True).clamp(min=1))",
+        "    weights = 1 + tumour * 0"),
+    "lesion contrast measured against every voxel, not the liver": (
+        "    liver = float(np.median(case.image[label == 1].astype(np.float32))) * (hi - lo)",
+        "    liver = float(np.median(case.image[label >= 0].astype(np.float32))) * (hi - lo)"),
 }
 
 
