@@ -2049,8 +2049,7 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
                                 device, resume, progress, extra_state, run)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    balance = cfg.lesion_balance and cfg.tumor_share > 0  # groups only steer the tumour draws
-    groups = slice_contrast_groups(train_data.cases) if balance else None
+    groups = slice_contrast_groups(train_data.cases) if cfg.lesion_balance and cfg.tumor_share else None  # tumour draws
     sampler = TumorAwareSampler(train_index, train_data.has_liver, train_data.has_tumor, cfg.batch_size,
                                 cfg.tumor_share, cfg.liver_share, cfg.seed, groups)
     steps = cfg.steps_per_epoch or len(sampler)
