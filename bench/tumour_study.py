@@ -146,12 +146,17 @@ def load_models(arm: str, seed: int, base: int = 16) -> dict:
     return models
 
 
-def score(arm: str, seed: int, set_name: str, models: dict, roi: int | None, cases: list) -> dict:
-    """3D scores of an arm's final models on some cached cases (post-processed as the recipe says)."""
+def evaluate_arm(arm: str, models: dict, roi: int | None, cases: list, keep_predictions: bool = False) -> dict:
+    """``uh.evaluate`` of an arm's final models on cached cases: its context, stage 2 and post-processing."""
     cfg = {**BASE, **ARMS[arm]}
     stage2 = uh.Stage2(models["stage2"], roi) if "stage2" in models else None
-    ev = uh.evaluate(models["stage1"], cases, cfg["context"], "cpu", postprocess_pred=cfg["postprocess"],
-                     keep_predictions=False, progress=False, stage2=stage2)
+    return uh.evaluate(models["stage1"], cases, cfg["context"], "cpu", postprocess_pred=cfg["postprocess"],
+                       keep_predictions=keep_predictions, progress=False, stage2=stage2)
+
+
+def score(arm: str, seed: int, set_name: str, models: dict, roi: int | None, cases: list) -> dict:
+    """3D scores of an arm's final models on some cached cases (post-processed as the recipe says)."""
+    ev = evaluate_arm(arm, models, roi, cases)
     keys = ("dice_liver_lits", "dice_liver", "dice_tumor", "dice_tumor_all_cases", "dice_tumor_global",
             "dice_liver_global", "median_tumor_volume_ratio", "lesion_recall", "lesion_precision",
             "fp_tumor_ml_tumor_free_cases")
@@ -169,11 +174,8 @@ def by_contrast(arm: str, seed: int, set_name: str, models: dict, roi: int | Non
     """Lesions of at least 1 mL found (any overlap, as in the lesion recall) and their voxels predicted tumour,
     by contrast group: each lesion's mean HU minus the liver's median HU (``uh.lesion_contrasts``), grouped
     by ``uh.contrast_group`` (±15 HU)."""
-    cfg = {**BASE, **ARMS[arm]}
-    cases = cached(files, cfg, None)
-    stage2 = uh.Stage2(models["stage2"], roi) if "stage2" in models else None
-    ev = uh.evaluate(models["stage1"], cases, cfg["context"], "cpu", postprocess_pred=cfg["postprocess"],
-                     keep_predictions=True, progress=False, stage2=stage2)
+    cases = cached(files, {**BASE, **ARMS[arm]}, None)
+    ev = evaluate_arm(arm, models, roi, cases, keep_predictions=True)
     out = {g: {"lesions": 0, "found": 0, "voxels": 0, "hit_voxels": 0} for g in GROUPS}
     for f, c in zip(files, cases):
         ct = uh.load_case(f.image, f.label, f.case_id)
