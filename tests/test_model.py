@@ -451,6 +451,38 @@ def test_cascade_crop_paste_round_trip_is_exact():
     assert not np.array_equal(small, truth)
 
 
+def test_liver_core_by_hand():
+    liver = np.zeros((11, 11, 3), bool)
+    liver[2:9, 2:9, :] = True  # a 7 x 7 square in each slice: its rings lie 1, 2, 3, 4 pixels inside
+    core = uh.liver_core(liver, (1.0, 1.0, 5.0), 2.0)
+    expected = np.zeros_like(liver)
+    expected[4:7, 4:7, :] = True  # more than 2 mm inside: the 3 x 3 centre (rings 3 and 4), slice thickness aside
+    np.testing.assert_array_equal(core, expected)
+    assert not uh.liver_core(liver, (0.5, 0.5, 5.0), 2.0).any()  # at 0.5 mm the centre is 2.0 mm deep, not more
+    assert uh.liver_core(liver, (1.0, 1.0, 5.0), 0.0).sum() == 7 * 7 * 3  # depth 0: the whole mask
+    assert not uh.liver_core(liver, (1.0, 1.0, 5.0), None).any()
+
+
+class _Background(torch.nn.Module):
+    """A stand-in stage 2 that sees no liver anywhere (as a stage 2 can on CT unlike its training data)."""
+
+    def forward(self, x):
+        return torch.cat([torch.full_like(x[:, :1], 10.0), torch.zeros_like(x[:, :2])], 1)
+
+
+def test_predict_cascade_keeps_the_interior_of_stage1_liver():
+    stage1 = np.zeros((60, 60, 4), np.uint8)
+    stage1[20:27, 20:27, :] = 1  # a 7 x 7 liver in 4 slices
+    stage1[23, 23, 1] = 2  # stage 1's tumour call: stage 2 decides tumour, so it becomes liver
+    image = np.zeros(stage1.shape, np.float32)
+    out = uh.predict_cascade(stage1, image, (1.0, 1.0, 3.0), uh.Stage2(_Background(), 32, 5.0), 1, "cpu")
+    expected = np.zeros_like(stage1)
+    expected[22:25, 22:25, :] = 1  # stage 2 erased everything; the 3 x 3 centre more than 2 mm inside stays liver
+    np.testing.assert_array_equal(out, expected)
+    off = uh.predict_cascade(stage1, image, (1.0, 1.0, 3.0), uh.Stage2(_Background(), 32, 5.0, core_mm=None), 1, "cpu")
+    assert not off.any()  # without the rule stage 2's call stands everywhere
+
+
 def test_liver_box_grows_to_the_stage2_window():
     m = np.zeros((100, 80, 30), bool)
     m[40:60, 30:40, 10:20] = True

@@ -62,6 +62,12 @@ MUTATIONS: dict[str, tuple[str, str]] = {
     "lesion contrast measured against every voxel, not the liver": (
         "    liver = float(np.median(case.image[label == 1].astype(np.float32))) * (hi - lo)",
         "    liver = float(np.median(case.image[label >= 0].astype(np.float32))) * (hi - lo)"),
+    "the cascade's stage-1 core overwrites stage 2's tumour": (
+        "    out[core & (out == 0)] = 1",
+        "    out[core] = 1"),
+    "the liver core ignores the pixel spacing": (
+        "ndimage.distance_transform_edt(liver[:, :, z], sampling=spacing[:2]) > depth_mm",
+        "ndimage.distance_transform_edt(liver[:, :, z]) > depth_mm"),
 }
 
 
