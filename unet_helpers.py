@@ -98,7 +98,8 @@ RECIPES: dict[str, dict] = {
     # our default, chosen by the budget-fair study (BENCHMARKS.md §5, §5c-f): the liver-box cascade (stage 2 at
     # native resolution) with 3 adjacent slices in (2.5D), tumour/liver oversampling, fewer empty slices and
     # post-processing in both stages; tumour draws balanced over lesion contrast, and stage 2 trained on random
-    # windows 0.6 of its box wide (§5e-f: hyperdense and faint lesions found, tumour volume no longer under-called)
+    # windows 0.6 of its box wide (§5e-f: more hyperdense and faint lesions found; on the validation set the tumour
+    # volume is no longer under-called, on the kept-aside set it still is)
     "default": {"context": 3, "tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2,
                 "loss": "dice_ce", "postprocess": True, "cascade": True, "hu_window": (-100.0, 400.0),
                 "strong_augment": False, "lesion_augment": False, "lesion_balance": True, "stage2_patch": 0.6},
@@ -151,7 +152,8 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
     """Fill settings left at None from the preset and the recipe (notebook: "Configuration").
 
     The preset is "full" on a CUDA GPU with real data, else "quick"; ``CONTEXT_SLICES``,
-    ``CASCADE``, ``HU_WINDOW``, ``LOSS`` and the sampling, augmentation and post-processing options
+    ``CASCADE``, ``HU_WINDOW``, ``LOSS``, stage 2's ``PATCH_SIZE`` (the recipe's ``stage2_patch`` of
+    ``ROI_SIZE``) and the sampling, augmentation and post-processing options
     come from ``RECIPE`` (``RECIPE_SETTINGS`` holds them with your overrides); the recipe's cascade is
     used only where ``IMAGE_SIZE`` is below the CT's in-plane size (where stage 2 gains resolution); with the
     cascade, ``ROI_SIZE`` comes from ``native_shape`` (the CT's voxels per slice, :func:`roi_size_for`).
@@ -198,7 +200,9 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
     notes.append(gpu_note)
     if s["CASCADE"]:
         notes += _resolve_cascade(s, native_shape, rec)
-    rec.update(context=s["CONTEXT_SLICES"], cascade=bool(s["CASCADE"]))
+    s["PATCH_SIZE"] = (s.get("PATCH_SIZE") or None) if s["CASCADE"] else None  # None: whole boxes, or no stage 2
+    rec.update(context=s["CONTEXT_SLICES"], cascade=bool(s["CASCADE"]),
+               stage2_patch=round(s["PATCH_SIZE"] / s["ROI_SIZE"], 3) if s["PATCH_SIZE"] else None)
     s["RECIPE_SETTINGS"] = rec
     return s, notes
 
@@ -217,7 +221,11 @@ def _resolve_cascade(s: dict, native_shape: Sequence[int] | None, rec: dict) -> 
         notes.append(f"PATCH_SIZE = {s['PATCH_SIZE']} (recipe {s['RECIPE']!r}: " + (
             f"stage 2 trains on random windows {frac} of ROI_SIZE wide, half centred on tumour)" if frac
             else "stage 2 trains on whole liver boxes)"))
-    s["PATCH_SIZE"] = s["PATCH_SIZE"] or None  # 0 (yours): whole boxes, stored as the recipe-less None
+    elif not s["PATCH_SIZE"]:
+        notes.append("PATCH_SIZE = 0 (yours: stage 2 trains on whole liver boxes)")
+    s["CASCADE_CORE_MM"] = CASCADE_CORE_MM
+    notes.append(f"CASCADE_CORE_MM = {CASCADE_CORE_MM} (stage 1's liver this far inside its edge stays liver where "
+                 "stage 2 calls background)")
     e1, e2 = cascade_epochs(s["EPOCHS"])
     notes.append(f"cascade: stage 1 (liver box) trains {e1} epochs, stage 2 (liver box at native resolution) "
                  f"{e2} (same budget as {s['EPOCHS']})")
@@ -1978,6 +1986,16 @@ def _differences(old: dict, new: dict) -> str:
                      if old.get(k) != new.get(k))
 
 
+RECIPE_KEYS_ADDED = {"stage2_patch": None}  # recipe keys added later: what an older run's recipe meant without them
+
+
+def _with_added_recipe_keys(run: dict) -> dict:
+    """An older run identity with the recipe keys added since filled in as that run used them."""
+    if not isinstance(run.get("RECIPE_SETTINGS"), dict):
+        return run
+    return {**run, "RECIPE_SETTINGS": {**RECIPE_KEYS_ADDED, **run["RECIPE_SETTINGS"]}}
+
+
 def resume_state(path: Path, state: TrainState, cfg: TrainConfig,
                  run: dict | None = None) -> tuple[int, list[dict], float]:
     """Load ``last.pt`` into ``state`` when it was written by the same run: (next epoch, history, best).
@@ -1990,7 +2008,7 @@ def resume_state(path: Path, state: TrainState, cfg: TrainConfig,
     # a setting added since the checkpoint was written counts as its default (what that run used)
     diff = _differences({**asdict_plain(TrainConfig()), **ck["train_config"]}, asdict_plain(cfg))
     if run is not None:
-        diff = "; ".join(d for d in (diff, _differences(ck.get("run") or {}, run)) if d)
+        diff = "; ".join(d for d in (diff, _differences(_with_added_recipe_keys(ck.get("run") or {}), run)) if d)
     if diff:
         raise ValueError(f"{path} was written with other training settings ({diff}). To start afresh, use another "
                          "OUTPUT_DIR or delete that file; to continue the old run, restore its settings.")
@@ -2468,9 +2486,10 @@ def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing:
     pixels wide); its slices are cropped from the full-resolution windowed volume (resized to
     ``roi_size`` only when the box is larger), segmented by stage 2 and pasted back at the box's
     own resolution. Outside the box the result is background. Where stage 2 calls background more than
-    ``stage2.core_mm`` inside stage 1's liver (in-plane, :func:`liver_core`), the voxel stays liver: on the
-    real CT in BENCHMARKS.md §5f a stage 2 trained on synthetic boxes dropped whole parts of a liver that
-    stage 1 had found, while on the synthetic set the rule changes liver Dice by less than 0.001.
+    ``stage2.core_mm`` inside stage 1's liver (in-plane, :func:`keep_liver_core`), the voxel stays liver: on
+    the real CT in BENCHMARKS.md §5f stage 2 models trained on synthetic boxes dropped whole parts of a liver
+    that stage 1 had found, while on the synthetic set the rule changes liver Dice by less than 0.001. The
+    2 mm default was picked on that one real CT (the synthetic set prefers deeper cores by < 0.001).
 
     Args:
         stage1_pred: (X, Y, Z) labels from stage 1 (post-processed or not).
@@ -2485,9 +2504,7 @@ def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing:
     inner = predict_slices(stage2.model, crop, (x1 - x0, y1 - y0), context, device, batch_size, amp)
     out = np.zeros_like(stage1_pred)
     out[x0:x1, y0:y1, z0:z1] = inner
-    core = liver_core(postprocess(stage1_pred) >= 1, spacing, stage2.core_mm)
-    out[core & (out == 0)] = 1  # stage 2 refines the edge and calls tumour; it cannot erase the liver's interior
-    return out
+    return keep_liver_core(out, postprocess(stage1_pred) >= 1, spacing, stage2.core_mm)
 
 
 def liver_core(liver: np.ndarray, spacing: Sequence[float], depth_mm: float) -> np.ndarray:
@@ -2497,12 +2514,24 @@ def liver_core(liver: np.ndarray, spacing: Sequence[float], depth_mm: float) -> 
     slice thickness does not matter. ``depth_mm`` None or below 0 gives an empty core.
     """
     from scipy import ndimage
+    if liver.ndim != 3:
+        raise ValueError(f"liver_core needs an (X, Y, Z) mask, got shape {liver.shape}")
     core = np.zeros(liver.shape, bool)
     if depth_mm is None or depth_mm < 0:
         return core
     for z in np.flatnonzero(liver.any(axis=(0, 1))):
-        core[:, :, z] = ndimage.distance_transform_edt(liver[:, :, z], sampling=spacing[:2]) > depth_mm
+        inside = np.pad(liver[:, :, z], 1)  # the image border counts as outside the liver
+        core[:, :, z] = (ndimage.distance_transform_edt(inside, sampling=spacing[:2]) > depth_mm)[1:-1, 1:-1]
     return core
+
+
+def keep_liver_core(stage2_labels: np.ndarray, stage1_liver: np.ndarray, spacing: Sequence[float],
+                    depth_mm: float | None) -> np.ndarray:
+    """Stage 2's labels, with stage 1's liver more than ``depth_mm`` inside its edge (:func:`liver_core`) as liver
+    where stage 2 says background: stage 2 refines the edge and calls the tumour, it cannot erase the interior."""
+    out = stage2_labels.copy()
+    out[liver_core(stage1_liver, spacing, depth_mm) & (out == 0)] = 1
+    return out
 
 
 def overlap_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:

@@ -32,6 +32,8 @@ import unet_helpers as uh
 
 RESULTS = ROOT / "bench" / "results" / "cascade_rules.json"
 CORES = (2.0, 4.0, 6.0, 10.0)
+SHAPE = (256, 256, 48)  # the study's synthetic CT
+ROI = uh.roi_size_for(SHAPE)  # stage 2's window as the study trained and scores it (also on the real CT): 160
 ARMS = ("cascade + 2.5D context 3", "cascade + context 3, contrast-balanced",
         "contrast-balanced + stage 2 on 96² patches")
 
@@ -39,7 +41,7 @@ ARMS = ("cascade + 2.5D context 3", "cascade + context 3, contrast-balanced",
 def stages(models: dict, context: int, windowed: np.ndarray, slices: np.ndarray, spacing) -> tuple:
     """Stage 1's post-processed labels and stage 2's labels in the box without the core rule (background elsewhere)."""
     raw = uh.predict_slices(models["stage1"], slices, windowed.shape[:2], context, "cpu")
-    s2 = uh.predict_cascade(raw, windowed, spacing, uh.Stage2(models["stage2"], 160, core_mm=None), context, "cpu")
+    s2 = uh.predict_cascade(raw, windowed, spacing, uh.Stage2(models["stage2"], ROI, core_mm=None), context, "cpu")
     return uh.postprocess(raw), s2
 
 
@@ -52,8 +54,7 @@ def rules(s1: np.ndarray, s2: np.ndarray, spacing) -> dict[str, np.ndarray]:
     out["stage-1 liver, stage-2 tumour"] = christ
     out["union"] = np.where(s2 >= 1, s2, liver1).astype(np.uint8)
     for mm in CORES:
-        core = uh.liver_core(liver1, spacing, mm)
-        out[f"core {mm:g} mm"] = np.where((s2 == 0) & core, 1, s2).astype(np.uint8)
+        out[f"core {mm:g} mm"] = uh.keep_liver_core(s2, liver1, spacing, mm)
     return {k: uh.postprocess(v) for k, v in out.items()}
 
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if not (ts.REAL_CT / "abdomen_ct_3mm_ras.nii.gz").exists():
         raise SystemExit(f"the real CT is not in {ts.REAL_CT}: this comparison needs it")
-    val_files = ts.dataset("validation", 16, (256, 256, 48))
+    val_files = ts.dataset("validation", 16, SHAPE)
     results = {arm: {str(s): score_seed(arm, s, val_files) for s in a.seeds} for arm in a.arms}
     uh.atomic_write(a.results, lambda tmp: tmp.write_text(json.dumps(uh.json_safe(results), indent=1)))
     write_table("cascade_rules", stamp("cd bench && python cascade_rules.py") + "\n\n" + table(results))

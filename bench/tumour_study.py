@@ -346,8 +346,9 @@ def rescore(rows: list[dict], a: argparse.Namespace, val_files: list) -> list:
             out = WORK / "tumour_runs" / f"{arm.replace(' ', '_')}_{r['seed']}"
             for name, steps in r["steps"].items():
                 trained = uh.load_checkpoint(out / name / "last.pt")["train_config"]["steps_per_epoch"]
-                if trained != max(1, steps // 4):
-                    raise ValueError(f"{out / name} was trained for {trained} steps an epoch, not the {steps // 4} "
+                meant = train_config({**BASE, **ARMS[arm]}, r["seed"], a.batch, steps).steps_per_epoch
+                if trained != meant:
+                    raise ValueError(f"{out / name} was trained for {trained} steps an epoch, not the {meant} "
                                      f"of this result: its models were overwritten by another run; retrain the arm")
             models = load_models(arm, r["seed"], a.base)
             new = {**r, **score(arm, r["seed"], "validation", models, r["roi_size"],

@@ -527,12 +527,19 @@ def test_resolve_settings_presets_and_recipe():
     # the default's stage 2 trains on windows 0.6 of its box: 0.6 x 160 = 96 (a multiple of 2^4, the quick depth)
     s, notes = uh.resolve_settings(base, torch.device("cpu"), False, (256, 256, 48))
     assert s["ROI_SIZE"] == 160 and s["PATCH_SIZE"] == 96 and any(n.startswith("PATCH_SIZE = 96") for n in notes)
+    assert s["RECIPE_SETTINGS"]["stage2_patch"] == 0.6 and s["CASCADE_CORE_MM"] == uh.CASCADE_CORE_MM == 2.0
     s, _ = uh.resolve_settings({**base, "DEPTH": 5}, torch.device("cpu"), False, (512, 512, 48))
     assert s["ROI_SIZE"] == 320 and s["PATCH_SIZE"] == 192  # 0.6 x 320 = 192 = 6 x 32
     s, _ = uh.resolve_settings({**base, "DEPTH": 5}, torch.device("cpu"), False, (192, 192, 48))
     assert s["ROI_SIZE"] == 128 and s["PATCH_SIZE"] == 64  # 0.6 x 128 = 76.8 -> 2.4 x 32 -> 2 x 32
     s, _ = uh.resolve_settings({**base, "PATCH_SIZE": 0}, torch.device("cpu"), False, (256, 256, 48))
     assert s["PATCH_SIZE"] is None  # 0: whole boxes, whatever the recipe says (stored as None)
+    assert s["RECIPE_SETTINGS"]["stage2_patch"] is None  # and the printed recipe says so
+    s, _ = uh.resolve_settings({**base, "PATCH_SIZE": 64}, torch.device("cpu"), False, (256, 256, 48))
+    assert s["PATCH_SIZE"] == 64 and s["RECIPE_SETTINGS"]["stage2_patch"] == 0.4  # 64 / 160
+    s, _ = uh.resolve_settings({**base, "PATCH_SIZE": 64, "CASCADE": False}, torch.device("cpu"), False,
+                               (256, 256, 48))
+    assert s["PATCH_SIZE"] is None and s["RECIPE_SETTINGS"]["stage2_patch"] is None  # no stage 2, no windows
     s, _ = uh.resolve_settings({**base, "RECIPE": "baseline", "CASCADE": True}, torch.device("cpu"), False,
                                (256, 256, 48))
     assert s["PATCH_SIZE"] is None  # the baseline recipe trains stage 2 on whole boxes

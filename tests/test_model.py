@@ -272,6 +272,19 @@ def test_resume_accepts_a_checkpoint_written_before_a_setting_existed(tiny_data,
         _run(tiny_data, tmp_path / "x", epochs=1)
 
 
+def test_resume_accepts_a_run_whose_recipe_predates_a_recipe_key(tiny_data, tmp_path):
+    rec = {"context": 1, "cascade": False, "stage2_patch": None}
+    _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
+    ck = uh.load_checkpoint(tmp_path / "x" / "last.pt")
+    del ck["run"]["RECIPE_SETTINGS"]["stage2_patch"]  # written before the key existed: it meant whole boxes
+    torch.save(ck, tmp_path / "x" / "last.pt")
+    _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
+    windows = {**rec, "stage2_patch": 0.6}  # today's recipe trains on windows: not the old run, refused
+    with pytest.raises(ValueError, match="RECIPE_SETTINGS"):
+        _run(tiny_data, tmp_path / "x", epochs=1,
+             run=uh.run_identity({"RECIPE_SETTINGS": windows}, ["liver_0"], "data"))
+
+
 def test_resume_refuses_another_run_and_says_what_differs(tiny_data, tmp_path):
     settings = {"IMAGE_SIZE": 32, "HU_WINDOW": [-100, 400], "RESUME": True}
     run = uh.run_identity(settings, ["liver_0", "liver_1"], "data")
@@ -461,13 +474,22 @@ def test_liver_core_by_hand():
     assert not uh.liver_core(liver, (0.5, 0.5, 5.0), 2.0).any()  # at 0.5 mm the centre is 2.0 mm deep, not more
     assert uh.liver_core(liver, (1.0, 1.0, 5.0), 0.0).sum() == 7 * 7 * 3  # depth 0: the whole mask
     assert not uh.liver_core(liver, (1.0, 1.0, 5.0), None).any()
+    edge = np.zeros((11, 11, 1), bool)
+    edge[0:7, 2:9, 0] = True  # the same square against the image border at x = 0: the border is outside
+    expected = np.zeros_like(edge)
+    expected[2:5, 4:7, 0] = True  # rows 0-1 are 1-2 pixels from the border, row 5-6 from the liver's far edge
+    np.testing.assert_array_equal(uh.liver_core(edge, (1.0, 1.0, 5.0), 2.0), expected)
+    with pytest.raises(ValueError, match="X, Y, Z"):
+        uh.liver_core(edge[:, :, 0], (1.0, 1.0), 2.0)
 
 
 class _Background(torch.nn.Module):
-    """A stand-in stage 2 that sees no liver anywhere (as a stage 2 can on CT unlike its training data)."""
+    """A stand-in stage 2 that sees no liver anywhere (as a stage 2 can on CT unlike its training data), and
+    tumour where the centre channel is bright."""
 
     def forward(self, x):
-        return torch.cat([torch.full_like(x[:, :1], 10.0), torch.zeros_like(x[:, :2])], 1)
+        c = x[:, x.shape[1] // 2: x.shape[1] // 2 + 1]
+        return torch.cat([torch.full_like(c, 0.5), torch.zeros_like(c), c], 1) * 20
 
 
 def test_predict_cascade_keeps_the_interior_of_stage1_liver():
@@ -475,12 +497,14 @@ def test_predict_cascade_keeps_the_interior_of_stage1_liver():
     stage1[20:27, 20:27, :] = 1  # a 7 x 7 liver in 4 slices
     stage1[23, 23, 1] = 2  # stage 1's tumour call: stage 2 decides tumour, so it becomes liver
     image = np.zeros(stage1.shape, np.float32)
+    image[23, 24, 2] = 1.0  # stage 2 calls tumour here, inside the core
     out = uh.predict_cascade(stage1, image, (1.0, 1.0, 3.0), uh.Stage2(_Background(), 32, 5.0), 1, "cpu")
     expected = np.zeros_like(stage1)
-    expected[22:25, 22:25, :] = 1  # stage 2 erased everything; the 3 x 3 centre more than 2 mm inside stays liver
+    expected[22:25, 22:25, :] = 1  # stage 2 erased the liver; the 3 x 3 centre more than 2 mm inside stays liver
+    expected[23, 24, 2] = 2  # and stage 2's tumour call stands
     np.testing.assert_array_equal(out, expected)
     off = uh.predict_cascade(stage1, image, (1.0, 1.0, 3.0), uh.Stage2(_Background(), 32, 5.0, core_mm=None), 1, "cpu")
-    assert not off.any()  # without the rule stage 2's call stands everywhere
+    assert off.sum() == 2 and off[23, 24, 2] == 2  # without the rule stage 2's call stands everywhere
 
 
 def test_liver_box_grows_to_the_stage2_window():

@@ -63,11 +63,14 @@ MUTATIONS: dict[str, tuple[str, str]] = {
         "    liver = float(np.median(case.image[label == 1].astype(np.float32))) * (hi - lo)",
         "    liver = float(np.median(case.image[label >= 0].astype(np.float32))) * (hi - lo)"),
     "the cascade's stage-1 core overwrites stage 2's tumour": (
-        "    out[core & (out == 0)] = 1",
-        "    out[core] = 1"),
+        "    out[liver_core(stage1_liver, spacing, depth_mm) & (out == 0)] = 1",
+        "    out[liver_core(stage1_liver, spacing, depth_mm)] = 1"),
     "the liver core ignores the pixel spacing": (
-        "ndimage.distance_transform_edt(liver[:, :, z], sampling=spacing[:2]) > depth_mm",
-        "ndimage.distance_transform_edt(liver[:, :, z]) > depth_mm"),
+        "ndimage.distance_transform_edt(inside, sampling=spacing[:2]) > depth_mm",
+        "ndimage.distance_transform_edt(inside) > depth_mm"),
+    "the liver core counts the image border as liver": (
+        "        inside = np.pad(liver[:, :, z], 1)",
+        "        inside = np.pad(liver[:, :, z], 1, mode=\"edge\")"),
 }
 
 
