@@ -200,6 +200,8 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
     notes.append(gpu_note)
     if s["CASCADE"]:
         notes += _resolve_cascade(s, native_shape, rec)
+    if s.get("PATCH_SIZE") and not s["CASCADE"]:
+        notes.append(f"PATCH_SIZE = None (yours, {s['PATCH_SIZE']}, is unused: no stage 2 without the cascade)")
     s["PATCH_SIZE"] = (s.get("PATCH_SIZE") or None) if s["CASCADE"] else None  # None: whole boxes, or no stage 2
     rec.update(context=s["CONTEXT_SLICES"], cascade=bool(s["CASCADE"]),
                stage2_patch=round(s["PATCH_SIZE"] / s["ROI_SIZE"], 3) if s["PATCH_SIZE"] else None)
@@ -2511,7 +2513,8 @@ def liver_core(liver: np.ndarray, spacing: Sequence[float], depth_mm: float) -> 
     """The voxels of an (X, Y, Z) mask lying more than ``depth_mm`` inside its edge, in their own slice.
 
     Distances are in-plane (a 2D distance transform per slice, with the pixel spacing), so the
-    slice thickness does not matter. ``depth_mm`` None or below 0 gives an empty core.
+    slice thickness does not matter; the image border counts as outside the mask. ``depth_mm`` None or
+    below 0 gives an empty core.
     """
     from scipy import ndimage
     if liver.ndim != 3:

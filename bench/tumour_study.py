@@ -54,6 +54,8 @@ ARMS: dict[str, dict] = {
     "cascade + context 3, contrast-balanced": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True},
     "contrast-balanced + stage 2 on 96² patches": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
                                                     "stage2_patch": 96},
+    "contrast-balanced + stage 2 on 64² patches": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
+                                                    "stage2_patch": 64},
 }
 SETS = {  # name: (generator seed, lesion size scale, lesion contrast scale)
     "train": (100, 1.0, 1.0), "validation": (200, 1.0, 1.0), "kept-aside": (300, 0.6, 0.6)}
@@ -257,7 +259,9 @@ def paired_rows(rows: list[dict]) -> str:
                  ("cascade + context 3, contrast-balanced", "baseline"),
                  ("contrast-balanced + stage 2 on 96² patches", "cascade + context 3, contrast-balanced"),
                  ("contrast-balanced + stage 2 on 96² patches", "cascade + 2.5D context 3"),
-                 ("contrast-balanced + stage 2 on 96² patches", "baseline")):
+                 ("contrast-balanced + stage 2 on 96² patches", "baseline"),
+                 ("contrast-balanced + stage 2 on 64² patches", "contrast-balanced + stage 2 on 96² patches"),
+                 ("contrast-balanced + stage 2 on 64² patches", "baseline")):
         t, liv = paired(val, a, b), paired(val, a, b, "dice_liver_lits")
         if t is None or liv is None:
             continue

@@ -537,9 +537,10 @@ def test_resolve_settings_presets_and_recipe():
     assert s["RECIPE_SETTINGS"]["stage2_patch"] is None  # and the printed recipe says so
     s, _ = uh.resolve_settings({**base, "PATCH_SIZE": 64}, torch.device("cpu"), False, (256, 256, 48))
     assert s["PATCH_SIZE"] == 64 and s["RECIPE_SETTINGS"]["stage2_patch"] == 0.4  # 64 / 160
-    s, _ = uh.resolve_settings({**base, "PATCH_SIZE": 64, "CASCADE": False}, torch.device("cpu"), False,
-                               (256, 256, 48))
+    s, notes = uh.resolve_settings({**base, "PATCH_SIZE": 64, "CASCADE": False}, torch.device("cpu"), False,
+                                   (256, 256, 48))
     assert s["PATCH_SIZE"] is None and s["RECIPE_SETTINGS"]["stage2_patch"] is None  # no stage 2, no windows
+    assert any("is unused" in n for n in notes)
     s, _ = uh.resolve_settings({**base, "RECIPE": "baseline", "CASCADE": True}, torch.device("cpu"), False,
                                (256, 256, 48))
     assert s["PATCH_SIZE"] is None  # the baseline recipe trains stage 2 on whole boxes

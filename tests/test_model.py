@@ -472,6 +472,9 @@ def test_liver_core_by_hand():
     expected[4:7, 4:7, :] = True  # more than 2 mm inside: the 3 x 3 centre (rings 3 and 4), slice thickness aside
     np.testing.assert_array_equal(core, expected)
     assert not uh.liver_core(liver, (0.5, 0.5, 5.0), 2.0).any()  # at 0.5 mm the centre is 2.0 mm deep, not more
+    expected = np.zeros_like(liver)
+    expected[4:7, 3:8, :] = True  # 1 x 2 mm pixels: depth min(x - 1, 9 - x, 2 (y - 1), 2 (9 - y)) > 2 mm
+    np.testing.assert_array_equal(uh.liver_core(liver, (1.0, 2.0, 5.0), 2.0), expected)
     assert uh.liver_core(liver, (1.0, 1.0, 5.0), 0.0).sum() == 7 * 7 * 3  # depth 0: the whole mask
     assert not uh.liver_core(liver, (1.0, 1.0, 5.0), None).any()
     edge = np.zeros((11, 11, 1), bool)
