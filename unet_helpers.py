@@ -2468,12 +2468,14 @@ class Stage2:
 
 
 def cascade_input(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing: Sequence[float],
-                  stage2: Stage2) -> tuple[tuple[int, ...] | None, np.ndarray | None]:
+                  stage2: Stage2, liver: np.ndarray | None = None) -> tuple[tuple[int, ...] | None, np.ndarray | None]:
     """What stage 2 receives: stage 1's liver box and its (Zb, R, R) full-resolution slices.
 
-    (None, None) when stage 1 found no liver.
+    ``liver``: stage 1's post-processed liver mask (``postprocess(stage1_pred) >= 1``) when the caller
+    already has it. (None, None) when stage 1 found no liver.
     """
-    box = liver_box(postprocess(stage1_pred) >= 1, spacing, stage2.margin_mm, min_side=stage2.roi_size)
+    liver = postprocess(stage1_pred) >= 1 if liver is None else liver
+    box = liver_box(liver, spacing, stage2.margin_mm, min_side=stage2.roi_size)
     if box is None:
         return None, None
     return box, network_slices(crop_box(windowed_full, box), stage2.roi_size)
@@ -2499,14 +2501,15 @@ def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing:
         spacing: voxel size in mm.
         stage2: the stage-2 model and box settings.
     """
-    box, crop = cascade_input(stage1_pred, windowed_full, spacing, stage2)
+    liver = postprocess(stage1_pred) >= 1  # once: the box and the kept interior both come from it
+    box, crop = cascade_input(stage1_pred, windowed_full, spacing, stage2, liver)
     if box is None:
         return stage1_pred
     x0, x1, y0, y1, z0, z1 = box
     inner = predict_slices(stage2.model, crop, (x1 - x0, y1 - y0), context, device, batch_size, amp)
     out = np.zeros_like(stage1_pred)
     out[x0:x1, y0:y1, z0:z1] = inner
-    return keep_liver_core(out, postprocess(stage1_pred) >= 1, spacing, stage2.core_mm)
+    return keep_liver_core(out, liver, spacing, stage2.core_mm)
 
 
 def liver_core(liver: np.ndarray, spacing: Sequence[float], depth_mm: float) -> np.ndarray:

@@ -9,7 +9,7 @@ Dice per case; median volume ratio) and on the real CT (liver Dice), from the sa
 - ``stage-1 liver, stage-2 tumour``: stage 1's liver, with stage 2's tumour inside it (Christ et al. 2016);
 - ``union``: stage 2's labels where it calls foreground, stage 1's liver elsewhere;
 - ``core D mm``: stage 2's labels, and stage 1's liver more than D mm inside its edge (in-plane,
-  ``uh.liver_core``) where stage 2 calls background (``uh.predict_cascade`` with ``Stage2.core_mm = D``).
+  ``uh.keep_liver_core``) where stage 2 calls background (``uh.predict_cascade`` with ``Stage2.core_mm = D``).
 
     cd bench && python cascade_rules.py      # about 25 s per arm and seed; needs the study's trained models
 

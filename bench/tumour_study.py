@@ -76,6 +76,11 @@ def cached(files: list, cfg: dict, roi: int | None) -> list:
                                  progress=False, roi_size=roi)
 
 
+def run_folder(arm: str, seed: int) -> Path:
+    """Where an arm × seed keeps its networks (``stage1/``, ``stage2/``, ``calibration/``)."""
+    return WORK / "tumour_runs" / f"{arm.replace(' ', '_')}_{seed}"
+
+
 def train_config(cfg: dict, seed: int, batch: int, steps: int, lr: float = 2e-3) -> uh.TrainConfig:
     """The arm's training settings for ``steps`` optimizer steps (4 epochs, warm-up + cosine)."""
     return uh.TrainConfig(epochs=4, batch_size=batch, lr=lr, steps_per_epoch=max(1, steps // 4), seed=seed,
@@ -118,7 +123,7 @@ def run_arm(arm: str, seed: int, seconds: float, batch: int, train_files: list, 
     cfg = {**BASE, **ARMS[arm]}
     roi = uh.roi_size_for(uh.load_case(train_files[0].image).image.shape) if cfg["cascade"] else None
     tr, va = cached(train_files, cfg, roi), cached(val_files, cfg, None)
-    out = WORK / "tumour_runs" / f"{arm.replace(' ', '_')}_{seed}"
+    out = run_folder(arm, seed)
     share = cfg.get("stage1_share", uh.CASCADE_STAGE1_SHARE)  # the cascade's split of the budget
     stages = [("stage1", tr, seconds * (share if roi else 1.0))]
     if roi:
@@ -138,7 +143,7 @@ def run_arm(arm: str, seed: int, seconds: float, batch: int, train_files: list, 
 def load_models(arm: str, seed: int, base: int = 16) -> dict:
     """The final networks of a finished arm × seed, from their ``last.pt`` (stage 2 too for a cascade arm)."""
     cfg = {**BASE, **ARMS[arm]}
-    out = WORK / "tumour_runs" / f"{arm.replace(' ', '_')}_{seed}"
+    out = run_folder(arm, seed)
     models = {}
     for name in ("stage1", "stage2") if cfg["cascade"] else ("stage1",):
         if not (out / name / "last.pt").exists():
@@ -347,7 +352,7 @@ def rescore(rows: list[dict], a: argparse.Namespace, val_files: list) -> list:
     The training fields (seconds, steps) stay; the models must be the ones those steps trained."""
     for arm in a.rescore:
         for r in [r for r in rows if r["arm"] == arm and r["set"] == "validation"]:
-            out = WORK / "tumour_runs" / f"{arm.replace(' ', '_')}_{r['seed']}"
+            out = run_folder(arm, r["seed"])
             for name, steps in r["steps"].items():
                 trained = uh.load_checkpoint(out / name / "last.pt")["train_config"]["steps_per_epoch"]
                 meant = train_config({**BASE, **ARMS[arm]}, r["seed"], a.batch, steps).steps_per_epoch
