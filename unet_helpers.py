@@ -1434,10 +1434,23 @@ STRONG_AUGMENT = {"contrast": 0.25, "gamma": 0.4}  # nnU-Net-like ranges: contra
 LESION_AUGMENT = {"p": 0.5, "magnitude": (0.5, 1.5), "flip": 0.5}
 
 
+def _affine_grid(rand: Any, on: torch.Tensor, shape: Sequence[int], rotate_deg: float,
+                 scale: tuple[float, float], translate: float) -> torch.Tensor:
+    """Sampling grid of a random rotation, scaling and shift per sample (:func:`augment_batch`'s geometry)."""
+    b = shape[0]
+    angle = (rand(b) * 2 - 1) * math.radians(rotate_deg) * on
+    s = 1 + (rand(b) * (scale[1] - scale[0]) + scale[0] - 1) * on
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    tx, ty = ((rand(2, b) * 2 - 1) * 2 * translate * on).unbind(0)  # grid units span 2
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    return F.affine_grid(theta, list(shape), align_corners=False)
+
+
 def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
                   rotate_deg: float = 12.0, scale: tuple[float, float] = (0.85, 1.15), translate: float = 0.04,
                   intensity: float = 0.1, noise: float = 0.03, p: float = 0.8, contrast: float = 0.0,
-                  gamma: float = 0.0, lesion: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  gamma: float = 0.0, lesion: dict | None = None,
+                  window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random rotation/scaling/shift, intensity shift/scale and Gaussian noise, on x's device.
 
     No left-right flip: it would break the prior that the liver lies on the patient's right.
@@ -1452,6 +1465,14 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
             Both off by default; :data:`STRONG_AUGMENT` turns them on (``TrainConfig.strong_augment``).
         lesion: settings of :func:`lesion_contrast` (e.g. :data:`LESION_AUGMENT`, ``TrainConfig.lesion_augment``);
             None = off. Drawn last, so the other draws are those of a run without it.
+        window: a side below S returns a ``window`` × ``window`` window of each augmented sample, placed as
+            :func:`random_patches` places it on the warped labels; only the window's pixels are computed (the
+            image is warped there alone). Without noise, contrast, gamma and lesion, the same pixels as
+            :func:`random_patches` applied to this function's whole-slice output; those four are then drawn
+            and measured on the window.
+
+    Returns:
+        (augmented x, y): (B, C, S, S) and (B, S, S), or (B, C, window, window) and (B, window, window).
     """
     b, dev = x.shape[0], x.device
 
@@ -1459,17 +1480,15 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
         return torch.rand(*shape, device=dev, generator=generator)
 
     on = (rand(b) < p).float()
-    angle = (rand(b) * 2 - 1) * math.radians(rotate_deg) * on
-    s = 1 + (rand(b) * (scale[1] - scale[0]) + scale[0] - 1) * on
-    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    tx, ty = ((rand(2, b) * 2 - 1) * 2 * translate * on).unbind(0)  # grid units span 2
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    grid = _affine_grid(rand, on, x.shape, rotate_deg, scale, translate)
     y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="border",
                       align_corners=False)[:, 0].long()
     gain = 1 + (rand(b, 1, 1, 1) * 2 - 1) * intensity * on.view(b, 1, 1, 1)
     shift = (rand(b, 1, 1, 1) * 2 - 1) * intensity * on.view(b, 1, 1, 1)
+    if window and window < x.shape[-1]:  # warp the image only where the window lies
+        top, left = patch_origins(y, window, generator)
+        grid, y = take_windows(grid, top, left, window), take_windows(y, top, left, window)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     x = x * gain + shift
     if noise > 0:
         x = x + torch.randn(x.shape, device=dev, generator=generator) * noise * rand(b, 1, 1, 1) * on.view(b, 1, 1, 1)
@@ -1484,14 +1503,45 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
     return x, y
 
 
+def patch_origins(y: torch.Tensor, size: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-left corners of :func:`random_patches`' windows: (top, left), each (B,) long, on y's device.
+
+    Each window is centred (then shifted inside the slice) on one pixel drawn per sample: with tumour in the
+    sample, with probability 1/2 a tumour pixel (each alike), else any pixel (each alike). No host sync.
+
+    Args:
+        y: (B, S, S) labels (2 = tumour); size: window side, at most S.
+        generator: torch generator on y's device.
+    """
+    s = y.shape[-1]
+    if y.shape[-2] != s:
+        raise ValueError(f"training windows need square slices, got {tuple(y.shape[-2:])}")
+    tumour = (y == 2).flatten(1)
+    count = tumour.sum(1)
+    u = torch.rand(3, y.shape[0], device=y.device, generator=generator)
+    anywhere = (u[0] * (s * s)).long().clamp(max=s * s - 1)
+    # the k-th tumour pixel, k uniform: the first index where the running count reaches k + 1 (no host sync)
+    kth = torch.searchsorted(tumour.cumsum(1), ((u[1] * count).long() + 1)[:, None])[:, 0].clamp(max=s * s - 1)
+    centre = torch.where((u[2] < 0.5) & (count > 0), kth, anywhere)
+    return (centre // s - size // 2).clamp(0, s - size), (centre % s - size // 2).clamp(0, s - size)
+
+
+def take_windows(t: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
+    """Sample b's ``size`` × ``size`` window at (``top[b]``, ``left[b]``) of a (B, S, S, ...) tensor (dims 1, 2)."""
+    ar = torch.arange(size, device=t.device)
+    rows, cols = (top[:, None] + ar)[:, :, None], (left[:, None] + ar)[:, None, :]
+    return t[torch.arange(t.shape[0], device=t.device)[:, None, None], rows, cols]
+
+
 def random_patches(x: torch.Tensor, y: torch.Tensor, size: int,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A ``size`` × ``size`` window of each sample, centred on tumour half the time where the sample has any.
 
-    Each window is centred (then shifted inside the slice) on one pixel drawn per sample: with tumour in the
-    sample, a tumour pixel with probability 1/2, else any pixel uniformly. A fully convolutional U-Net
-    trained on windows predicts whole slices; a window costs (size / S)² of a slice's compute, so a fixed
-    training time buys that many more samples (nnU-Net trains on patches). No host sync.
+    Windows are placed by :func:`patch_origins`. A fully convolutional U-Net trained on windows predicts
+    whole slices; a window costs (size / S)² of a slice's compute, so a fixed training time buys that many
+    more samples (nnU-Net trains on patches). Training with augmentation cuts the windows inside
+    :func:`augment_batch` (``window``), which then warps only their pixels.
 
     Args:
         x: (B, C, S, S) images; y: (B, S, S) labels (2 = tumour); size: window side, at most S.
@@ -1500,22 +1550,10 @@ def random_patches(x: torch.Tensor, y: torch.Tensor, size: int,
     Returns:
         (B, C, size, size) images and (B, size, size) labels.
     """
-    b, s, dev = x.shape[0], x.shape[-1], x.device
-    if x.shape[-2] != s:
-        raise ValueError(f"random_patches needs square slices, got {tuple(x.shape[-2:])}")
-    if size >= s:
+    if size >= x.shape[-1] and x.shape[-2] == x.shape[-1]:
         return x, y
-    tumour = (y == 2).flatten(1).float()
-    weights = 1 + tumour * (s * s / tumour.sum(1, keepdim=True).clamp(min=1))  # tumour and the rest: 1/2 each
-    # one pixel per sample with probability proportional to its weight (w / Exp(1) races, as multinomial
-    # draws, but without the host syncs that torch.multinomial has on older releases)
-    centre = (weights / torch.empty_like(weights).exponential_(generator=generator)).argmax(1)
-    top = (centre // s - size // 2).clamp(0, s - size)
-    left = (centre % s - size // 2).clamp(0, s - size)
-    ar = torch.arange(size, device=dev)
-    rows, cols = (top[:, None] + ar)[:, :, None], (left[:, None] + ar)[:, None, :]
-    batch = torch.arange(b, device=dev)[:, None, None]
-    return x.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2), y[batch, rows, cols]
+    top, left = patch_origins(y, size, generator)
+    return take_windows(x.permute(0, 2, 3, 1), top, left, size).permute(0, 3, 1, 2), take_windows(y, top, left, size)
 
 
 def lesion_contrast(x: torch.Tensor, y: torch.Tensor, draws: torch.Tensor, p: float = 0.5,
@@ -1893,7 +1931,7 @@ def make_train_state(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: 
     memfmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=memfmt)
     total, warm = steps_per_epoch * cfg.epochs, max(1, int(cfg.warmup_epochs * steps_per_epoch))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay)
 
     def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
         if step < warm:
@@ -1903,6 +1941,16 @@ def make_train_state(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: 
     use_amp = cfg.amp and device.type == "cuda"
     return TrainState(model, make_loss(cfg.loss).to(device), opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
                       _grad_scaler(use_amp and not _native_bf16()), device, use_amp, memfmt)
+
+
+def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where this torch build has that for the parameters' device (CUDA;
+    the CPU from torch 2.4): the same update, about 6× faster on 2 CPU cores (BENCHMARKS.md §2)."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older torch: fused AdamW is CUDA-only
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, grad_clip: float = 1.0) -> tuple:
@@ -1950,10 +1998,10 @@ def train_epoch(state: TrainState, data: SliceSet, batches: list[np.ndarray], cf
     bar = tqdm(iter_batches(data, batches, state.device), desc=f"epoch {epoch + 1}", total=len(batches),
                leave=False, unit="batch", disable=not progress, mininterval=2.0)
     for step, (x, y) in enumerate(bar):
-        if cfg.augment:
+        if cfg.augment:  # with stage 2's windows: cut inside the augmentation, which then warps only them
             x, y = augment_batch(x, y, generator=gen, lesion=LESION_AUGMENT if cfg.lesion_augment else None,
-                                 **(STRONG_AUGMENT if cfg.strong_augment else {}))
-        if cfg.patch_size:
+                                 window=cfg.patch_size, **(STRONG_AUGMENT if cfg.strong_augment else {}))
+        elif cfg.patch_size:
             x, y = random_patches(x, y, cfg.patch_size, generator=gen)
         loss, parts = train_step(state, x.contiguous(memory_format=state.memory_format), y, cfg.grad_clip)
         sums += torch.stack([parts["ce"], parts["dice"]])
@@ -2015,7 +2063,10 @@ def resume_state(path: Path, state: TrainState, cfg: TrainConfig,
         raise ValueError(f"{path} was written with other training settings ({diff}). To start afresh, use another "
                          "OUTPUT_DIR or delete that file; to continue the old run, restore its settings.")
     state.model.load_state_dict(ck["model"])
+    kernels = [(g.get("fused"), g.get("foreach")) for g in state.opt.param_groups]
     state.opt.load_state_dict(ck["optimizer"])
+    for g, (fused, foreach) in zip(state.opt.param_groups, kernels):  # today's kernels, not the saving machine's
+        g["fused"], g["foreach"] = fused, foreach
     state.sched.load_state_dict(ck["scheduler"])
     if ck["scaler"] and state.scaler.is_enabled():  # fp16 then and now; a bf16/CPU run saved an empty scaler
         state.scaler.load_state_dict(ck["scaler"])

@@ -8,6 +8,12 @@ Two data/compute paths in the same process, on the default CPU (quick-preset) U-
          (uh.SliceSet), augmentation on the training device, and the library's own step (uh.train_step,
          with its gradient clipping and learning-rate schedule).
 
+And the cascade's stage 2 on windows of its 160² liver boxes (64² and 96², batch 8 as in the tumour study),
+in the same process:
+  before: the whole box augmented, then the window cut (random_patches as it was); AdamW's per-parameter loop;
+  now:    the window cut inside the augmentation, which warps only its pixels (uh.augment_batch(window=...)),
+          and AdamW fused (uh.adamw), as uh.train_epoch does.
+
     python bench/bench_train.py [--steps 15] [--repeats 3]
 """
 
@@ -161,6 +167,73 @@ def run(image_size: int = 128, base: int = 16, depth: int = 4, context: int = 3,
     return results
 
 
+def _random_patches_before(x, y, size, gen):
+    """``uh.random_patches`` as it was before this change (window centres drawn by w / Exp(1) races over every
+    pixel), kept here as the baseline of :func:`windows`."""
+    b, s = x.shape[0], x.shape[-1]
+    tumour = (y == 2).flatten(1).float()
+    weights = 1 + tumour * (s * s / tumour.sum(1, keepdim=True).clamp(min=1))
+    centre = (weights / torch.empty_like(weights).exponential_(generator=gen)).argmax(1)
+    top, left = (centre // s - size // 2).clamp(0, s - size), (centre % s - size // 2).clamp(0, s - size)
+    ar = torch.arange(size)
+    rows, cols = (top[:, None] + ar)[:, :, None], (left[:, None] + ar)[:, None, :]
+    batch = torch.arange(b)[:, None, None]
+    return x.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2), y[batch, rows, cols]
+
+
+def _window_step(state, gen, size, before):
+    """One stage-2 step on ``size`` windows, the way before this change or now (see the module docstring)."""
+    def step(x, y):
+        if before:
+            x, y = _random_patches_before(*uh.augment_batch(x, y, generator=gen), size, gen)
+        else:
+            x, y = uh.augment_batch(x, y, generator=gen, window=size)
+        uh.train_step(state, x.contiguous(memory_format=torch.channels_last), y)
+    return step
+
+
+def windows(roi: int = 160, sizes=(64, 96), batch: int = 8, steps: int = 30, repeats: int = 5,
+            n_cases: int = 4, write: bool = True, command: str = "python bench/bench_train.py") -> dict:
+    """Stage 2's training step on windows of its liver boxes, before and now: ms per step (median of repeats,
+    the two ways alternating so that drifts of the machine hit both alike) and the ratio."""
+    data = WORK / "train_data"
+    uh.make_synthetic_dataset(data, n_cases=n_cases, shape=(192, 192, 48), seed=5, progress=False)
+    cached = uh.preprocess_dataset(uh.find_cases(data), WORK / "train_cache", 128, progress=False, roi_size=roi)
+    boxes = uh.roi_cases(cached)
+    resident = uh.SliceSet(boxes, 3)
+    index = uh.select_slices(boxes, 0.2, seed=0)
+    sampler = uh.TumorAwareSampler(index, resident.has_liver, resident.has_tumor, batch, 0.33, 0.17, seed=0)
+    batches = [resident.batch(b) for e in range(50) for b in sampler.epoch(e)][:steps]
+    out = {}
+    for size in sizes:
+        times = {True: [], False: []}
+        for r in range(repeats + 1):  # the first round warms up
+            for before in (True, False):
+                torch.manual_seed(0)
+                model = uh.UNet(3, 3, 16, 4)
+                state = uh.make_train_state(model, uh.TrainConfig(epochs=1, batch_size=batch, lr=2e-3), steps,
+                                            torch.device("cpu"))
+                if before:
+                    state.opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+                    state.sched = torch.optim.lr_scheduler.LambdaLR(state.opt, lambda _: 1.0)
+                step = _window_step(state, torch.Generator().manual_seed(r), size, before)
+                t0 = time.perf_counter()
+                for x, y in batches:
+                    step(x, y)
+                if r:
+                    times[before].append((time.perf_counter() - t0) / steps)
+        out[size] = {k: statistics.median(v) for k, v in (("before", times[True]), ("now", times[False]))}
+    if write:
+        rows = [[f"{size}² of {roi}²", f"{t['before'] * 1e3:.1f}", f"{t['now'] * 1e3:.1f}",
+                 f"{t['before'] / t['now']:.2f}×"] for size, t in out.items()]
+        write_table("train_windows", stamp(command) + f"\n\nStage 2 of the cascade: U-Net base 16, depth 4, "
+                    f"3-slice input, batch {batch}, fp32, channels_last, windows of {roi}² liver boxes; "
+                    f"{steps} steps, median of {repeats} repeats, the two ways alternating in one process.\n\n"
+                    + md_table(["window", "ms per step, before (augment box, cut; AdamW loop)",
+                                "ms per step, now (cut inside the augmentation; fused AdamW)", "speed-up"], rows))
+    return out
+
+
 class _LazyLoader:
     """Yield ``steps`` batches from a DataLoader, loading each inside the timed loop."""
 
@@ -182,5 +255,6 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    print(run(steps=a.steps, repeats=a.repeats,
-              command=f"python bench/bench_train.py --steps {a.steps} --repeats {a.repeats}"))
+    command = f"python bench/bench_train.py --steps {a.steps} --repeats {a.repeats}"
+    print(run(steps=a.steps, repeats=a.repeats, command=command))
+    print(windows(command=command))

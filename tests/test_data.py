@@ -427,6 +427,26 @@ def test_random_patches_by_hand():
     assert uh.random_patches(x, y, 10)[0] is x  # a window as large as the slice: the slice itself
 
 
+def test_windows_cut_inside_the_augmentation_are_those_cut_after_it():
+    """``augment_batch(window=...)`` warps only the window; without noise its pixels are those of the older
+    path, the whole slice augmented and then cut by ``random_patches`` (the same draws, in the same order)."""
+    x = torch.rand(4, 3, 40, 40)
+    y = torch.zeros(4, 40, 40, dtype=torch.long)
+    y[:, 10:30, 5:25] = 1
+    y[0, 12:16, 20:24] = 2
+    y[2, 30:33, 8:11] = 2
+    for seed in range(10):
+        gen = torch.Generator().manual_seed(seed)
+        xc, yc = uh.random_patches(*uh.augment_batch(x, y, gen, noise=0.0), 16, generator=gen)
+        xw, yw = uh.augment_batch(x, y, torch.Generator().manual_seed(seed), noise=0.0, window=16)
+        assert xw.shape == (4, 3, 16, 16) and yw.shape == (4, 16, 16)
+        assert torch.equal(xw, xc) and torch.equal(yw, yc)
+        # noise is drawn after the window, on the window alone: the same windows, other pixels
+        xn, yn = uh.augment_batch(x, y, torch.Generator().manual_seed(seed), window=16)
+        assert torch.equal(yn, yw) and not torch.equal(xn, xw)
+    assert uh.augment_batch(x, y, torch.Generator().manual_seed(0), window=40)[0].shape == x.shape  # no cut
+
+
 # ---------------------------------------------------------------- synthetic set
 def test_synthetic_set_layout_dtypes_determinism(synthetic_dir, tmp_path):
     cases = uh.find_cases(synthetic_dir)

@@ -649,6 +649,42 @@ def test_resume_across_precision_changes(tiny_data, tmp_path):
     assert state.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()  # a fresh scale, not a failure
 
 
+def test_adamw_fused_where_torch_has_it_and_same_update():
+    """``uh.adamw`` is torch's AdamW (fused where the build has it for the device): 5 steps of it and of the
+    plain per-parameter loop from the same weights and gradients end at the same weights."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 3)
+    b.load_state_dict(a.state_dict())
+    plain, ours = torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=1e-4), uh.adamw(b.parameters(), 1e-2, 1e-4)
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4):  # fused AdamW on the CPU since 2.4
+        assert ours.param_groups[0]["fused"] is True
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(5):
+        for net, opt in ((a, plain), (b, ours)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_resume_keeps_todays_optimizer_kernel(tiny_data, tmp_path):
+    """A checkpoint whose AdamW ran another kernel (fused on a GPU; the loop on an older torch) resumes with the
+    kernel chosen here, not the saving machine's (which this torch may not have)."""
+    _run(tiny_data, tmp_path / "a", epochs=2)
+    path = tmp_path / "a" / "last.pt"
+    ck = uh.load_checkpoint(path)
+    for g in ck["optimizer"]["param_groups"]:
+        g["fused"], g["foreach"] = not g.get("fused"), True  # another machine's kernels
+    torch.save(ck, path)
+    cfg = uh.TrainConfig(epochs=2, batch_size=8, lr=3e-3, steps_per_epoch=3, tumor_share=0.25, seed=0)
+    state = uh.make_train_state(uh.UNet(3, 3, base_channels=4, depth=2), cfg, 3, torch.device("cpu"))
+    today = [(g["fused"], g["foreach"]) for g in state.opt.param_groups]
+    assert uh.resume_state(path, state, cfg)[0] == 2
+    assert [(g["fused"], g["foreach"]) for g in state.opt.param_groups] == today
+    assert state.opt.state_dict()["state"]  # the moments were loaded
+
+
 def _ddp_cfg(epochs=2):
     # no augmentation and per-slice Dice: the loss of a batch is then the mean of its halves' losses, so two
     # processes with half a batch each must follow one process with the whole batch
