@@ -544,14 +544,16 @@ def test_resolve_settings_presets_and_recipe():
     assert s["RECIPE_SETTINGS"]["loss"] == "tversky_ce" and uh.RECIPES["default"]["loss"] == "dice_ce"
     with pytest.raises(ValueError, match="LOSS must be one of"):
         uh.resolve_settings({**base, "LOSS": "mse"}, torch.device("cpu"), False)
-    # the default's stage 2 trains on windows 0.6 of its box: 0.6 x 160 = 96 (a multiple of 2^4, the quick depth)
+    # the default's stage 2 trains on windows 0.4 of its box: 0.4 x 160 = 64 (a multiple of 2^4, the quick depth)
     s, notes = uh.resolve_settings(base, torch.device("cpu"), False, (256, 256, 48))
-    assert s["ROI_SIZE"] == 160 and s["PATCH_SIZE"] == 96 and any(n.startswith("PATCH_SIZE = 96") for n in notes)
-    assert s["RECIPE_SETTINGS"]["stage2_patch"] == 0.6 and s["CASCADE_CORE_MM"] == uh.CASCADE_CORE_MM == 2.0
+    assert s["ROI_SIZE"] == 160 and s["PATCH_SIZE"] == 64 and any(n.startswith("PATCH_SIZE = 64") for n in notes)
+    assert s["RECIPE_SETTINGS"]["stage2_patch"] == 0.4 and s["CASCADE_CORE_MM"] == uh.CASCADE_CORE_MM == 2.0
+    assert s["RECIPE_SETTINGS"]["stage1_share"] == 0.2  # and stage 1 a fifth of the epochs: 20 -> 4 + 16
+    assert any("stage 1 (liver box) trains 4 epochs, stage 2 (liver box at native resolution) 16" in n for n in notes)
     s, _ = uh.resolve_settings({**base, "DEPTH": 5}, torch.device("cpu"), False, (512, 512, 48))
-    assert s["ROI_SIZE"] == 320 and s["PATCH_SIZE"] == 192  # 0.6 x 320 = 192 = 6 x 32
+    assert s["ROI_SIZE"] == 320 and s["PATCH_SIZE"] == 128  # 0.4 x 320 = 128 = 4 x 32
     s, _ = uh.resolve_settings({**base, "DEPTH": 5}, torch.device("cpu"), False, (192, 192, 48))
-    assert s["ROI_SIZE"] == 128 and s["PATCH_SIZE"] == 64  # 0.6 x 128 = 76.8 -> 2.4 x 32 -> 2 x 32
+    assert s["ROI_SIZE"] == 128 and s["PATCH_SIZE"] == 64  # 0.4 x 128 = 51.2 -> 1.6 x 32 -> 2 x 32
     s, _ = uh.resolve_settings({**base, "PATCH_SIZE": 0}, torch.device("cpu"), False, (256, 256, 48))
     assert s["PATCH_SIZE"] is None  # 0: whole boxes, whatever the recipe says (stored as None)
     assert s["RECIPE_SETTINGS"]["stage2_patch"] is None  # and the printed recipe says so
@@ -560,10 +562,12 @@ def test_resolve_settings_presets_and_recipe():
     s, notes = uh.resolve_settings({**base, "PATCH_SIZE": 64, "CASCADE": False}, torch.device("cpu"), False,
                                    (256, 256, 48))
     assert s["PATCH_SIZE"] is None and s["RECIPE_SETTINGS"]["stage2_patch"] is None  # no stage 2, no windows
+    assert s["RECIPE_SETTINGS"]["stage1_share"] is None  # one stage: no split
     assert any("is unused" in n for n in notes)
     s, _ = uh.resolve_settings({**base, "RECIPE": "baseline", "CASCADE": True}, torch.device("cpu"), False,
                                (256, 256, 48))
     assert s["PATCH_SIZE"] is None  # the baseline recipe trains stage 2 on whole boxes
+    assert s["RECIPE_SETTINGS"]["stage1_share"] == 1 / 3  # a recipe without a split: stage 1 a third
     # windows of 96 from boxes of 160 show (160 / 96)² = 2.78 x fewer pixels a step: 10 steps -> ceil(27.8) = 28
     assert uh.patch_steps(10, 160, 96) == 28 and uh.patch_steps(10, 160, None) == 10
 

@@ -285,6 +285,23 @@ def test_resume_accepts_a_run_whose_recipe_predates_a_recipe_key(tiny_data, tmp_
              run=uh.run_identity({"RECIPE_SETTINGS": windows}, ["liver_0"], "data"))
 
 
+def test_resume_fills_the_stage1_share_an_older_run_used(tiny_data, tmp_path):
+    """Runs written before ``stage1_share`` existed split the cascade's budget a third / two thirds; a
+    one-stage run had no split."""
+    for cascade, meant in ((True, 1 / 3), (False, None)):
+        rec = {"context": 3, "cascade": cascade, "stage2_patch": None, "stage1_share": meant}
+        out = tmp_path / str(cascade)
+        _run(tiny_data, out, epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
+        ck = uh.load_checkpoint(out / "last.pt")
+        del ck["run"]["RECIPE_SETTINGS"]["stage1_share"]
+        torch.save(ck, out / "last.pt")
+        _run(tiny_data, out, epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
+    fifth = {**rec, "cascade": True, "stage1_share": 0.2}  # today's default splits otherwise: refused
+    with pytest.raises(ValueError, match=r"'stage1_share': 0\.333\d*[,}].*-> .*'stage1_share': 0\.2[,}]"):
+        _run(tiny_data, tmp_path / "True", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": fifth}, ["liver_0"],
+                                                                           "data"))
+
+
 def test_resume_refuses_another_run_and_says_what_differs(tiny_data, tmp_path):
     settings = {"IMAGE_SIZE": 32, "HU_WINDOW": [-100, 400], "RESUME": True}
     run = uh.run_identity(settings, ["liver_0", "liver_1"], "data")
@@ -520,6 +537,7 @@ def test_liver_box_grows_to_the_stage2_window():
     assert uh.roi_size_for((192, 192)) == 128 and uh.roi_size_for((256, 256)) == 160
     assert uh.roi_size_for((512, 512)) == 320 and uh.roi_size_for((100, 90)) == 64
     assert uh.cascade_epochs(20) == (7, 13) and uh.cascade_epochs(2) == (1, 1) and uh.cascade_epochs(1) == (1, 1)
+    assert uh.cascade_epochs(20, 0.2) == (4, 16) and uh.cascade_epochs(8, 0.2) == (2, 6)  # 1.6 rounds to 2
 
 
 def test_cascade_in_evaluate_and_predict_volume(tiny_data, synthetic_dir, tmp_path):
