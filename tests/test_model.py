@@ -273,7 +273,7 @@ def test_resume_accepts_a_checkpoint_written_before_a_setting_existed(tiny_data,
 
 
 def test_resume_accepts_a_run_whose_recipe_predates_a_recipe_key(tiny_data, tmp_path):
-    rec = {"context": 1, "cascade": False, "stage2_patch": None}
+    rec = {"context": 1, "cascade": False, "stage2_patch": None, "stage1_share": None}
     _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
     ck = uh.load_checkpoint(tmp_path / "x" / "last.pt")
     del ck["run"]["RECIPE_SETTINGS"]["stage2_patch"]  # written before the key existed: it meant whole boxes
