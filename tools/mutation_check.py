@@ -57,8 +57,14 @@ MUTATIONS: dict[str, tuple[str, str]] = {
         "        if self.tumor_by_group is None:\n",
         "        if True:\n"),
     "training windows never centred on tumour": (
-        "    weights = 1 + tumour * (s * s / tumour.sum(1, keepdim=True).clamp(min=1))",
-        "    weights = 1 + tumour * 0"),
+        "    centre = torch.where((u[2] < 0.5) & (count > 0), kth, anywhere)",
+        "    centre = anywhere"),
+    "the augmentation's window of the labels is not the image's": (
+        "        grid, y = take_windows(grid, top, left, window), take_windows(y, top, left, window)",
+        "        grid, y = take_windows(grid, top, left, window), take_windows(y, left, top, window)"),
+    "the cascade's split ignores the recipe's stage-1 share": (
+        "    first = max(1, int(round(epochs * stage1_share)))",
+        "    first = max(1, int(round(epochs * CASCADE_STAGE1_SHARE)))"),
     "lesion contrast measured against every voxel, not the liver": (
         "    liver = float(np.median(case.image[label == 1].astype(np.float32))) * (hi - lo)",
         "    liver = float(np.median(case.image[label >= 0].astype(np.float32))) * (hi - lo)"),
