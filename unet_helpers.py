@@ -231,7 +231,8 @@ def _resolve_cascade(s: dict, native_shape: Sequence[int] | None, rec: dict) -> 
     s["CASCADE_CORE_MM"] = CASCADE_CORE_MM
     notes.append(f"CASCADE_CORE_MM = {CASCADE_CORE_MM} (stage 1's liver this far inside its edge stays liver where "
                  "stage 2 calls background)")
-    rec["stage1_share"] = rec.get("stage1_share") or CASCADE_STAGE1_SHARE
+    if rec.get("stage1_share") is None:  # a recipe without a split: a third
+        rec["stage1_share"] = CASCADE_STAGE1_SHARE
     e1, e2 = cascade_epochs(s["EPOCHS"], rec["stage1_share"])
     notes.append(f"cascade: stage 1 (liver box) trains {e1} epochs, stage 2 (liver box at native resolution) "
                  f"{e2} (same budget as {s['EPOCHS']}; recipe {s['RECIPE']!r}: stage 1 {rec['stage1_share']:.2g} "
@@ -241,7 +242,7 @@ def _resolve_cascade(s: dict, native_shape: Sequence[int] | None, rec: dict) -> 
 
 def patch_size_for(roi_size: int, fraction: float, multiple: int) -> int:
     """Side of stage 2's training windows: ``fraction`` of ``roi_size``, rounded to a multiple of ``multiple`` (the
-    U-Net's 2^depth), at least one multiple and at most ``roi_size`` (160 × 0.6 -> 96; 320 × 0.6 -> 192)."""
+    U-Net's 2^depth), at least one multiple and at most ``roi_size`` (160 × 0.4 -> 64; 320 × 0.4 -> 128)."""
     return int(min(roi_size, max(multiple, round(roi_size * fraction / multiple) * multiple)))
 
 
@@ -680,6 +681,9 @@ def cascade_epochs(epochs: int, stage1_share: float = CASCADE_STAGE1_SHARE) -> t
     Stage 1 only has to find the liver box, so it can be cheap: the default recipe gives it a fifth
     (``stage1_share``, BENCHMARKS.md §5g), stage 2 the rest.
     """
+    if not 0 < stage1_share < 1:
+        raise ValueError(f"the cascade's stage1_share must lie between 0 and 1 (stage 2 trains the rest), got "
+                         f"{stage1_share!r}")
     first = max(1, int(round(epochs * stage1_share)))
     return first, max(1, epochs - first)
 
@@ -1494,7 +1498,7 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
                       align_corners=False)[:, 0].long()
     gain = 1 + (rand(b, 1, 1, 1) * 2 - 1) * intensity * on.view(b, 1, 1, 1)
     shift = (rand(b, 1, 1, 1) * 2 - 1) * intensity * on.view(b, 1, 1, 1)
-    if window and window < x.shape[-1]:  # warp the image only where the window lies
+    if window and (window < x.shape[-1] or x.shape[-2] != x.shape[-1]):  # warp the image only in the window
         top, left = patch_origins(y, window, generator)
         grid, y = take_windows(grid, top, left, window), take_windows(y, top, left, window)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -1808,7 +1812,7 @@ class TrainConfig:
     strong_augment: bool = False        # also contrast and gamma (STRONG_AUGMENT), against memorised lesion looks
     lesion_augment: bool = False        # also the lesions' contrast to the liver (LESION_AUGMENT, lesion_contrast)
     lesion_balance: bool = False        # tumour draws balanced over lesion contrast groups (lesion_contrast_groups)
-    patch_size: int | None = None       # train on random windows of this size (random_patches); None: whole slices
+    patch_size: int | None = None       # train on random windows this wide (augment_batch's window); None: whole slices
     amp: bool = True                    # mixed precision on CUDA (bf16 where supported, else fp16)
     channels_last: bool = True          # memory format (faster convs on GPU and CPU)
     seed: int = 0                       # fixes sampling and augmentation per epoch
@@ -1954,7 +1958,7 @@ def make_train_state(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: 
 
 def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW, fused into one kernel per step where this torch build has that for the parameters' device (CUDA;
-    the CPU from torch 2.4): the same update, about 6× faster on 2 CPU cores (BENCHMARKS.md §2)."""
+    the CPU from torch 2.4): the same update in fewer kernel calls (BENCHMARKS.md §2, stage 2 on windows)."""
     params = list(params)
     try:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)

@@ -427,6 +427,26 @@ def test_random_patches_by_hand():
     assert uh.random_patches(x, y, 10)[0] is x  # a window as large as the slice: the slice itself
 
 
+def test_window_centres_draw_each_tumour_pixel_alike():
+    """Two tumour pixels in a 10×10 slice, windows of 1 pixel (the window is its centre): each tumour pixel
+    is drawn with probability 1/2 × 1/2 + 1/2 × 1/100 = 0.255, any other pixel 1/200."""
+    y = torch.zeros(1, 10, 10, dtype=torch.long)
+    y[0, 2, 7] = y[0, 8, 1] = 2
+    gen = torch.Generator().manual_seed(0)
+    n, hits = 8000, {(2, 7): 0, (8, 1): 0}
+    for _ in range(n):
+        top, left = uh.patch_origins(y, 1, gen)
+        key = (int(top), int(left))
+        hits[key] = hits.get(key, 0) + 1
+    for pixel in ((2, 7), (8, 1)):
+        assert abs(hits[pixel] / n - 0.255) < 0.02  # about 4 standard errors
+    with pytest.raises(ValueError, match="square"):
+        uh.patch_origins(torch.zeros(1, 10, 12, dtype=torch.long), 4, gen)
+    x12 = torch.rand(1, 1, 10, 12)
+    with pytest.raises(ValueError, match="square"):  # also where the window is as wide as the slice
+        uh.augment_batch(x12, torch.zeros(1, 10, 12, dtype=torch.long), gen, window=12)
+
+
 def test_windows_cut_inside_the_augmentation_are_those_cut_after_it():
     """``augment_batch(window=...)`` warps only the window; without noise its pixels are those of the older
     path, the whole slice augmented and then cut by ``random_patches`` (the same draws, in the same order)."""

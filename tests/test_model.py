@@ -279,7 +279,7 @@ def test_resume_accepts_a_run_whose_recipe_predates_a_recipe_key(tiny_data, tmp_
     del ck["run"]["RECIPE_SETTINGS"]["stage2_patch"]  # written before the key existed: it meant whole boxes
     torch.save(ck, tmp_path / "x" / "last.pt")
     _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
-    windows = {**rec, "stage2_patch": 0.6}  # today's recipe trains on windows: not the old run, refused
+    windows = {**rec, "stage2_patch": 0.4}  # today's recipe trains on windows: not the old run, refused
     with pytest.raises(ValueError, match="RECIPE_SETTINGS"):
         _run(tiny_data, tmp_path / "x", epochs=1,
              run=uh.run_identity({"RECIPE_SETTINGS": windows}, ["liver_0"], "data"))
@@ -538,6 +538,9 @@ def test_liver_box_grows_to_the_stage2_window():
     assert uh.roi_size_for((512, 512)) == 320 and uh.roi_size_for((100, 90)) == 64
     assert uh.cascade_epochs(20) == (7, 13) and uh.cascade_epochs(2) == (1, 1) and uh.cascade_epochs(1) == (1, 1)
     assert uh.cascade_epochs(20, 0.2) == (4, 16) and uh.cascade_epochs(8, 0.2) == (2, 6)  # 1.6 rounds to 2
+    for bad in (0, 1, 1.5):
+        with pytest.raises(ValueError, match="stage1_share"):
+            uh.cascade_epochs(20, bad)
 
 
 def test_cascade_in_evaluate_and_predict_volume(tiny_data, synthetic_dir, tmp_path):
@@ -686,6 +689,21 @@ def test_adamw_fused_where_torch_has_it_and_same_update():
         assert torch.allclose(p, q, atol=1e-5)
 
 
+def test_adamw_falls_back_where_torch_has_no_fused_kernel(monkeypatch):
+    """On a torch without a fused AdamW for the device (CPU before 2.4), ``uh.adamw`` is the plain AdamW."""
+    real = torch.optim.AdamW
+
+    def no_fused(params, **kw):
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                               "devices: ['cuda']")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    opt = uh.adamw(torch.nn.Conv2d(1, 1, 3).parameters(), 1e-3, 1e-4)
+    assert isinstance(opt, real) and not opt.param_groups[0]["fused"]
+
+
 def test_resume_keeps_todays_optimizer_kernel(tiny_data, tmp_path):
     """A checkpoint whose AdamW ran another kernel (fused on a GPU; the loop on an older torch) resumes with the
     kernel chosen here, not the saving machine's (which this torch may not have)."""
@@ -701,6 +719,8 @@ def test_resume_keeps_todays_optimizer_kernel(tiny_data, tmp_path):
     assert uh.resume_state(path, state, cfg)[0] == 2
     assert [(g["fused"], g["foreach"]) for g in state.opt.param_groups] == today
     assert state.opt.state_dict()["state"]  # the moments were loaded
+    x, y = tiny_data["train"].batch(tiny_data["ti"][:8])
+    uh.train_step(state, x, y)  # and today's kernel steps on them
 
 
 def _ddp_cfg(epochs=2):
