@@ -200,8 +200,7 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
     check_fold(s.get("FOLD"))
     s["GPUS"], gpu_note = resolve_gpus(s.get("GPUS"), device, s["BATCH_SIZE"])
     notes.append(gpu_note)
-    if s["CASCADE"]:
-        notes += _resolve_cascade(s, native_shape, rec)
+    notes += _resolve_cascade(s, native_shape, rec) if s["CASCADE"] else []
     if s.get("PATCH_SIZE") and not s["CASCADE"]:
         notes.append(f"PATCH_SIZE = None (yours, {s['PATCH_SIZE']}, is unused: no stage 2 without the cascade)")
     s["PATCH_SIZE"] = (s.get("PATCH_SIZE") or None) if s["CASCADE"] else None  # None: whole boxes, or no stage 2
