@@ -13,6 +13,7 @@ in the same process:
   before: the whole box augmented, then the window cut (random_patches as it was); AdamW's per-parameter loop;
   now:    the window cut inside the augmentation, which warps only its pixels (uh.augment_batch(window=...)),
           and AdamW fused (uh.adamw), as uh.train_epoch does.
+And stage 2's step on 64² windows (the default recipe's at 256²) with a U-Net of depth 4 and of depth 3.
 
     python bench/bench_train.py [--steps 15] [--repeats 3]
 """
@@ -192,10 +193,8 @@ def _window_step(state, gen, size, before):
     return step
 
 
-def windows(roi: int = 160, sizes=(64, 96), batch: int = 8, steps: int = 30, repeats: int = 5,
-            n_cases: int = 4, write: bool = True, command: str = "python bench/bench_train.py") -> dict:
-    """Stage 2's training step on windows of its liver boxes, before and now: ms per step (median of repeats,
-    the two ways alternating so that drifts of the machine hit both alike) and the ratio."""
+def _box_batches(roi: int, batch: int, steps: int, n_cases: int) -> list:
+    """``steps`` training batches of stage 2's liver boxes (synthetic; tumour/liver oversampling as the default)."""
     data = WORK / "train_data"
     uh.make_synthetic_dataset(data, n_cases=n_cases, shape=(192, 192, 48), seed=5, progress=False)
     cached = uh.preprocess_dataset(uh.find_cases(data), WORK / "train_cache", 128, progress=False, roi_size=roi)
@@ -203,7 +202,14 @@ def windows(roi: int = 160, sizes=(64, 96), batch: int = 8, steps: int = 30, rep
     resident = uh.SliceSet(boxes, 3)
     index = uh.select_slices(boxes, 0.2, seed=0)
     sampler = uh.TumorAwareSampler(index, resident.has_liver, resident.has_tumor, batch, 0.33, 0.17, seed=0)
-    batches = [resident.batch(b) for e in range(50) for b in sampler.epoch(e)][:steps]
+    return [resident.batch(b) for e in range(50) for b in sampler.epoch(e)][:steps]
+
+
+def windows(roi: int = 160, sizes=(64, 96), batch: int = 8, steps: int = 30, repeats: int = 5,
+            n_cases: int = 4, write: bool = True, command: str = "python bench/bench_train.py") -> dict:
+    """Stage 2's training step on windows of its liver boxes, before and now: ms per step (median of repeats,
+    the two ways alternating so that drifts of the machine hit both alike) and the ratio."""
+    batches = _box_batches(roi, batch, steps, n_cases)
     out = {}
     for size in sizes:
         times = {True: [], False: []}
@@ -234,6 +240,44 @@ def windows(roi: int = 160, sizes=(64, 96), batch: int = 8, steps: int = 30, rep
     return out
 
 
+def depths(roi: int = 160, size: int = 64, depths_=(4, 3), batch: int = 8, steps: int = 30, repeats: int = 5,
+           n_cases: int = 4, write: bool = True, command: str = "python bench/bench_train.py") -> dict:
+    """Stage 2's training step on ``size``² windows with U-Nets of each depth (the product's step, as
+    uh.train_epoch runs it), the depths alternating in one process.
+
+    Returns:
+        {depth: {"seconds": median seconds per step, "parameters": the U-Net's parameter count}}; the table
+        adds the speed-up against the first depth.
+    """
+    batches = _box_batches(roi, batch, steps, n_cases)
+    times = {d: [] for d in depths_}
+    params = {}
+    for r in range(repeats + 1):  # the first round warms up
+        for d in depths_:
+            torch.manual_seed(0)
+            model = uh.UNet(3, 3, 16, d)
+            params[d] = sum(p.numel() for p in model.parameters())
+            state = uh.make_train_state(model, uh.TrainConfig(epochs=1, batch_size=batch, lr=2e-3), steps,
+                                        torch.device("cpu"))
+            step = _window_step(state, torch.Generator().manual_seed(r), size, before=False)
+            t0 = time.perf_counter()
+            for x, y in batches:
+                step(x, y)
+            if r:
+                times[d].append((time.perf_counter() - t0) / steps)
+    out = {d: {"seconds": statistics.median(v), "parameters": params[d]} for d, v in times.items()}
+    if write:
+        first = out[depths_[0]]["seconds"]
+        rows = [[d, f"{o['parameters']:,}", f"{o['seconds'] * 1e3:.1f}", f"{first / o['seconds']:.2f}×"]
+                for d, o in out.items()]
+        write_table("train_depths", stamp(command) + f"\n\nStage 2 of the cascade on {size}² windows of {roi}² "
+                    f"liver boxes: U-Net base 16, 3-slice input, batch {batch}, fp32, channels_last, the product's "
+                    f"step (window cut inside the augmentation, fused AdamW); {steps} steps, median of {repeats} "
+                    "repeats, the depths alternating in one process.\n\n"
+                    + md_table(["depth", "parameters", "ms per step", f"speed-up vs depth {depths_[0]}"], rows))
+    return out
+
+
 class _LazyLoader:
     """Yield ``steps`` batches from a DataLoader, loading each inside the timed loop."""
 
@@ -258,3 +302,4 @@ if __name__ == "__main__":
     command = f"python bench/bench_train.py --steps {a.steps} --repeats {a.repeats}"
     print(run(steps=a.steps, repeats=a.repeats, command=command))
     print(windows(command=command))
+    print(depths(command=command))

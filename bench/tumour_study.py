@@ -58,7 +58,20 @@ ARMS: dict[str, dict] = {
                                                     "stage2_patch": 64},
     "stage 2 on 64² patches, stage 1 a fifth": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
                                                 "stage2_patch": 64, "stage1_share": 0.2},
+    # stage 2's U-Net one level shallower (depth 3): on 64² windows its deepest level works on 4² maps with most of
+    # the weights, so dropping it makes a step cheaper (bench_train.py depths(), BENCHMARKS.md §2)
+    "stage 2 of depth 3 on 64² patches, stage 1 a fifth": {**OLD_DEFAULT, "cascade": True, "context": 3,
+                                                           "lesion_balance": True, "stage2_patch": 64,
+                                                           "stage1_share": 0.2, "stage2_depth": 3},
+    "stage 2 on 64² patches, stage 1 a tenth": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
+                                                "stage2_patch": 64, "stage1_share": 0.1},
+    # stage 2 starts from stage 1's final weights instead of random ones (same network; stage 1 saw the same
+    # anatomy at half the resolution), so that stage 1's fifth of the budget also serves stage 2
+    "64² patches, a fifth, stage 2 from stage 1's weights": {**OLD_DEFAULT, "cascade": True, "context": 3,
+                                                             "lesion_balance": True, "stage2_patch": 64,
+                                                             "stage1_share": 0.2, "stage2_init": "stage1"},
 }
+CALIBRATION_STEPS = 30  # steps per timed epoch in steps_for (10 before 2026-11-30)
 SETS = {  # name: (generator seed, lesion size scale, lesion contrast scale)
     "train": (100, 1.0, 1.0), "validation": (200, 1.0, 1.0), "kept-aside": (300, 0.6, 0.6)}
 
@@ -92,37 +105,64 @@ def train_config(cfg: dict, seed: int, batch: int, steps: int, lr: float = 2e-3)
                           lesion_balance=cfg.get("lesion_balance", False), patch_size=cfg.get("patch"))
 
 
-def new_model(cfg: dict, seed: int, base: int) -> uh.UNet:
+def new_model(cfg: dict, seed: int, base: int, init: uh.UNet | None = None) -> uh.UNet:
+    """A U-Net of depth 4 (``cfg["depth"]`` where the arm sets one for this stage): fresh, or with ``init``'s
+    weights where given."""
     uh.set_determinism(seed)
-    return uh.UNet(cfg["context"], 3, base, 4)
+    model = uh.UNet(cfg["context"], 3, base, cfg.get("depth") or 4)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    return model
+
+
+def stage_init(cfg: dict, name: str, models: dict) -> uh.UNet | None:
+    """The trained network a stage starts from: stage 1's for stage 2 where the arm says ``stage2_init="stage1"``
+    (stage 1 trains first), else None (random weights)."""
+    return models["stage1"] if name == "stage2" and cfg.get("stage2_init") == "stage1" else None
 
 
 def steps_for(seconds: float, cases: list, cfg: dict, seed: int, batch: int, base: int, out: Path) -> int:
-    """Optimizer steps that fill ``seconds`` here: the library's training loop timed for 3 epochs of 10 steps.
+    """Optimizer steps that fill ``seconds`` here: the library's training loop timed for 3 epochs of
+    ``CALIBRATION_STEPS`` steps.
 
     The faster of epochs 2 and 3 is used (the first pays for start-up; anything else running on the
     machine only slows an epoch down); the calibration itself is not counted in the arm's training time.
+    Epochs of 30 steps since 2026-11-30, of 10 before: with 10, the baseline trained 528-547 s of 600 in
+    BENCHMARKS.md §5g (cause not found; longer epochs were the suspected cure); each row records its
+    ``calibration_steps``.
     """
     data = uh.SliceSet(cases, cfg["context"])
     index = uh.select_slices(cases, cfg["empty_fraction"], seed)
-    tc = uh.TrainConfig(**{**uh.asdict_plain(train_config(cfg, seed, batch, 40)), "epochs": 3, "steps_per_epoch": 10})
+    n = CALIBRATION_STEPS
+    tc = uh.TrainConfig(**{**uh.asdict_plain(train_config(cfg, seed, batch, 4 * n)), "epochs": 3, "steps_per_epoch": n})
     hist = uh.train(new_model(cfg, seed, base), data, index, tc, out, resume=False, progress=False)
-    per_step = min(h["epoch_seconds"] for h in hist[1:]) / 10
+    per_step = min(h["epoch_seconds"] for h in hist[1:]) / n
     return max(8, int(seconds / per_step))
 
 
-def fit(cases: list, cfg: dict, seed: int, batch: int, base: int, steps: int, out: Path) -> uh.UNet:
-    """Train one network of an arm for ``steps`` steps; its final checkpoint is ``out/last.pt``."""
-    model = new_model(cfg, seed, base)
+def fit(cases: list, cfg: dict, seed: int, batch: int, base: int, steps: int, out: Path,
+        init: uh.UNet | None = None) -> uh.UNet:
+    """Train one network of an arm for ``steps`` steps (from ``init``'s weights where given); its final checkpoint
+    is ``out/last.pt``."""
+    model = new_model(cfg, seed, base, init)
     uh.train(model, uh.SliceSet(cases, cfg["context"]), uh.select_slices(cases, cfg["empty_fraction"], seed),
              train_config(cfg, seed, batch, steps), out, resume=False, progress=False)
     return model
+
+
+def stage_config(cfg: dict, name: str) -> dict:
+    """An arm's settings for one stage: stage 2 takes the arm's window (``stage2_patch``) and depth."""
+    stage2 = name == "stage2"
+    return {**cfg, "patch": cfg.get("stage2_patch") if stage2 else None,
+            "depth": cfg.get("stage2_depth") if stage2 else None}
 
 
 def run_arm(arm: str, seed: int, seconds: float, batch: int, train_files: list, val_files: list,
             base: int = 16) -> dict:
     """Train one arm with one seed for ``seconds`` of training, score it on the validation set."""
     cfg = {**BASE, **ARMS[arm]}
+    if cfg.get("stage2_init") and cfg.get("stage2_depth"):
+        raise ValueError(f"arm {arm!r}: stage 2 can start from stage 1's weights only with stage 1's depth")
     roi = uh.roi_size_for(uh.load_case(train_files[0].image).image.shape) if cfg["cascade"] else None
     tr, va = cached(train_files, cfg, roi), cached(val_files, cfg, None)
     out = run_folder(arm, seed)
@@ -130,15 +170,17 @@ def run_arm(arm: str, seed: int, seconds: float, batch: int, train_files: list, 
     stages = [("stage1", tr, seconds * (share if roi else 1.0))]
     if roi:
         stages.append(("stage2", uh.roi_cases(tr), seconds * (1 - share)))
-    conf = {name: {**cfg, "patch": cfg.get("stage2_patch") if name == "stage2" else None} for name, _, _ in stages}
+    conf = {name: stage_config(cfg, name) for name, _, _ in stages}
     steps = {name: steps_for(sec, cases, conf[name], seed, batch, base, out / "calibration")
              for name, cases, sec in stages}
     t0 = time.perf_counter()
-    models = {name: fit(cases, conf[name], seed, batch, base, steps[name], out / name) for name, cases, _ in stages}
+    models = {}
+    for name, cases, _ in stages:
+        models[name] = fit(cases, conf[name], seed, batch, base, steps[name], out / name, stage_init(cfg, name, models))
     train_s = time.perf_counter() - t0
     row = score(arm, seed, "validation", models, roi, va)
     row.update(seconds_budget=seconds, train_seconds=train_s, steps=steps, batch=batch, roi_size=roi,
-               real_ct_liver_dice=real_ct_liver_dice(arm, models, roi))
+               real_ct_liver_dice=real_ct_liver_dice(arm, models, roi), calibration_steps=CALIBRATION_STEPS)
     return row
 
 
@@ -150,7 +192,7 @@ def load_models(arm: str, seed: int, base: int = 16) -> dict:
     for name in ("stage1", "stage2") if cfg["cascade"] else ("stage1",):
         if not (out / name / "last.pt").exists():
             raise FileNotFoundError(f"{out / name / 'last.pt'} is missing: rerun the arm '{arm}' seed {seed}")
-        models[name] = new_model(cfg, seed, base)
+        models[name] = new_model(stage_config(cfg, name), seed, base)
         models[name].load_state_dict(uh.load_checkpoint(out / name / "last.pt")["model"])
     return models
 
@@ -271,7 +313,13 @@ def paired_rows(rows: list[dict]) -> str:
                  ("contrast-balanced + stage 2 on 64² patches", "baseline"),
                  ("stage 2 on 64² patches, stage 1 a fifth", "contrast-balanced + stage 2 on 96² patches"),
                  ("stage 2 on 64² patches, stage 1 a fifth", "contrast-balanced + stage 2 on 64² patches"),
-                 ("stage 2 on 64² patches, stage 1 a fifth", "baseline")):
+                 ("stage 2 on 64² patches, stage 1 a fifth", "baseline"),
+                 ("stage 2 of depth 3 on 64² patches, stage 1 a fifth", "stage 2 on 64² patches, stage 1 a fifth"),
+                 ("stage 2 on 64² patches, stage 1 a tenth", "stage 2 on 64² patches, stage 1 a fifth"),
+                 ("stage 2 of depth 3 on 64² patches, stage 1 a fifth", "baseline"),
+                 ("stage 2 on 64² patches, stage 1 a tenth", "baseline"),
+                 ("64² patches, a fifth, stage 2 from stage 1's weights", "stage 2 on 64² patches, stage 1 a fifth"),
+                 ("64² patches, a fifth, stage 2 from stage 1's weights", "baseline")):
         t, liv = paired(val, a, b), paired(val, a, b, "dice_liver_lits")
         if t is None or liv is None:
             continue
@@ -334,9 +382,11 @@ def write_tables(rows: list[dict], a: argparse.Namespace, command: str) -> None:
     setup = (f"Synthetic CT only (no real tumours). Train: {a.train_cases} cases (generator seed 100); validation: "
              f"{a.val_cases} cases (seed 200); kept aside: {a.kept_cases} cases (seed 300, lesions 0.6× the size "
              f"and 0.6× the contrast), all {'×'.join(map(str, a.shape))} voxels. Quick U-Net (base {a.base}, "
-             f"depth 4), {BASE['image_size']}² input, batch {a.batch}, AdamW 2e-3, warm-up + cosine; every arm "
+             f"depth 4; stage 2 depth 3 where the arm says so), {BASE['image_size']}² input, batch {a.batch}, AdamW "
+             "2e-3, warm-up + cosine; every arm "
              "trains for the same wall-clock on this machine (steps measured per arm and stage before training, "
-             "the measured training seconds beside each row; the cascade gives stage 1 a third and stage 2 two "
+             "the measured training seconds beside each row; 3 epochs of 30 steps timed since 2026-11-30, of "
+             "10 before; the cascade gives stage 1 a third and stage 2 two "
              "thirds unless the arm says otherwise, stage 2 on a 160-pixel window around the liver box, resized "
              "only where a liver box is larger); "
              "final checkpoint, 3D per-case Dice, mean ± std over training seeds.")

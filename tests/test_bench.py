@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -16,6 +17,7 @@ import bench_preprocess  # noqa: E402
 import bench_train  # noqa: E402
 import common  # noqa: E402
 import recipe_study  # noqa: E402
+import tumour_bias  # noqa: E402
 import tumour_study  # noqa: E402
 
 
@@ -41,6 +43,11 @@ def test_tiny_preprocess_train_infer(work):
     tr = bench_train.run(image_size=32, base=4, depth=2, steps=2, repeats=1, n_cases=2, write=False)
     assert tr["ours"]["flops_per_step"] == tr["plain"]["flops_per_step"] > 0
     assert 0 <= tr["ours"]["data_wait"] < 1 and tr["peak_flops"] > 0
+    win = bench_train.windows(roi=64, sizes=(32,), batch=2, steps=2, repeats=1, n_cases=2, write=False)
+    assert set(win) == {32} and win[32]["before"] > 0 and win[32]["now"] > 0
+    deep = bench_train.depths(roi=64, size=32, depths_=(3, 2), batch=2, steps=2, repeats=1, n_cases=2, write=False)
+    assert set(deep) == {3, 2} and deep[3]["seconds"] > 0 and deep[2]["seconds"] > 0
+    assert deep[3]["parameters"] > deep[2]["parameters"]  # each depth timed its own network
     inf = bench_infer.run(shape=(32, 32, 4), repeats=1, write=False)
     assert set(inf["quick"]) == {"batch_1_s", "batch_4_s", "batch_8_s", "batch_32_s"}
     assert all(t > 0 for t in inf["quick"].values())
@@ -145,3 +152,42 @@ def test_lesions_by_contrast_pooled_over_seeds():
     # hypodense: 2 + 2 found of 3 + 2, voxels (60 + 40) / 150; faint: 1 of 2, 25 / 100; hyperdense: 0 of 1, 0 / 20
     assert "| validation | baseline | 2 | 4 of 5, 0.67 | 1 of 2, 0.25 | 0 of 1, 0.00 |" in table
     assert "training cases" not in table
+
+
+def test_tumour_bias_raises_only_the_tumour_logit():
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([1.0, 2.0, 1.5]).view(1, 3, 1, 1).expand(x.shape[0], 3, *x.shape[2:])
+
+    x = torch.zeros(2, 3, 4, 4)
+    out = tumour_bias.TumourBias(Constant(), 1.0)(x)
+    assert out.shape == (2, 3, 4, 4) and out[1, :, 3, 3].tolist() == [1.0, 2.0, 2.5]  # tumour 1.5 + 1 beats liver 2
+    assert (out.argmax(1) == 2).all()
+    assert (tumour_bias.TumourBias(Constant(), 0.4)(x).argmax(1) == 1).all()  # 1.9 < 2: still liver
+    rows = [{"bias": 0.0, **dict.fromkeys(tumour_bias.KEYS, v)} for v in (0.5, 0.7)]
+    assert "| +0 | 2 | 0.600 | 0.600 |" in tumour_bias.table(rows)  # the mean over the two seeds
+
+
+def test_new_arms_build_and_start_their_stages(work):
+    deep = "stage 2 of depth 3 on 64² patches, stage 1 a fifth"
+    cfg = {**tumour_study.BASE, **tumour_study.ARMS[deep]}
+    assert tumour_study.stage_config(cfg, "stage1")["depth"] is None  # stage 1: depth 4
+    assert tumour_study.stage_config(cfg, "stage2")["depth"] == 3 and tumour_study.stage_config(cfg, "stage2")["patch"]
+    for name, depth in (("stage1", 4), ("stage2", 3)):  # checkpoints as a finished run leaves them
+        folder = tumour_study.run_folder(deep, 0) / name
+        folder.mkdir(parents=True)
+        torch.save({"model": tumour_study.uh.UNet(3, 3, 4, depth).state_dict()}, folder / "last.pt")
+    models = tumour_study.load_models(deep, 0, base=4)  # each stage rebuilt at its own depth
+    assert models["stage1"].hparams["depth"] == 4 and models["stage2"].hparams["depth"] == 3
+    warm = {**tumour_study.BASE, **tumour_study.ARMS["64² patches, a fifth, stage 2 from stage 1's weights"]}
+    one = tumour_study.new_model(tumour_study.stage_config(warm, "stage1"), 0, 4)
+    with torch.no_grad():
+        for p in one.parameters():
+            p.add_(1.0)  # unlike any fresh initialisation
+    assert tumour_study.stage_init(warm, "stage2", {"stage1": one}) is one
+    assert tumour_study.stage_init(warm, "stage1", {}) is None  # stage 1 always starts afresh
+    assert tumour_study.stage_init(cfg, "stage2", models) is None  # as does stage 2 of an arm without stage2_init
+    two = tumour_study.new_model(tumour_study.stage_config(warm, "stage2"), 0, 4, one)
+    fresh = tumour_study.new_model(tumour_study.stage_config(warm, "stage2"), 0, 4)
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), two.state_dict().values()))
+    assert not torch.equal(fresh.inc[0].weight, one.inc[0].weight)

@@ -1,0 +1,103 @@
+"""Is the default's tumour call too strict? A bias on stage 2's tumour logit, on the study's trained models.
+
+Adding ``b`` to stage 2's tumour logit before the argmax multiplies the odds of tumour against each other
+class by e^b: a lower tumour threshold for b > 0, a higher one for b < 0, with the trained network
+unchanged. Scored on the validation set (the arm's final models of the tumour study, §5g), per seed:
+per-case tumour Dice, global Dice, median volume ratio, lesion recall and precision, false tumour on the
+tumour-free cases. If the lesions the default misses lay just under the threshold, recall would rise with b.
+
+    cd bench && python tumour_bias.py      # about 12 s per model and bias; needs the study's trained models
+
+Results: bench/results/tumour_bias.json; table in BENCHMARKS.md §5h.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import tumour_study as ts
+from common import ROOT, md_table, stamp, write_table
+from recipe_study import load
+
+import unet_helpers as uh
+
+ARM = "stage 2 on 64² patches, stage 1 a fifth"
+STUDY = ROOT / "bench" / "results" / "tumour_study_96_600s_v2.json"  # the study run whose models are scored
+RESULTS = ROOT / "bench" / "results" / "tumour_bias.json"
+KEYS = ("dice_tumor", "dice_tumor_global", "median_tumor_volume_ratio", "lesion_recall", "lesion_precision",
+        "fp_tumor_ml_tumor_free_cases")
+
+
+class TumourBias(torch.nn.Module):
+    """A network whose tumour logit (class 2) is raised by ``bias``."""
+
+    def __init__(self, model: torch.nn.Module, bias: float):
+        super().__init__()
+        self.model, self.bias = model, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        return logits + torch.tensor([0.0, 0.0, self.bias], device=logits.device).view(1, 3, 1, 1)
+
+
+def study_row(study: Path, arm: str, seed: int) -> dict:
+    """The study's validation row of ``arm`` × ``seed``, checked against the models on disk: they must be the ones
+    that row trained (the run folders are shared by every results file, and a later study may retrain them)."""
+    rows = [r for r in load(study) if (r["arm"], r["seed"], r["set"]) == (arm, seed, "validation")]
+    if not rows or not rows[0].get("roi_size"):
+        raise ValueError(f"{study} holds no trained cascade row of {arm!r} seed {seed}")
+    for name, steps in rows[0]["steps"].items():
+        ck = uh.load_checkpoint(ts.run_folder(arm, seed) / name / "last.pt")
+        if ck["train_config"]["steps_per_epoch"] != max(1, steps // 4):
+            raise ValueError(f"the {name} model of {arm!r} seed {seed} is not the one {study} trained "
+                             f"({ck['train_config']['steps_per_epoch']} steps per epoch, not {max(1, steps // 4)})")
+    return rows[0]
+
+
+def run(arm: str, seeds: list[int], biases: list[float], study: Path = STUDY) -> list[dict]:
+    """Score the arm's final models of each seed with each tumour-logit bias on the study's validation set."""
+    setup = study_row(study, arm, seeds[0])["setup"]
+    files = ts.dataset("validation", setup["val_cases"], setup["shape"])
+    cases = ts.cached(files, {**ts.BASE, **ts.ARMS[arm]}, None)
+    rows = []
+    for seed in seeds:
+        roi = study_row(study, arm, seed)["roi_size"]
+        models = ts.load_models(arm, seed, setup["base"])
+        for b in biases:
+            ev = ts.evaluate_arm(arm, {**models, "stage2": TumourBias(models["stage2"], b)}, roi, cases)
+            rows.append({"arm": arm, "seed": seed, "bias": b, **{k: ev["summary"][k] for k in KEYS}})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Mean over seeds per bias."""
+    body = []
+    for b in sorted({r["bias"] for r in rows}):
+        at = [r for r in rows if r["bias"] == b]
+        body.append([f"{b:+g}", len(at)] + [f"{statistics.mean(r[k] for r in at):.3f}" for k in KEYS])
+    return md_table(["tumour-logit bias", "seeds", "tumour Dice per case", "tumour Dice global",
+                     "volume pred/true (median)", "lesion recall", "lesion precision", "FP tumour mL (tumour-free)"],
+                    body)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arm", default=ARM, help="a cascade arm of the tumour study")
+    ap.add_argument("--study", type=Path, default=STUDY, help="the study results file that trained its models")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--biases", type=float, nargs="+", default=[-0.5, 0.0, 0.5, 1.0, 2.0, 3.0])
+    a = ap.parse_args()
+    rows = run(a.arm, a.seeds, a.biases, a.study)
+    RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
+    setup = study_row(a.study, a.arm, a.seeds[0])["setup"]
+    command = " ".join(["cd bench && python tumour_bias.py", shlex.join(sys.argv[1:])]).strip()
+    write_table("tumour_bias", stamp(command) + f"\n\nArm "
+                f"'{a.arm}', its final models of the tumour study in `{a.study.name}` ({setup['seconds']:.0f} s, "
+                f"{setup['train_cases']} training cases), on its validation set; mean over seeds.\n\n" + table(rows))
