@@ -25,8 +25,6 @@ import tumour_study as ts
 from common import ROOT, md_table, stamp, write_table
 from recipe_study import load
 
-import unet_helpers as uh
-
 ARM = "stage 2 on 64² patches, stage 1 a fifth"
 STUDY = ROOT / "bench" / "results" / "tumour_study_96_600s_v2.json"  # the study run whose models are scored
 RESULTS = ROOT / "bench" / "results" / "tumour_bias.json"
@@ -48,20 +46,20 @@ class TumourBias(torch.nn.Module):
 
 def study_row(study: Path, arm: str, seed: int) -> dict:
     """The study's validation row of ``arm`` × ``seed``, checked against the models on disk: they must be the ones
-    that row trained (the run folders are shared by every results file, and a later study may retrain them)."""
+    that row trained (``tumour_study.check_trained``)."""
     rows = [r for r in load(study) if (r["arm"], r["seed"], r["set"]) == (arm, seed, "validation")]
     if not rows or not rows[0].get("roi_size"):
         raise ValueError(f"{study} holds no trained cascade row of {arm!r} seed {seed}")
-    for name, steps in rows[0]["steps"].items():
-        ck = uh.load_checkpoint(ts.run_folder(arm, seed) / name / "last.pt")
-        if ck["train_config"]["steps_per_epoch"] != max(1, steps // 4):
-            raise ValueError(f"the {name} model of {arm!r} seed {seed} is not the one {study} trained "
-                             f"({ck['train_config']['steps_per_epoch']} steps per epoch, not {max(1, steps // 4)})")
+    ts.check_trained(arm, rows[0], rows[0]["batch"])
     return rows[0]
 
 
-def run(arm: str, seeds: list[int], biases: list[float], study: Path = STUDY) -> list[dict]:
-    """Score the arm's final models of each seed with each tumour-logit bias on the study's validation set."""
+def run(arm: str, seeds: list[int], biases: list[float], study: Path = STUDY) -> tuple[list[dict], dict]:
+    """Score the arm's final models of each seed with each tumour-logit bias on the study's validation set.
+
+    Returns:
+        (one row per seed and bias, the study's setup).
+    """
     setup = study_row(study, arm, seeds[0])["setup"]
     files = ts.dataset("validation", setup["val_cases"], setup["shape"])
     cases = ts.cached(files, {**ts.BASE, **ts.ARMS[arm]}, None)
@@ -73,7 +71,7 @@ def run(arm: str, seeds: list[int], biases: list[float], study: Path = STUDY) ->
             ev = ts.evaluate_arm(arm, {**models, "stage2": TumourBias(models["stage2"], b)}, roi, cases)
             rows.append({"arm": arm, "seed": seed, "bias": b, **{k: ev["summary"][k] for k in KEYS}})
             print(json.dumps(rows[-1]), flush=True)
-    return rows
+    return rows, setup
 
 
 def table(rows: list[dict]) -> str:
@@ -94,9 +92,8 @@ if __name__ == "__main__":
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--biases", type=float, nargs="+", default=[-0.5, 0.0, 0.5, 1.0, 2.0, 3.0])
     a = ap.parse_args()
-    rows = run(a.arm, a.seeds, a.biases, a.study)
+    rows, setup = run(a.arm, a.seeds, a.biases, a.study)
     RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
-    setup = study_row(a.study, a.arm, a.seeds[0])["setup"]
     command = " ".join(["cd bench && python tumour_bias.py", shlex.join(sys.argv[1:])]).strip()
     write_table("tumour_bias", stamp(command) + f"\n\nArm "
                 f"'{a.arm}', its final models of the tumour study in `{a.study.name}` ({setup['seconds']:.0f} s, "

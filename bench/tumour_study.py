@@ -402,19 +402,25 @@ def write_tables(rows: list[dict], a: argparse.Namespace, command: str) -> None:
         write_table(f"{a.tables}_contrast", contrast_table(rows))
 
 
+def check_trained(arm: str, row: dict, batch: int) -> None:
+    """Raise unless the arm's models on disk are the ones a validation ``row`` trained (the run folders are shared
+    by every results file: a later run of the arm overwrites them)."""
+    out = run_folder(arm, row["seed"])
+    for name, steps in row["steps"].items():
+        trained = uh.load_checkpoint(out / name / "last.pt")["train_config"]["steps_per_epoch"]
+        meant = train_config({**BASE, **ARMS[arm]}, row["seed"], batch, steps).steps_per_epoch
+        if trained != meant:
+            raise ValueError(f"{out / name} was trained for {trained} steps an epoch, not the {meant} "
+                             f"of this result: its models were overwritten by another run; retrain the arm")
+
+
 def rescore(rows: list[dict], a: argparse.Namespace, val_files: list) -> list:
     """Score trained arms again on the validation set and the real CT with today's inference (after a change to
     how the cascade combines its stages); the arm's other scorings are dropped, to be redone by ``score_trained``.
     The training fields (seconds, steps) stay; the models must be the ones those steps trained."""
     for arm in a.rescore:
         for r in [r for r in rows if r["arm"] == arm and r["set"] == "validation"]:
-            out = run_folder(arm, r["seed"])
-            for name, steps in r["steps"].items():
-                trained = uh.load_checkpoint(out / name / "last.pt")["train_config"]["steps_per_epoch"]
-                meant = train_config({**BASE, **ARMS[arm]}, r["seed"], a.batch, steps).steps_per_epoch
-                if trained != meant:
-                    raise ValueError(f"{out / name} was trained for {trained} steps an epoch, not the {meant} "
-                                     f"of this result: its models were overwritten by another run; retrain the arm")
+            check_trained(arm, r, a.batch)
             models = load_models(arm, r["seed"], a.base)
             new = {**r, **score(arm, r["seed"], "validation", models, r["roi_size"],
                                 cached(val_files, {**BASE, **ARMS[arm]}, None)),
