@@ -191,3 +191,24 @@ def test_new_arms_build_and_start_their_stages(work):
     fresh = tumour_study.new_model(tumour_study.stage_config(warm, "stage2"), 0, 4)
     assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), two.state_dict().values()))
     assert not torch.equal(fresh.inc[0].weight, one.inc[0].weight)
+
+
+def test_arm_lesion_settings_hold_only_while_the_arm_trains(work, tmp_path, monkeypatch):
+    seen = []
+
+    def fake_fit(cases, cfg, seed, batch, base, steps, out, init=None):
+        seen.append(("fit", tumour_study.uh.LESION_AUGMENT["p"]))
+        return tumour_study.new_model(cfg, seed, base)
+
+    def fake_steps(*args, **kwargs):
+        seen.append(("calibrate", tumour_study.uh.LESION_AUGMENT["p"]))
+        return 8
+
+    monkeypatch.setattr(tumour_study, "fit", fake_fit)
+    monkeypatch.setattr(tumour_study, "steps_for", fake_steps)
+    monkeypatch.setitem(tumour_study.BASE, "image_size", 32)
+    tumour_study.main(["--arms", "lesion contrast on every tumour slice", "--no-write", "--seconds", "3", "--seeds",
+                       "0", "--batch", "2", "--train-cases", "3", "--val-cases", "2", "--shape", "48", "48", "12",
+                       "--base", "4", "--results", str(tmp_path / "t.json")])
+    assert seen == [("calibrate", 1.0)] * 2 + [("fit", 1.0)] * 2  # both stages, with the arm's p
+    assert tumour_study.uh.LESION_AUGMENT["p"] == 0.5  # the library's own setting is back afterwards
