@@ -1580,9 +1580,9 @@ def lesion_contrast(x: torch.Tensor, y: torch.Tensor, draws: torch.Tensor, p: fl
     Synthetic lesions are mostly hypodense and real ones vary in contrast; a model that has met every contrast
     is not bound to the frequencies of its training set. Limits: one d per slice (a dark and a bright lesion
     in one slice get their average, and move together); the rim shift reaches background where a lesion
-    touches the liver's edge. Measured in BENCHMARKS.md §5c (200 s: no gain) and §5i (600 s: bright lesions
-    drawn better, per-case tumour Dice +0.024 with an interval that includes 0, lesion precision 0.74 ->
-    0.56); off in both recipes.
+    touches the liver's edge. Measured in BENCHMARKS.md §5c (200 s: no gain) and §5i (600 s, synthetic CT:
+    bright lesions drawn better, per-case tumour Dice +0.024 with an interval that includes 0, lesion
+    precision 0.74 -> 0.55); off in both recipes.
 
     Args:
         x: (B, C, S, S) images; y: (B, S, S) labels (0 background, 1 liver, 2 tumour) of the centre channel.

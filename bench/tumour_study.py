@@ -76,8 +76,8 @@ ARMS: dict[str, dict] = {
     "default, retrained": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True, "stage2_patch": 64,
                            "stage1_share": 0.2},
     # the default with lesion-contrast augmentation (uh.lesion_contrast: per slice, the lesions' contrast to the
-    # liver scaled by 0.5-1.5 and inverted half the time): §5g's misses are faint lesions, one 22 mL lesion 9 HU
-    # brighter than its liver missed by every model, and the training set holds 18 faint bright lesions
+    # liver scaled by 0.5-1.5 and inverted half the time): §5g's misses are faint lesions, one 22 mL lesion drawn
+    # 12 HU brighter than its liver missed by every model, and the training set holds 18 faint bright lesions
     "64² patches, a fifth, lesion contrast": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
                                               "stage2_patch": 64, "stage1_share": 0.2, "lesion_augment": True},
     # the same with every tumour slice's contrast changed (uh.LESION_AUGMENT's p 1.0, not 0.5: twice the bright
@@ -190,7 +190,9 @@ def run_arm(arm: str, seed: int, seconds: float, batch: int, train_files: list, 
     if roi:
         stages.append(("stage2", uh.roi_cases(tr), seconds * (1 - share)))
     conf = {name: stage_config(cfg, name) for name, _, _ in stages}
-    with mock.patch.dict(uh.LESION_AUGMENT, cfg.get("lesion_settings", {})):  # the arm's lesion-contrast settings
+    # the arm's lesion-contrast settings, in this process only (uh.train_replicated's spawned workers would not
+    # see them; the study trains with uh.train)
+    with mock.patch.dict(uh.LESION_AUGMENT, cfg.get("lesion_settings", {})):
         steps = {name: steps_for(sec, cases, conf[name], seed, batch, base, out / "calibration")
                  for name, cases, sec in stages}
         t0 = time.perf_counter()
@@ -201,7 +203,8 @@ def run_arm(arm: str, seed: int, seconds: float, batch: int, train_files: list, 
         train_s = time.perf_counter() - t0
     row = score(arm, seed, "validation", models, roi, va)
     row.update(seconds_budget=seconds, train_seconds=train_s, steps=steps, batch=batch, roi_size=roi,
-               real_ct_liver_dice=real_ct_liver_dice(arm, models, roi), calibration_steps=CALIBRATION_STEPS)
+               real_ct_liver_dice=real_ct_liver_dice(arm, models, roi), calibration_steps=CALIBRATION_STEPS,
+               lesion_settings=cfg.get("lesion_settings", {}))
     return row
 
 

@@ -204,11 +204,15 @@ def test_arm_lesion_settings_hold_only_while_the_arm_trains(work, tmp_path, monk
         seen.append(("calibrate", tumour_study.uh.LESION_AUGMENT["p"]))
         return 8
 
+    monkeypatch.setattr(tumour_study.uh, "LESION_AUGMENT", dict(tumour_study.uh.LESION_AUGMENT))  # a failure leaks not
     monkeypatch.setattr(tumour_study, "fit", fake_fit)
     monkeypatch.setattr(tumour_study, "steps_for", fake_steps)
     monkeypatch.setitem(tumour_study.BASE, "image_size", 32)
-    tumour_study.main(["--arms", "lesion contrast on every tumour slice", "--no-write", "--seconds", "3", "--seeds",
-                       "0", "--batch", "2", "--train-cases", "3", "--val-cases", "2", "--shape", "48", "48", "12",
-                       "--base", "4", "--results", str(tmp_path / "t.json")])
-    assert seen == [("calibrate", 1.0)] * 2 + [("fit", 1.0)] * 2  # both stages, with the arm's p
+    arms = ["lesion contrast on every tumour slice", "64² patches, a fifth, lesion contrast"]
+    rows = tumour_study.main(["--arms", *arms, "--no-write", "--seconds", "3", "--seeds", "0", "--batch", "2",
+                              "--train-cases", "3", "--val-cases", "2", "--shape", "48", "48", "12", "--base", "4",
+                              "--results", str(tmp_path / "t.json")])
+    # both stages of the first arm with its p, then both of the next arm with the library's 0.5
+    assert seen == [("calibrate", 1.0)] * 2 + [("fit", 1.0)] * 2 + [("calibrate", 0.5)] * 2 + [("fit", 0.5)] * 2
     assert tumour_study.uh.LESION_AUGMENT["p"] == 0.5  # the library's own setting is back afterwards
+    assert [r.get("lesion_settings") for r in rows] == [{"p": 1.0}, {}]  # each row records its arm's settings
