@@ -40,6 +40,10 @@ BASE = {"context": 1, "tumor_share": 0.0, "liver_share": 0.0, "empty_fraction": 
 # when the study changes uh.RECIPES["default"]): tumour/liver oversampling, fewer empty slices, post-processing
 OLD_DEFAULT = {"tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2, "postprocess": True}
 WINDOW = {"hu_window": (-50.0, 250.0)}
+# the default of §5g (the recipe default now): the 2.5D cascade, contrast-balanced tumour draws, stage 2 on 64²
+# windows with four fifths of the budget; the arms from §5h on change one thing of it
+DEFAULT_5G = {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True, "stage2_patch": 64,
+              "stage1_share": 0.2}
 ARMS: dict[str, dict] = {
     "baseline": {},
     "default": OLD_DEFAULT,
@@ -57,38 +61,26 @@ ARMS: dict[str, dict] = {
                                                     "stage2_patch": 96},
     "contrast-balanced + stage 2 on 64² patches": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
                                                     "stage2_patch": 64},
-    "stage 2 on 64² patches, stage 1 a fifth": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
-                                                "stage2_patch": 64, "stage1_share": 0.2},
+    "stage 2 on 64² patches, stage 1 a fifth": DEFAULT_5G,
     # stage 2's U-Net one level shallower (depth 3): on 64² windows its deepest level works on 4² maps with most of
     # the weights, so dropping it makes a step cheaper (bench_train.py depths(), BENCHMARKS.md §2)
-    "stage 2 of depth 3 on 64² patches, stage 1 a fifth": {**OLD_DEFAULT, "cascade": True, "context": 3,
-                                                           "lesion_balance": True, "stage2_patch": 64,
-                                                           "stage1_share": 0.2, "stage2_depth": 3},
-    "stage 2 on 64² patches, stage 1 a tenth": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
-                                                "stage2_patch": 64, "stage1_share": 0.1},
+    "stage 2 of depth 3 on 64² patches, stage 1 a fifth": {**DEFAULT_5G, "stage2_depth": 3},
+    "stage 2 on 64² patches, stage 1 a tenth": {**DEFAULT_5G, "stage1_share": 0.1},
     # stage 2 starts from stage 1's final weights instead of random ones (same network; stage 1 saw the same
     # anatomy at half the resolution), so that stage 1's fifth of the budget also serves stage 2
-    "64² patches, a fifth, stage 2 from stage 1's weights": {**OLD_DEFAULT, "cascade": True, "context": 3,
-                                                             "lesion_balance": True, "stage2_patch": 64,
-                                                             "stage1_share": 0.2, "stage2_init": "stage1"},
+    "64² patches, a fifth, stage 2 from stage 1's weights": {**DEFAULT_5G, "stage2_init": "stage1"},
     # the default once more, as a control trained beside the arms above (same calibration, same days): §5g found
     # two runs of one recipe differing by more than their seeds' spread
-    "default, retrained": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True, "stage2_patch": 64,
-                           "stage1_share": 0.2},
+    "default, retrained": DEFAULT_5G,
     # the default with lesion-contrast augmentation (uh.lesion_contrast: per slice, the lesions' contrast to the
     # liver scaled by 0.5-1.5 and inverted half the time): §5g's misses are faint lesions, one 22 mL lesion drawn
     # 12 HU brighter than its liver missed by every model, and the training set holds 18 faint bright lesions
-    "64² patches, a fifth, lesion contrast": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
-                                              "stage2_patch": 64, "stage1_share": 0.2, "lesion_augment": True},
+    "64² patches, a fifth, lesion contrast": {**DEFAULT_5G, "lesion_augment": True},
     # the same with every tumour slice's contrast changed (uh.LESION_AUGMENT's p 1.0, not 0.5: twice the bright
     # lesions made from dark ones), and with the Tversky loss (misses weigh 0.7, false calls 0.3) against the
     # under-called hyperdense lesions
-    "lesion contrast on every tumour slice": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
-                                              "stage2_patch": 64, "stage1_share": 0.2, "lesion_augment": True,
-                                              "lesion_settings": {"p": 1.0}},
-    "lesion contrast, Tversky loss": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
-                                      "stage2_patch": 64, "stage1_share": 0.2, "lesion_augment": True,
-                                      "loss": "tversky_ce"},
+    "lesion contrast on every tumour slice": {**DEFAULT_5G, "lesion_augment": True, "lesion_settings": {"p": 1.0}},
+    "lesion contrast, Tversky loss": {**DEFAULT_5G, "lesion_augment": True, "loss": "tversky_ce"},
 }
 CALIBRATION_STEPS = 30  # steps per timed epoch in steps_for (10 before 2026-11-30)
 SETS = {  # name: (generator seed, lesion size scale, lesion contrast scale)
