@@ -702,3 +702,31 @@ def test_save_prediction_back_to_lps_grid(tmp_path: Path):
     np.testing.assert_array_equal(data, expected)
     np.testing.assert_array_equal(data, label[::-1, ::-1, :])
     assert sorted(p.name for p in out_path.parent.iterdir()) == ["img_pred.nii.gz"]  # no temp file left
+
+
+def test_postprocess_drops_tumour_specks_under_the_floor():
+    pred = np.zeros((10, 10, 4), np.uint8)
+    pred[0:8, 0:8, 0:4] = 1  # liver: one component
+    pred[1, 1, 1] = pred[2, 2, 2] = 2  # one tumour component (corner contact, 26-connected): 2 voxels
+    pred[5:7, 5:7, 1] = 2  # 4 voxels
+    pred[7, 0, 3] = 2  # 1 voxel
+    pred[9, 9, 0] = 1  # a liver island: removed as before
+    spacing = (1.0, 1.0, 100.0)  # 0.1 mL a voxel: tumour of 0.2, 0.4 and 0.1 mL
+    expected = pred.copy()
+    expected[9, 9, 0] = 0
+    np.testing.assert_array_equal(uh.postprocess(pred, spacing), expected)  # no floor: the largest component only
+    expected[1, 1, 1] = expected[2, 2, 2] = expected[7, 0, 3] = 1  # under 0.3 mL: liver
+    np.testing.assert_array_equal(uh.postprocess(pred, spacing, min_tumor_ml=0.3), expected)
+    expected[1, 1, 1] = expected[2, 2, 2] = 2  # 0.2 mL is not under 0.15, nor under 0.2: kept
+    np.testing.assert_array_equal(uh.postprocess(pred, spacing, min_tumor_ml=0.15), expected)
+    np.testing.assert_array_equal(uh.postprocess(pred, spacing, min_tumor_ml=0.2), expected)
+    only = np.zeros_like(pred)
+    only[0, 0, 0] = 2  # a prediction of one tumour voxel and no liver: the speck becomes background
+    np.testing.assert_array_equal(uh.postprocess(only, spacing, min_tumor_ml=0.15), np.zeros_like(pred))
+    with pytest.raises(ValueError, match="spacing"):
+        uh.postprocess(pred, min_tumor_ml=0.1)
+    assert uh.drop_small_tumour(pred, spacing, 0.0) is pred
+
+
+def test_default_recipe_drops_tumour_under_a_tenth_of_a_millilitre():
+    assert uh.recipe("default")["min_tumor_ml"] == 0.1 and uh.recipe("baseline")["min_tumor_ml"] == 0.0

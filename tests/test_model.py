@@ -285,6 +285,15 @@ def test_resume_accepts_a_run_whose_recipe_predates_a_recipe_key(tiny_data, tmp_
              run=uh.run_identity({"RECIPE_SETTINGS": windows}, ["liver_0"], "data"))
 
 
+def test_resume_ignores_the_recipe_keys_used_only_after_training(tiny_data, tmp_path):
+    rec = {"context": 1, "cascade": False, "stage2_patch": None, "stage1_share": None}
+    _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
+    floor = {**rec, "min_tumor_ml": 0.1}  # a post-processing setting: the same training run
+    assert uh.run_identity({"RECIPE_SETTINGS": floor}, ["liver_0"], "data") == uh.run_identity(
+        {"RECIPE_SETTINGS": rec}, ["liver_0"], "data")
+    _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": floor}, ["liver_0"], "data"))
+
+
 def test_resume_fills_the_stage1_share_an_older_run_used(tiny_data, tmp_path):
     """Runs written before ``stage1_share`` existed split the cascade's budget a third / two thirds; a
     one-stage run had no split."""
@@ -543,12 +552,17 @@ def test_liver_box_grows_to_the_stage2_window():
             uh.cascade_epochs(20, bad)
 
 
-def test_cascade_in_evaluate_and_predict_volume(tiny_data, synthetic_dir, tmp_path):
+def test_cascade_in_evaluate_and_predict_volume(tiny_data, synthetic_dir, tmp_path, monkeypatch):
     m, _ = _run(tiny_data, tmp_path / "s1", epochs=1)
     s2 = uh.Stage2(uh.UNet(3, 3, base_channels=4, depth=2), roi_size=32, margin_mm=10)
-    ev = uh.evaluate(m, tiny_data["val_cases"], 3, "cpu", progress=False, stage2=s2)
+    floors = []  # the tumour floor each post-processing received, with the voxel size
+    drop = uh.drop_small_tumour
+    monkeypatch.setattr(uh, "drop_small_tumour", lambda p, sp, ml: floors.append((ml, tuple(sp))) or drop(p, sp, ml))
+    ev = uh.evaluate(m, tiny_data["val_cases"], 3, "cpu", progress=False, stage2=s2, min_tumor_ml=0.1)
     assert len(ev["per_case"]) == 2 and "dice_liver" in ev["summary"]
-    out = uh.predict_volume(m, synthetic_dir / "images" / "liver_4.nii.gz", 32, 3, stage2=s2)
+    assert floors == [(0.1, tuple(c.meta["spacing"])) for c in tiny_data["val_cases"]]
+    out = uh.predict_volume(m, synthetic_dir / "images" / "liver_4.nii.gz", 32, 3, stage2=s2, min_tumor_ml=0.1)
+    assert len(floors) == 3 and floors[-1][0] == 0.1
     assert out.shape == nib.load(str(synthetic_dir / "images" / "liver_4.nii.gz")).shape
     uh.plot_cascade(tiny_data["val_cases"][0], m, s2, 3, "cpu", tmp_path)
     assert (tmp_path / "cascade.png").stat().st_size > 10_000
