@@ -40,8 +40,9 @@ BASE = {"context": 1, "tumor_share": 0.0, "liver_share": 0.0, "empty_fraction": 
 # when the study changes uh.RECIPES["default"]): tumour/liver oversampling, fewer empty slices, post-processing
 OLD_DEFAULT = {"tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2, "postprocess": True}
 WINDOW = {"hu_window": (-50.0, 250.0)}
-# the default of §5g (the recipe default now): the 2.5D cascade, contrast-balanced tumour draws, stage 2 on 64²
-# windows with four fifths of the budget; the arms from §5h on change one thing of it
+# the default of §5g (the recipe default now, but for its tumour floor of §5j, a post-processing step: arms set it
+# with "min_tumor_ml"): the 2.5D cascade, contrast-balanced tumour draws, stage 2 on 64² windows with four fifths
+# of the budget; the arms from §5h on change one thing of it
 DEFAULT_5G = {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True, "stage2_patch": 64,
               "stage1_share": 0.2}
 ARMS: dict[str, dict] = {
@@ -102,9 +103,12 @@ def cached(files: list, cfg: dict, roi: int | None) -> list:
                                  progress=False, roi_size=roi)
 
 
+RUNS = "tumour_runs"  # the folder under WORK that holds the trained networks; main's --runs sets it
+
+
 def run_folder(arm: str, seed: int) -> Path:
-    """Where an arm × seed keeps its networks (``stage1/``, ``stage2/``, ``calibration/``)."""
-    return WORK / "tumour_runs" / f"{arm.replace(' ', '_')}_{seed}"
+    """Where an arm × seed keeps its networks (``stage1/``, ``stage2/``, ``calibration/``), under ``WORK/RUNS``."""
+    return WORK / RUNS / f"{arm.replace(' ', '_')}_{seed}"
 
 
 def train_config(cfg: dict, seed: int, batch: int, steps: int, lr: float = 2e-3) -> uh.TrainConfig:
@@ -218,7 +222,8 @@ def evaluate_arm(arm: str, models: dict, roi: int | None, cases: list, keep_pred
     cfg = {**BASE, **ARMS[arm]}
     stage2 = uh.Stage2(models["stage2"], roi) if "stage2" in models else None
     return uh.evaluate(models["stage1"], cases, cfg["context"], "cpu", postprocess_pred=cfg["postprocess"],
-                       keep_predictions=keep_predictions, progress=False, stage2=stage2)
+                       keep_predictions=keep_predictions, progress=False, stage2=stage2,
+                       min_tumor_ml=cfg.get("min_tumor_ml", 0.0))
 
 
 def score(arm: str, seed: int, set_name: str, models: dict, roi: int | None, cases: list) -> dict:
@@ -426,8 +431,8 @@ def write_tables(rows: list[dict], a: argparse.Namespace, command: str) -> None:
 
 
 def check_trained(arm: str, row: dict, batch: int) -> None:
-    """Raise unless the arm's models on disk are the ones a validation ``row`` trained (the run folders are shared
-    by every results file: a later run of the arm overwrites them)."""
+    """Raise unless the arm's models on disk are the ones a validation ``row`` trained (the run folders under one
+    ``--runs`` are shared by every results file trained there: a later run of the arm overwrites them)."""
     out = run_folder(arm, row["seed"])
     for name, steps in row["steps"].items():
         trained = uh.load_checkpoint(out / name / "last.pt")["train_config"]["steps_per_epoch"]
@@ -504,9 +509,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--shape", type=int, nargs=3, default=[256, 256, 48])
     ap.add_argument("--base", type=int, default=16)
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--runs", default="tumour_runs",
+                    help="folder (under bench/_work) for the trained networks: another budget's runs keep theirs")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--tables", default="tumour_study", help="BENCHMARKS.md block names the tables replace")
     a = ap.parse_args(argv)
+    global RUNS
+    RUNS = a.runs
     setup = {"seconds": a.seconds, "batch": a.batch, "train_cases": a.train_cases, "val_cases": a.val_cases,
              "kept_cases": a.kept_cases, "shape": list(a.shape), "base": a.base}
     rows = load(a.results)

@@ -16,6 +16,7 @@ import bench_infer  # noqa: E402
 import bench_preprocess  # noqa: E402
 import bench_train  # noqa: E402
 import common  # noqa: E402
+import inference_probe  # noqa: E402
 import recipe_study  # noqa: E402
 import tumour_bias  # noqa: E402
 import tumour_study  # noqa: E402
@@ -91,9 +92,14 @@ def test_paired_comparison_of_arms():
 def test_tiny_tumour_study_budget_fair_and_kept_aside(work, tmp_path, monkeypatch):
     out = tmp_path / "tumour.json"
     common_args = ["--seconds", "3", "--seeds", "0", "--batch", "2", "--train-cases", "3", "--val-cases", "2",
-                   "--kept-cases", "2", "--shape", "48", "48", "12", "--base", "4", "--results", str(out)]
+                   "--kept-cases", "2", "--shape", "48", "48", "12", "--base", "4", "--results", str(out),
+                   "--runs", "runs_3s"]
     monkeypatch.setitem(tumour_study.BASE, "image_size", 32)
+    monkeypatch.setattr(tumour_study, "RUNS", tumour_study.RUNS)  # main sets it; restored after the test
     rows = tumour_study.main(["--arms", "baseline", "default + liver-box cascade", "--no-write", *common_args])
+    # the networks are kept in the folder --runs names, not in the default one (another budget's runs stay)
+    assert (tmp_path / "runs_3s" / "default_+_liver-box_cascade_0" / "stage2" / "last.pt").is_file()
+    assert not (tmp_path / "tumour_runs").exists()
     by_arm = {r["arm"]: r for r in rows}
     assert set(by_arm) == {"baseline", "default + liver-box cascade"}
     assert list(by_arm["baseline"]["steps"]) == ["stage1"]
@@ -120,6 +126,28 @@ def test_tiny_tumour_study_budget_fair_and_kept_aside(work, tmp_path, monkeypatc
     assert tables["tumour_study_contrast"].count("default + liver-box cascade") == 2
     with pytest.raises(ValueError, match="other settings"):  # resuming never mixes runs of another budget
         tumour_study.main([*common_args[:1], "7", *common_args[2:], "--no-write"])
+    # the inference probe, with no view and no floor, scores the cascade's final models as the study did
+    calls, forward = [], inference_probe.ViewAverage.forward  # the floors the probe applies, the views it runs
+    drop = inference_probe.uh.drop_small_tumour
+    monkeypatch.setattr(inference_probe.uh, "drop_small_tumour", lambda p, sp, ml: calls.append(ml) or drop(p, sp, ml))
+    monkeypatch.setattr(inference_probe.ViewAverage, "forward", lambda m, x: calls.append(m.view) or forward(m, x))
+    probe, _ = inference_probe.run("default + liver-box cascade", [0], out, views=("none", "shift"), floors=(0.0, 0.1))
+    assert calls[:4] == [0.0, 0.0, 0.1, 0.1] and "shift" in calls and calls[-2:] == [0.1, 0.1]  # 2 cases each
+    assert [(r["view"], r["min_tumor_ml"]) for r in probe] == [("none", 0.0), ("none", 0.1), ("shift", 0.0),
+                                                               ("shift", 0.1)]
+    study = by_arm["default + liver-box cascade"]["summary"]
+    for key in ("dice_tumor", "dice_tumor_global", "lesion_recall", "lesion_precision", "fp_tumor_ml_tumor_free_cases"):
+        assert probe[0][key] == pytest.approx(study[key], nan_ok=True), key
+    argv = ["--arms", "default + liver-box cascade", "--study", str(out), "--seeds", "0", "--views", "none", "--floors",
+            "0", "0.1", "--runs", "runs_3s", "--results", str(tmp_path / "probe.json"), "--no-write"]
+    inference_probe.main(argv)
+    kept = inference_probe.main([*argv[:-5], "--set", "kept-aside", *argv[-5:]])
+    again = inference_probe.main(argv)  # measured again: replaces its rows, keeps the kept-aside ones
+    assert [(r["set"], r["min_tumor_ml"]) for r in again] == [("kept-aside", 0.0), ("kept-aside", 0.1),
+                                                               ("validation", 0.0), ("validation", 0.1)]
+    assert [inference_probe.key(r) for r in again[:2]] == [inference_probe.key(r) for r in kept[2:]]
+    assert again[2]["dice_tumor"] == pytest.approx(study["dice_tumor"], nan_ok=True)
+    assert inference_probe.table(again).count("\n| ") == 4  # rows read back (NaN stored as null) make a table
 
 
 def test_gpu_bench_runs_the_product_step_on_cpu(work):
@@ -216,3 +244,26 @@ def test_arm_lesion_settings_hold_only_while_the_arm_trains(work, tmp_path, monk
     assert seen == [("calibrate", 1.0)] * 2 + [("fit", 1.0)] * 2 + [("calibrate", 0.5)] * 2 + [("fit", 0.5)] * 2
     assert tumour_study.uh.LESION_AUGMENT["p"] == 0.5  # the library's own setting is back afterwards
     assert [r.get("lesion_settings") for r in rows] == [{"p": 1.0}, {}]  # each row records its arm's settings
+
+
+def test_view_average_maps_every_view_back():
+    torch.manual_seed(0)
+    pointwise = torch.nn.Conv2d(3, 3, 1)  # each pixel's logits from that pixel alone
+    x = torch.rand(2, 3, 128, 128)  # scaled views of 112² and 144²
+    plain = torch.log_softmax(pointwise(x), 1)
+    for view in ("shift", "flip"):  # a view mapped back lands on its own pixels: the average is the plain softmax
+        assert torch.allclose(inference_probe.ViewAverage(pointwise, view)(x), plain, atol=1e-5), view
+    flat = torch.full((1, 3, 32, 32), 0.3)  # resizing a constant image changes nothing
+    assert torch.allclose(inference_probe.ViewAverage(pointwise, "scale")(flat), torch.log_softmax(pointwise(flat), 1),
+                          atol=1e-5)
+
+    def placed(t):  # logits that depend on where a pixel lies: its views are not the plain output moved
+        ramp = torch.linspace(0, 3, t.shape[-1]).view(1, 1, 1, -1)
+        return pointwise(t) + ramp * torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)
+
+    for view in ("shift", "flip", "scale"):
+        assert not torch.allclose(inference_probe.ViewAverage(placed, view)(x), torch.log_softmax(placed(x), 1),
+                                  atol=1e-3), view
+    with pytest.raises(ValueError, match="view must be one of"):
+        inference_probe.ViewAverage(pointwise, "rotate")
+
