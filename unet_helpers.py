@@ -2700,11 +2700,17 @@ def _score_with_raw(raw: np.ndarray, final: np.ndarray, truth: np.ndarray, spaci
     row = score_case(final, truth, spacing, lesions)
     raw_row = overlap_scores(raw, truth, spacing) if raw is not final else row
     row.update({f"{k}_raw": raw_row[k] for k in RAW_KEYS})
-    for suffix, pred in (("", final), ("_raw", raw)):
-        for key, masks in POOLED_KEYS.items():
-            tp, fp, fn = overlap_counts(*masks(pred, truth))
-            pooled.setdefault(key + suffix, np.zeros(2))[:] += [2 * tp, 2 * tp + fp + fn]
+    pool_counts(pooled, final, truth)
+    pool_counts(pooled, raw, truth, "_raw")
     return row
+
+
+def pool_counts(pooled: dict, pred: np.ndarray, truth: np.ndarray, suffix: str = "") -> None:
+    """Add one case to ``pooled[name + suffix]``, ``[2 tp, 2 tp + fp + fn]`` for each of :data:`POOLED_KEYS`
+    (global Dice: :func:`summarize` divides the two)."""
+    for key, masks in POOLED_KEYS.items():
+        tp, fp, fn = overlap_counts(*masks(pred, truth))
+        pooled.setdefault(key + suffix, np.zeros(2))[:] += [2 * tp, 2 * tp + fp + fn]
 
 
 def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, device: torch.device | str,

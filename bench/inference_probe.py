@@ -96,9 +96,7 @@ def summary(preds: dict[str, np.ndarray], cases: list) -> dict:
         pred, truth, spacing = preds[c.case_id], c.label_full, c.meta["spacing"]
         rows.append({**uh.overlap_scores(pred, truth, spacing), **dict.fromkeys(DISTANCES, float("nan"))})
         lesions.append(uh.lesion_detection(pred, truth, spacing))
-        for name, masks in uh.POOLED_KEYS.items():  # as uh.evaluate pools them
-            tp, fp, fn = uh.overlap_counts(*masks(pred, truth))
-            pooled.setdefault(name, np.zeros(2))[:] += [2 * tp, 2 * tp + fp + fn]
+        uh.pool_counts(pooled, pred, truth)
     s = uh.summarize(rows, pooled, lesions)
     return {k: s[k] for k in KEYS}
 
