@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import tumour_study as ts
 from common import ROOT, md_table, stamp, write_table
 from recipe_study import load, save
-from tumour_bias import KEYS, study_row
+from tumour_bias import KEYS, study_cases, trained_models
 
 import unet_helpers as uh
 
@@ -111,14 +111,10 @@ def run(arm: str, seeds: Sequence[int], study: Path = STUDY, views: Sequence[str
     Returns:
         (one row per seed, view and floor, the study's setup).
     """
-    setup = study_row(study, arm, seeds[0])["setup"]
-    n = setup["val_cases"] if set_name == "validation" else setup["kept_cases"]
-    files = ts.dataset(set_name, n, setup["shape"])
-    cases = ts.cached(files, {**ts.BASE, **ts.ARMS[arm]}, None)
+    setup, cases = study_cases(study, arm, seeds[0], set_name)
     rows = []
     for seed in seeds:
-        roi = study_row(study, arm, seed)["roi_size"]
-        models = ts.load_models(arm, seed, setup["base"])
+        roi, models = trained_models(study, arm, seed)
         for view in views:
             stage2 = models["stage2"] if view == "none" else ViewAverage(models["stage2"], view)
             preds = ts.evaluate_arm(arm, {**models, "stage2": stage2}, roi, cases, keep_predictions=True)["predictions"]

@@ -54,19 +54,29 @@ def study_row(study: Path, arm: str, seed: int) -> dict:
     return rows[0]
 
 
+def study_cases(study: Path, arm: str, seed: int, set_name: str = "validation") -> tuple[dict, list]:
+    """The study's setup (from ``arm`` × ``seed``'s row) and the cached cases of one of its sets."""
+    setup = study_row(study, arm, seed)["setup"]
+    n = setup["val_cases"] if set_name == "validation" else setup["kept_cases"]
+    return setup, ts.cached(ts.dataset(set_name, n, setup["shape"]), {**ts.BASE, **ts.ARMS[arm]}, None)
+
+
+def trained_models(study: Path, arm: str, seed: int) -> tuple[int, dict]:
+    """``arm`` × ``seed``'s liver-box size and final networks, checked against its row (:func:`study_row`)."""
+    row = study_row(study, arm, seed)
+    return row["roi_size"], ts.load_models(arm, seed, row["setup"]["base"])
+
+
 def run(arm: str, seeds: list[int], biases: list[float], study: Path = STUDY) -> tuple[list[dict], dict]:
     """Score the arm's final models of each seed with each tumour-logit bias on the study's validation set.
 
     Returns:
         (one row per seed and bias, the study's setup).
     """
-    setup = study_row(study, arm, seeds[0])["setup"]
-    files = ts.dataset("validation", setup["val_cases"], setup["shape"])
-    cases = ts.cached(files, {**ts.BASE, **ts.ARMS[arm]}, None)
+    setup, cases = study_cases(study, arm, seeds[0])
     rows = []
     for seed in seeds:
-        roi = study_row(study, arm, seed)["roi_size"]
-        models = ts.load_models(arm, seed, setup["base"])
+        roi, models = trained_models(study, arm, seed)
         for b in biases:
             ev = ts.evaluate_arm(arm, {**models, "stage2": TumourBias(models["stage2"], b)}, roi, cases)
             rows.append({"arm": arm, "seed": seed, "bias": b, **{k: ev["summary"][k] for k in KEYS}})
