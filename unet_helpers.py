@@ -1446,6 +1446,7 @@ STRONG_AUGMENT = {"contrast": 0.25, "gamma": 0.4}  # nnU-Net-like ranges: contra
 # lesion contrast: in half the slices with tumour, the lesions' mean difference from the liver is multiplied by
 # 0.5-1.5, with its sign flipped half the time (hypodense <-> hyperdense); texture and rim are kept
 LESION_AUGMENT = {"p": 0.5, "magnitude": (0.5, 1.5), "flip": 0.5}
+MIRROR_P = 0.5  # stage 2's mirroring: each window flipped left-right, and independently up-down, with this chance
 
 
 def _affine_grid(rand: Any, on: torch.Tensor, shape: Sequence[int], rotate_deg: float,
@@ -1463,11 +1464,12 @@ def _affine_grid(rand: Any, on: torch.Tensor, shape: Sequence[int], rotate_deg: 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
                   rotate_deg: float = 12.0, scale: tuple[float, float] = (0.85, 1.15), translate: float = 0.04,
                   intensity: float = 0.1, noise: float = 0.03, p: float = 0.8, contrast: float = 0.0,
-                  gamma: float = 0.0, lesion: dict | None = None,
-                  window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  gamma: float = 0.0, lesion: dict | None = None, window: int | None = None,
+                  mirror: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random rotation/scaling/shift, intensity shift/scale and Gaussian noise, on x's device.
 
-    No left-right flip: it would break the prior that the liver lies on the patient's right.
+    No mirroring by default: on whole slices it would break the prior that the liver lies on the patient's
+    right. Stage 2 of the cascade sees windows inside the liver box, where no such prior holds (``mirror``).
 
     Args:
         x: (B, C, S, S) float images in [0, 1]; y: (B, S, S) long labels.
@@ -1484,6 +1486,9 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
             image is warped there alone). Without noise, contrast, gamma and lesion, the same pixels as
             :func:`random_patches` applied to this function's whole-slice output; those four are then drawn
             and measured on the window.
+        mirror: > 0 flips each sample left-right with this probability, and independently up-down (image
+            and labels alike; :data:`MIRROR_P`, ``TrainConfig.mirror``); 0 draws nothing, so the other draws
+            are those of a run without it.
 
     Returns:
         (augmented x, y): (B, C, S, S) and (B, S, S), or (B, C, window, window) and (B, window, window).
@@ -1495,6 +1500,8 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
 
     on = (rand(b) < p).float()
     grid = _affine_grid(rand, on, x.shape, rotate_deg, scale, translate)
+    if mirror > 0:  # a mirrored sampling grid: output pixel i reads input W-1-i (align_corners=False)
+        grid = grid * torch.where(rand(b, 1, 1, 2) < mirror, -1.0, 1.0)
     y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="border",
                       align_corners=False)[:, 0].long()
     gain = 1 + (rand(b, 1, 1, 1) * 2 - 1) * intensity * on.view(b, 1, 1, 1)
@@ -1814,6 +1821,7 @@ class TrainConfig:
     augment: bool = True                # rotation/scale/intensity/noise on the device
     strong_augment: bool = False        # also contrast and gamma (STRONG_AUGMENT), against memorised lesion looks
     lesion_augment: bool = False        # also the lesions' contrast to the liver (LESION_AUGMENT, lesion_contrast)
+    mirror: bool = False                # also flip left-right and up-down (MIRROR_P each); stage 2's windows only
     lesion_balance: bool = False        # tumour draws balanced over lesion contrast groups (lesion_contrast_groups)
     patch_size: int | None = None       # train on random windows this wide (augment_batch's window); None: whole slices
     amp: bool = True                    # mixed precision on CUDA (bf16 where supported, else fp16)
@@ -2016,7 +2024,8 @@ def train_epoch(state: TrainState, data: SliceSet, batches: list[np.ndarray], cf
     for step, (x, y) in enumerate(bar):
         if cfg.augment:  # with stage 2's windows: cut inside the augmentation, which then warps only them
             x, y = augment_batch(x, y, generator=gen, lesion=LESION_AUGMENT if cfg.lesion_augment else None,
-                                 window=cfg.patch_size, **(STRONG_AUGMENT if cfg.strong_augment else {}))
+                                 window=cfg.patch_size, mirror=MIRROR_P if cfg.mirror else 0.0,
+                                 **(STRONG_AUGMENT if cfg.strong_augment else {}))
         elif cfg.patch_size:
             x, y = random_patches(x, y, cfg.patch_size, generator=gen)
         loss, parts = train_step(state, x.contiguous(memory_format=state.memory_format), y, cfg.grad_clip)

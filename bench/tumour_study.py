@@ -85,6 +85,10 @@ ARMS: dict[str, dict] = {
     # the default with nnU-Net-like intensity augmentation (uh.STRONG_AUGMENT: contrast x0.75-1.25, gamma 0.67-1.49):
     # §5j found its models fitting their training cases far better than new ones and not helped by more steps
     "64² patches, a fifth, strong intensity augmentation": {**DEFAULT_5G, "strong_augment": True},
+    # §5k: stage 2's windows mirrored left-right and up-down (nnU-Net mirrors on every axis); the liver-on-the-right
+    # prior that forbids it on whole slices does not hold inside the liver box, and the default overfits (§5j)
+    "64² patches, a fifth, mirrored stage 2": {**DEFAULT_5G, "stage2_mirror": True},
+    "lesion contrast, mirrored stage 2": {**DEFAULT_5G, "lesion_augment": True, "stage2_mirror": True},
 }
 CALIBRATION_STEPS = 30  # steps per timed epoch in steps_for (10 before 2026-11-30)
 SETS = {  # name: (generator seed, lesion size scale, lesion contrast scale)
@@ -119,7 +123,7 @@ def train_config(cfg: dict, seed: int, batch: int, steps: int, lr: float = 2e-3)
     return uh.TrainConfig(epochs=4, batch_size=batch, lr=lr, steps_per_epoch=max(1, steps // 4), seed=seed,
                           tumor_share=cfg["tumor_share"], liver_share=cfg["liver_share"], loss=cfg["loss"],
                           strong_augment=cfg.get("strong_augment", False),
-                          lesion_augment=cfg.get("lesion_augment", False),
+                          lesion_augment=cfg.get("lesion_augment", False), mirror=cfg.get("mirror", False),
                           lesion_balance=cfg.get("lesion_balance", False), patch_size=cfg.get("patch"))
 
 
@@ -172,7 +176,7 @@ def stage_config(cfg: dict, name: str) -> dict:
     """An arm's settings for one stage: stage 2 takes the arm's window (``stage2_patch``) and depth."""
     stage2 = name == "stage2"
     return {**cfg, "patch": cfg.get("stage2_patch") if stage2 else None,
-            "depth": cfg.get("stage2_depth") if stage2 else None}
+            "depth": cfg.get("stage2_depth") if stage2 else None, "mirror": stage2 and cfg.get("stage2_mirror", False)}
 
 
 def run_arm(arm: str, seed: int, seconds: float, batch: int, train_files: list, val_files: list,

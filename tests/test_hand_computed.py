@@ -77,6 +77,28 @@ def test_contrast_and_gamma_augmentation_by_their_definitions():
     assert torch.allclose(plain, x, atol=1e-6)  # everything off: the image passes unchanged
 
 
+def test_mirroring_flips_image_and_labels_exactly():
+    """``mirror=1`` with no other change: every sample flipped left-right and up-down, pixel for pixel; with a
+    chance of one half, some samples flipped on one axis only; 0 changes nothing and draws nothing."""
+    x = torch.rand(64, 2, 6, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (64, 6, 8), generator=torch.Generator().manual_seed(1))
+    still = {"rotate_deg": 0.0, "scale": (1.0, 1.0), "translate": 0.0, "intensity": 0.0, "noise": 0.0, "p": 1.0}
+    xm, ym = uh.augment_batch(x, y, torch.Generator().manual_seed(2), mirror=1.0, **still)
+    assert torch.allclose(xm, x.flip(-1).flip(-2), atol=1e-6) and torch.equal(ym, y.flip(-1).flip(-2))
+    xh, yh = uh.augment_batch(x, y, torch.Generator().manual_seed(3), mirror=0.5, **still)
+    kinds = []
+    for i in range(64):  # each sample is one of the four flips of itself, labels flipped with their image
+        for name, f in {"none": lambda t: t, "lr": lambda t: t.flip(-1), "ud": lambda t: t.flip(-2),
+                        "both": lambda t: t.flip(-1).flip(-2)}.items():
+            if torch.allclose(xh[i], f(x[i]), atol=1e-6):
+                assert torch.equal(yh[i], f(y[i]))
+                kinds.append(name)
+                break
+    assert len(kinds) == 64 and set(kinds) == {"none", "lr", "ud", "both"}  # 64 draws: all four (1 - 4 * 0.75^64)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    assert torch.equal(uh.augment_batch(x, y, g1, mirror=0.0)[0], uh.augment_batch(x, y, g2)[0])
+
+
 def test_lesion_contrast_by_hand():
     # 8x8 slices: liver 0.5 in rows/cols 1..6, a 2x2 lesion at rows/cols 3..4 -- 0.3 in slice 0 (d = -0.2),
     # 0.25 in slice 1 (d = -0.25); channel 0 is a neighbour slice: liver 0.6 and its own lesion at 0.2
