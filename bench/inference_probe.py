@@ -77,9 +77,11 @@ class ViewAverage(torch.nn.Module):
                 return lambda t: F.interpolate(t, size=list(to), mode="bilinear", align_corners=False)
             return [same] + [(resize([max(16, round(s * f / 16) * 16) for s in size]), resize(size))
                              for f in (0.875, 1.125)]
-        return [same] + [(lambda t, d=d: t.flip(d), lambda t, d=d: t.flip(d)) for d in ((-1,), (-2,), (-2, -1))]
+        raise ValueError(f"no views of {self.view!r} here: 'flip' is the library's uh.MirrorAverage")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.view == "flip":  # the product's test-time mirroring (uh.Stage2.mirror), not a copy of it
+            return uh.MirrorAverage(self.model)(x)
         probs = [back(torch.softmax(self.model(to(x)).float(), 1)) for to, back in self.views(x.shape[-2:])]
         return torch.log(torch.stack(probs).mean(0).clamp_min(1e-8))
 
@@ -117,7 +119,8 @@ def run(arm: str, seeds: Sequence[int], study: Path = STUDY, views: Sequence[str
         roi, models = trained_models(study, arm, seed)
         for view in views:
             stage2 = models["stage2"] if view == "none" else ViewAverage(models["stage2"], view)
-            preds = ts.evaluate_arm(arm, {**models, "stage2": stage2}, roi, cases, keep_predictions=True)["predictions"]
+            preds = ts.evaluate_arm(arm, {**models, "stage2": stage2}, roi, cases, keep_predictions=True,
+                                    mirror=False)["predictions"]  # the views are the probe's: none means none
             for floor in floors:
                 kept = {c.case_id: uh.drop_small_tumour(preds[c.case_id], c.meta["spacing"], floor) for c in cases}
                 rows.append({"study": study.name, "set": set_name, "arm": arm, "seed": seed, "view": view,

@@ -86,7 +86,8 @@ ARMS: dict[str, dict] = {
     # §5j found its models fitting their training cases far better than new ones and not helped by more steps
     "64² patches, a fifth, strong intensity augmentation": {**DEFAULT_5G, "strong_augment": True},
     # §5k: stage 2's windows mirrored left-right and up-down (nnU-Net mirrors on every axis); the liver-on-the-right
-    # prior that forbids it on whole slices does not hold inside the liver box, and the default overfits (§5j)
+    # prior that forbids it on whole slices does not hold inside the liver box, and the default overfits (§5j).
+    # Scored with stage 2 averaged over the box and its mirrors (stage2_of; rescored so on 2026-11-30)
     "64² patches, a fifth, mirrored stage 2": {**DEFAULT_5G, "stage2_mirror": True},
     "lesion contrast, mirrored stage 2": {**DEFAULT_5G, "lesion_augment": True, "stage2_mirror": True},
 }
@@ -224,10 +225,21 @@ def load_models(arm: str, seed: int, base: int = 16) -> dict:
     return models
 
 
-def evaluate_arm(arm: str, models: dict, roi: int | None, cases: list, keep_predictions: bool = False) -> dict:
-    """``uh.evaluate`` of an arm's final models on cached cases: its context, stage 2 and post-processing."""
+def stage2_of(arm: str, models: dict, roi: int | None, mirror: bool | None = None) -> uh.Stage2 | None:
+    """The arm's stage 2 at inference (None without a cascade): averaged over mirrored boxes where the arm trains
+    on mirrored windows (``stage2_mirror``, as the recipe does), or as ``mirror`` says where not None."""
+    if "stage2" not in models:
+        return None
+    mirror = ARMS[arm].get("stage2_mirror", False) if mirror is None else mirror
+    return uh.Stage2(models["stage2"], roi, mirror=mirror)
+
+
+def evaluate_arm(arm: str, models: dict, roi: int | None, cases: list, keep_predictions: bool = False,
+                 mirror: bool | None = None) -> dict:
+    """``uh.evaluate`` of an arm's final models on cached cases: its context, stage 2 (``mirror``: see
+    :func:`stage2_of`) and post-processing."""
     cfg = {**BASE, **ARMS[arm]}
-    stage2 = uh.Stage2(models["stage2"], roi) if "stage2" in models else None
+    stage2 = stage2_of(arm, models, roi, mirror)
     return uh.evaluate(models["stage1"], cases, cfg["context"], "cpu", postprocess_pred=cfg["postprocess"],
                        keep_predictions=keep_predictions, progress=False, stage2=stage2,
                        min_tumor_ml=cfg.get("min_tumor_ml", 0.0))
@@ -276,7 +288,7 @@ def real_ct_liver_dice(arm: str, models: dict, roi: int | None) -> float | None:
     if not image.exists():
         return None
     cfg = {**BASE, **ARMS[arm]}
-    stage2 = uh.Stage2(models["stage2"], roi) if "stage2" in models else None
+    stage2 = stage2_of(arm, models, roi)
     pred = uh.predict_volume(models["stage1"], image, cfg["image_size"], cfg["context"], cfg["hu_window"],
                              postprocess_pred=cfg["postprocess"], stage2=stage2)
     truth = np.asanyarray(nib.load(str(mask)).dataobj) > 0.5  # both in the file's own voxel order

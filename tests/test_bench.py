@@ -221,6 +221,23 @@ def test_new_arms_build_and_start_their_stages(work):
     assert not torch.equal(fresh.inc[0].weight, one.inc[0].weight)
 
 
+def test_mirrored_arms_mirror_stage_2_only_and_are_scored_mirrored():
+    """``stage2_mirror`` trains stage 2 (not stage 1) on mirrored windows and scores the arm with stage 2
+    averaged over mirrors; the inference probe can still ask for a plain stage 2."""
+    arm = "lesion contrast, mirrored stage 2"
+    cfg = {**tumour_study.BASE, **tumour_study.ARMS[arm]}
+    tc = {name: tumour_study.train_config(tumour_study.stage_config(cfg, name), 0, 8, 40)
+          for name in ("stage1", "stage2")}
+    assert tc["stage2"].mirror and not tc["stage1"].mirror and tc["stage2"].lesion_augment
+    plain = {**tumour_study.BASE, **tumour_study.ARMS["stage 2 on 64² patches, stage 1 a fifth"]}
+    assert not tumour_study.train_config(tumour_study.stage_config(plain, "stage2"), 0, 8, 40).mirror
+    models = {"stage1": torch.nn.Identity(), "stage2": torch.nn.Identity()}
+    assert tumour_study.stage2_of(arm, models, 160).mirror
+    assert not tumour_study.stage2_of(arm, models, 160, mirror=False).mirror
+    assert not tumour_study.stage2_of("stage 2 on 64² patches, stage 1 a fifth", models, 160).mirror
+    assert tumour_study.stage2_of("baseline", {"stage1": torch.nn.Identity()}, None) is None
+
+
 def test_arm_lesion_settings_hold_only_while_the_arm_trains(work, tmp_path, monkeypatch):
     seen = []
 

@@ -569,6 +569,7 @@ def test_resolve_settings_presets_and_recipe():
     assert s["ROI_SIZE"] == 160 and s["PATCH_SIZE"] == 64 and any(n.startswith("PATCH_SIZE = 64") for n in notes)
     assert s["RECIPE_SETTINGS"]["stage2_patch"] == 0.4 and s["CASCADE_CORE_MM"] == uh.CASCADE_CORE_MM == 2.0
     assert s["RECIPE_SETTINGS"]["stage1_share"] == 0.2  # and stage 1 a fifth of the epochs: 20 -> 4 + 16
+    assert s["RECIPE_SETTINGS"]["stage2_mirror"] and s["RECIPE_SETTINGS"]["lesion_augment"]  # §5k
     assert any("stage 1 (liver box) trains 4 epochs, stage 2 (liver box at native resolution) 16" in n for n in notes)
     s, _ = uh.resolve_settings({**base, "DEPTH": 5}, torch.device("cpu"), False, (512, 512, 48))
     assert s["ROI_SIZE"] == 320 and s["PATCH_SIZE"] == 128  # 0.4 x 320 = 128 = 4 x 32
@@ -583,6 +584,7 @@ def test_resolve_settings_presets_and_recipe():
                                    (256, 256, 48))
     assert s["PATCH_SIZE"] is None and s["RECIPE_SETTINGS"]["stage2_patch"] is None  # no stage 2, no windows
     assert s["RECIPE_SETTINGS"]["stage1_share"] is None  # one stage: no split
+    assert s["RECIPE_SETTINGS"]["stage2_mirror"] is False  # and no stage 2 to mirror
     assert any("is unused" in n for n in notes)
     s, _ = uh.resolve_settings({**base, "RECIPE": "baseline", "CASCADE": True}, torch.device("cpu"), False,
                                (256, 256, 48))

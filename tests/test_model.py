@@ -273,7 +273,8 @@ def test_resume_accepts_a_checkpoint_written_before_a_setting_existed(tiny_data,
 
 
 def test_resume_accepts_a_run_whose_recipe_predates_a_recipe_key(tiny_data, tmp_path):
-    rec = {"context": 1, "cascade": False, "stage2_patch": None, "stage1_share": None}
+    rec = {"context": 1, "cascade": False, "stage2_patch": None, "stage1_share": None,
+           "stage2_mirror": False}
     _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
     ck = uh.load_checkpoint(tmp_path / "x" / "last.pt")
     del ck["run"]["RECIPE_SETTINGS"]["stage2_patch"]  # written before the key existed: it meant whole boxes
@@ -286,7 +287,8 @@ def test_resume_accepts_a_run_whose_recipe_predates_a_recipe_key(tiny_data, tmp_
 
 
 def test_resume_ignores_the_recipe_keys_used_only_after_training(tiny_data, tmp_path):
-    rec = {"context": 1, "cascade": False, "stage2_patch": None, "stage1_share": None}
+    rec = {"context": 1, "cascade": False, "stage2_patch": None, "stage1_share": None,
+           "stage2_mirror": False}
     _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
     floor = {**rec, "min_tumor_ml": 0.1}  # a post-processing setting: the same training run
     assert uh.run_identity({"RECIPE_SETTINGS": floor}, ["liver_0"], "data") == uh.run_identity(
@@ -294,11 +296,25 @@ def test_resume_ignores_the_recipe_keys_used_only_after_training(tiny_data, tmp_
     _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": floor}, ["liver_0"], "data"))
 
 
+def test_resume_fills_the_stage2_mirror_an_older_run_used(tiny_data, tmp_path):
+    """Runs written before ``stage2_mirror`` existed never mirrored: they resume as such, and a mirrored run
+    (today's default) is refused."""
+    rec = {"context": 3, "cascade": True, "stage2_patch": 0.4, "stage1_share": 0.2, "stage2_mirror": False}
+    _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
+    ck = uh.load_checkpoint(tmp_path / "x" / "last.pt")
+    del ck["run"]["RECIPE_SETTINGS"]["stage2_mirror"]
+    torch.save(ck, tmp_path / "x" / "last.pt")
+    _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
+    with pytest.raises(ValueError, match="'stage2_mirror': False.*-> .*'stage2_mirror': True"):
+        _run(tiny_data, tmp_path / "x", epochs=1,
+             run=uh.run_identity({"RECIPE_SETTINGS": {**rec, "stage2_mirror": True}}, ["liver_0"], "data"))
+
+
 def test_resume_fills_the_stage1_share_an_older_run_used(tiny_data, tmp_path):
     """Runs written before ``stage1_share`` existed split the cascade's budget a third / two thirds; a
     one-stage run had no split."""
     for cascade, meant in ((True, 1 / 3), (False, None)):
-        rec = {"context": 3, "cascade": cascade, "stage2_patch": None, "stage1_share": meant}
+        rec = {"context": 3, "cascade": cascade, "stage2_patch": None, "stage1_share": meant, "stage2_mirror": False}
         out = tmp_path / str(cascade)
         _run(tiny_data, out, epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
         ck = uh.load_checkpoint(out / "last.pt")
@@ -461,6 +477,41 @@ def test_predict_cascade_pastes_at_full_resolution():
     assert out[:20].sum() == 0  # background outside the box
     empty = np.zeros_like(coarse)
     assert uh.predict_cascade(empty, full, (1, 1, 1), uh.Stage2(_Threshold(), 64), 1, "cpu").sum() == 0
+
+
+class _TumourOnTheLeft(torch.nn.Module):
+    """A stand-in stage 2 that ignores its input: tumour (logit 50) in the left half of every box (columns
+    < W/2), the three classes equal elsewhere."""
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], 3, *x.shape[-2:])
+        out[:, 2, :, : x.shape[-1] // 2] = 50.0
+        return out
+
+
+def test_mirror_average_by_hand():
+    """Over the box and its mirrors, every pixel sees the tumour half in two of four views: softmax tumour
+    (1 + 1/3 + 1 + 1/3) / 4 = 2/3, background and liver (0 + 1/3 + 0 + 1/3) / 4 = 1/6 each (e^-50 ignored)."""
+    x = torch.rand(2, 3, 6, 8)
+    out = uh.MirrorAverage(_TumourOnTheLeft())(x)
+    expected = torch.log(torch.tensor([1 / 6, 1 / 6, 2 / 3]))[None, :, None, None].expand(2, 3, 6, 8)
+    assert torch.allclose(out, expected, atol=1e-6)
+    pointwise = torch.nn.Conv2d(3, 3, 1)  # mirror-equivariant: the average is its own softmax
+    assert torch.allclose(uh.MirrorAverage(pointwise)(x), torch.log_softmax(pointwise(x), 1), atol=1e-5)
+
+
+def test_stage2_mirror_reaches_the_cascade():
+    """``Stage2(mirror=True)`` labels the boxes with the mirror average: tumour in the whole box (2/3 > 1/6),
+    not only in its left half; without it, only there."""
+    full = np.zeros((60, 60, 6), np.float32)
+    coarse = np.zeros((60, 60, 6), np.uint8)
+    coarse[20:40, 20:40, 1:5] = 1
+    plain = uh.predict_cascade(coarse, full, (1.0, 1.0, 1.0), uh.Stage2(_TumourOnTheLeft(), 32, 0.0, None), 1, "cpu")
+    mirrored = uh.predict_cascade(coarse, full, (1.0, 1.0, 1.0),
+                                  uh.Stage2(_TumourOnTheLeft(), 32, 0.0, None, mirror=True), 1, "cpu")
+    box = (slice(20, 40), slice(20, 40), slice(1, 5))  # the liver box; roi 32 grows it to 32 pixels in-plane
+    assert (mirrored[box] == 2).all() and 0 < (plain[box] == 2).mean() < 1
+    assert (mirrored == 2).sum() == 32 * 32 * 4 and (plain == 2).sum() == 16 * 32 * 4
 
 
 class _LabelFromIntensity(torch.nn.Module):
