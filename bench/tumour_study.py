@@ -366,7 +366,14 @@ def paired_rows(rows: list[dict]) -> str:
                  ("lesion contrast on every tumour slice", "default, retrained"),
                  ("lesion contrast, Tversky loss", "default, retrained"),
                  ("lesion contrast, Tversky loss", "64² patches, a fifth, lesion contrast"),
-                 ("64² patches, a fifth, lesion contrast", "baseline"), ("default, retrained", "baseline")):
+                 ("64² patches, a fifth, lesion contrast", "baseline"), ("default, retrained", "baseline"),
+                 ("64² patches, a fifth, mirrored stage 2", "stage 2 on 64² patches, stage 1 a fifth"),
+                 ("lesion contrast, mirrored stage 2", "stage 2 on 64² patches, stage 1 a fifth"),
+                 ("lesion contrast, mirrored stage 2", "default, retrained"),
+                 ("lesion contrast, mirrored stage 2", "64² patches, a fifth, lesion contrast"),
+                 ("lesion contrast, mirrored stage 2", "64² patches, a fifth, mirrored stage 2"),
+                 ("64² patches, a fifth, mirrored stage 2", "baseline"),
+                 ("lesion contrast, mirrored stage 2", "baseline")):
         t, liv = paired(val, a, b), paired(val, a, b, "dice_liver_lits")
         if t is None or liv is None:
             continue

@@ -238,6 +238,23 @@ def test_mirrored_arms_mirror_stage_2_only_and_are_scored_mirrored():
     assert tumour_study.stage2_of("baseline", {"stage1": torch.nn.Identity()}, None) is None
 
 
+def test_probe_views_are_its_own_even_for_a_mirrored_arm(monkeypatch):
+    """The probe's "none" is a plain stage 2 and its "flip" the library's mirror average, whatever the arm's own
+    inference (a mirrored arm's stage 2 is not averaged twice)."""
+    seen = []
+    monkeypatch.setattr(inference_probe, "study_cases", lambda study, arm, seed, set_name: ({}, []))
+    monkeypatch.setattr(inference_probe, "trained_models", lambda study, arm, seed: (160, {"stage1": 1, "stage2": 2}))
+    monkeypatch.setattr(inference_probe, "summary", lambda preds, cases: {})
+
+    def evaluate(arm, models, roi, cases, keep_predictions=False, mirror=None):
+        seen.append((models["stage2"] if models["stage2"] == 2 else models["stage2"].view, mirror))
+        return {"predictions": {}}
+
+    monkeypatch.setattr(inference_probe.ts, "evaluate_arm", evaluate)
+    inference_probe.run("lesion contrast, mirrored stage 2", [0], views=("none", "flip"), floors=(0.0,))
+    assert seen == [(2, False), ("flip", False)]
+
+
 def test_arm_lesion_settings_hold_only_while_the_arm_trains(work, tmp_path, monkeypatch):
     seen = []
 

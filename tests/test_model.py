@@ -305,9 +305,22 @@ def test_resume_fills_the_stage2_mirror_an_older_run_used(tiny_data, tmp_path):
     del ck["run"]["RECIPE_SETTINGS"]["stage2_mirror"]
     torch.save(ck, tmp_path / "x" / "last.pt")
     _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
+    assert "stage2_mirror" not in uh.load_checkpoint(tmp_path / "x" / "last.pt")["run"]["RECIPE_SETTINGS"]  # as old
     with pytest.raises(ValueError, match="'stage2_mirror': False.*-> .*'stage2_mirror': True"):
         _run(tiny_data, tmp_path / "x", epochs=1,
              run=uh.run_identity({"RECIPE_SETTINGS": {**rec, "stage2_mirror": True}}, ["liver_0"], "data"))
+
+
+def test_training_mirrors_only_when_its_config_says_so(tiny_data, tmp_path, monkeypatch):
+    """``TrainConfig.mirror`` reaches the augmentation of every step as ``MIRROR_P``; off, as 0."""
+    seen, augment = [], uh.augment_batch
+    monkeypatch.setattr(uh, "augment_batch", lambda *a, **k: seen.append(k["mirror"]) or augment(*a, **k))
+    for mirror in (False, True):
+        uh.set_determinism(0)
+        cfg = uh.TrainConfig(epochs=1, batch_size=8, lr=3e-3, steps_per_epoch=2, seed=0, mirror=mirror)
+        uh.train(uh.UNet(3, 3, base_channels=4, depth=2), tiny_data["train"], tiny_data["ti"], cfg,
+                 tmp_path / str(mirror), progress=False)
+    assert seen == [0.0, 0.0, 0.5, 0.5] and uh.MIRROR_P == 0.5
 
 
 def test_resume_fills_the_stage1_share_an_older_run_used(tiny_data, tmp_path):
