@@ -103,7 +103,7 @@ RECIPES: dict[str, dict] = {
     # on the validation set the tumour volume is no longer under-called, on the kept-aside set it still is);
     # predicted tumour specks under 0.1 mL become liver (§5j: fewer false lesions and the same Dice on the validation
     # set; on the kept-aside set a few true small lesions lost); lesion-contrast augmentation and stage 2 trained on
-    # mirrored windows and averaged over mirrored boxes (§5k: the two together, not either alone, beat it)
+    # mirrored windows and averaged over mirrored boxes (§5k: together +0.05 per-case tumour Dice, each alone a tie)
     "default": {"context": 3, "tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2,
                 "loss": "dice_ce", "postprocess": True, "cascade": True, "hu_window": (-100.0, 400.0),
                 "strong_augment": False, "lesion_augment": True, "lesion_balance": True, "stage2_patch": 0.4,
@@ -1452,15 +1452,19 @@ MIRROR_P = 0.5  # stage 2's mirroring: each window flipped left-right, and indep
 
 
 def _affine_grid(rand: Any, on: torch.Tensor, shape: Sequence[int], rotate_deg: float,
-                 scale: tuple[float, float], translate: float) -> torch.Tensor:
-    """Sampling grid of a random rotation, scaling and shift per sample (:func:`augment_batch`'s geometry)."""
+                 scale: tuple[float, float], translate: float, mirror: float = 0.0) -> torch.Tensor:
+    """Sampling grid of a random rotation, scaling and shift per sample, mirrored along each axis with probability
+    ``mirror`` (:func:`augment_batch`'s geometry)."""
     b = shape[0]
     angle = (rand(b) * 2 - 1) * math.radians(rotate_deg) * on
     s = 1 + (rand(b) * (scale[1] - scale[0]) + scale[0] - 1) * on
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
     tx, ty = ((rand(2, b) * 2 - 1) * 2 * translate * on).unbind(0)  # grid units span 2
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    return F.affine_grid(theta, list(shape), align_corners=False)
+    grid = F.affine_grid(theta, list(shape), align_corners=False)
+    if mirror > 0:  # -1 flips that axis: output pixel i reads input W-1-i (align_corners=False)
+        grid = grid * (1 - 2 * (rand(b, 1, 1, 2) < mirror).float())
+    return grid
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
@@ -1501,9 +1505,7 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
         return torch.rand(*shape, device=dev, generator=generator)
 
     on = (rand(b) < p).float()
-    grid = _affine_grid(rand, on, x.shape, rotate_deg, scale, translate)
-    if mirror > 0:  # a mirrored sampling grid: output pixel i reads input W-1-i (align_corners=False)
-        grid = grid * (1 - 2 * (rand(b, 1, 1, 2) < mirror).float())  # -1 flips that axis
+    grid = _affine_grid(rand, on, x.shape, rotate_deg, scale, translate, mirror)
     y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="border",
                       align_corners=False)[:, 0].long()
     gain = 1 + (rand(b, 1, 1, 1) * 2 - 1) * intensity * on.view(b, 1, 1, 1)
@@ -2579,8 +2581,9 @@ class MirrorAverage(torch.nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = sum(torch.softmax(self.model(x.flip(d) if d else x).float(), 1).flip(d) if d
-                    else torch.softmax(self.model(x).float(), 1) for d in ((), (-1,), (-2,), (-2, -1)))
+        probs = torch.softmax(self.model(x).float(), 1)
+        for dims in ((-1,), (-2,), (-2, -1)):  # a mirror's output flipped back onto the input's pixels
+            probs = probs + torch.softmax(self.model(x.flip(dims)).float(), 1).flip(dims)
         return torch.log((probs / 4).clamp_min(1e-8))
 
 
