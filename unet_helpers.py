@@ -119,14 +119,50 @@ def recipe(name: str) -> dict:
 
 
 def pick_device(preference: str = "auto") -> torch.device:
-    """'auto' -> CUDA, then Apple MPS, then CPU; or the named device."""
+    """'auto' -> CUDA (when this torch build has kernels for the GPU), then Apple MPS, then CPU; or the named device.
+
+    Raises:
+        RuntimeError: ``preference`` names CUDA but this torch build has no kernels for the GPU's architecture
+            (e.g. a P100 on a current Kaggle image): it says what to choose instead.
+    """
     if preference != "auto":
-        return torch.device(preference)
+        device = torch.device(preference)
+        if device.type == "cuda" and cuda_unsupported_reason():
+            raise RuntimeError(cuda_unsupported_reason())
+        return device
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        reason = cuda_unsupported_reason()
+        if not reason:
+            return torch.device("cuda")
+        warnings.warn(reason + " DEVICE = 'auto' falls back to the CPU.", stacklevel=2)
+        print("WARNING:", reason, "DEVICE = 'auto' falls back to the CPU (slow).")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def cuda_unsupported_reason(index: int = 0) -> str:
+    """Why this torch build cannot run on CUDA GPU ``index`` (no kernels for its architecture), or "" when it can.
+
+    Recent torch wheels carry no ``sm_60`` kernels, so on a P100 the first CUDA operation fails with "no kernel
+    image is available". A GPU runs when its architecture, or an older one of the same major version, is in
+    ``torch.cuda.get_arch_list()`` (binary compatibility within a major version), or when PTX for an older
+    architecture is there for the driver to compile.
+    """
+    if not torch.cuda.is_available():
+        return ""
+    major, minor = torch.cuda.get_device_capability(index)
+    archs = torch.cuda.get_arch_list()
+    if not archs:  # a build that does not say (some source builds): assume it runs
+        return ""
+    sm = [(int(a[3:-1]), int(a[-1])) for a in archs if a.startswith("sm_") and a[3:].isdigit()]
+    ptx = [(int(a[8:-1]), int(a[-1])) for a in archs if a.startswith("compute_") and a[8:].isdigit()]
+    if any(M == major and m <= minor for M, m in sm) or any((M, m) <= (major, minor) for M, m in ptx):
+        return ""
+    name = torch.cuda.get_device_name(index)
+    return (f"This torch {torch.__version__} has no CUDA kernels for the {name} (compute capability "
+            f"{major}.{minor}; the build has {' '.join(archs)}). On Kaggle choose the accelerator 'GPU T4 x 2' "
+            "(or install a torch build for this GPU); or set DEVICE = 'cpu'.")
 
 
 def set_determinism(seed: int, deterministic: bool | None = None) -> bool:
@@ -257,25 +293,33 @@ def patch_steps(steps: int, roi_size: int, patch_size: int | None) -> int:
 
 def resolve_gpus(gpus: int | None, device: torch.device, batch_size: int,
                  visible: int | None = None) -> tuple[int, str]:
-    """How many GPUs train (``GPUS``): None = every visible CUDA GPU (Kaggle's 2 x T4: both), 1 off a GPU.
+    """How many GPUs train (``GPUS``): None = one (as nnU-Net and the MONAI tutorials do), or the number you set.
+
+    With several GPUs visible (Kaggle's *GPU T4 x 2*) the note says how to use them: ``GPUS = 2`` trains with
+    DistributedDataParallel (:func:`train_replicated`), one process per GPU. That path is tested with processes
+    on a CPU and on one GPU, not yet timed on two real GPUs, so it is not the default.
 
     Returns:
-        (number, a line saying why). Several GPUs train with DistributedDataParallel (:func:`train_replicated`).
+        (number, a line saying why).
     """
     if device.type != "cuda":
         if gpus not in (None, 1):
             raise ValueError(f"GPUS = {gpus} needs CUDA GPUs; this run uses {device.type}. Set GPUS = None or 1.")
         return 1, f"GPUS = 1 ({device.type})"
     visible = torch.cuda.device_count() if visible is None else visible
-    n = max(1, visible) if gpus is None else int(gpus)
-    if gpus is not None and not 1 <= n <= visible:
+    if gpus is None:
+        if visible < 2:
+            return 1, "GPUS = 1 (one CUDA GPU visible)"
+        return 1, (f"GPUS = 1 (default; {visible} GPUs are visible: GPUS = {visible} trains on all of them with "
+                   "DistributedDataParallel, each taking BATCH_SIZE / GPUS slices a step; expected a little over "
+                   f"1/{visible} of the epoch time, not yet measured on real GPUs)")
+    n = int(gpus)
+    if not 1 <= n <= visible:
         raise ValueError(f"GPUS = {gpus}, but {visible} CUDA GPU(s) are visible.")
     if n > 1 and batch_size % n:
-        if gpus is not None:
-            raise ValueError(f"BATCH_SIZE {batch_size} does not split evenly over {n} GPUs; use a multiple of {n}.")
-        return 1, f"GPUS = 1 (BATCH_SIZE {batch_size} does not split over the {n} visible GPUs; use a multiple)"
-    how = "one process per GPU, DistributedDataParallel, each takes BATCH_SIZE / GPUS slices a step" if n > 1 else ""
-    return n, f"GPUS = {n} ({'all visible' if gpus is None else 'set by you'}{'; ' + how if how else ''})"
+        raise ValueError(f"BATCH_SIZE {batch_size} does not split evenly over {n} GPUs; use a multiple of {n}.")
+    how = "; one process per GPU, DistributedDataParallel, each takes BATCH_SIZE / GPUS slices a step" if n > 1 else ""
+    return n, f"GPUS = {n} (set by you{how})"
 
 
 def check_fold(fold: Any, n_folds: int = 5) -> None:
@@ -1799,10 +1843,15 @@ def make_loss(name: str = "dice_ce", **kwargs: Any) -> DiceCELoss:
 # =============================================================================================
 
 def choose_data_device(n_bytes: int, device: torch.device, share: float = 0.4) -> torch.device:
-    """Keep the training slices on the GPU when they take under ``share`` of its free memory."""
+    """Keep the training slices on the GPU when they take under ``share`` of its free memory.
+
+    Free memory counts what the driver has free plus what torch's caching allocator holds reserved but
+    unused (freed tensors, e.g. stage 1's sets before stage 2), which the allocator hands out again.
+    """
     if device.type == "cuda":  # an explicit index: torch <= 2.4 refuses a device without one
         index = device.index if device.index is not None else torch.cuda.current_device()
         free, _total = torch.cuda.mem_get_info(index)
+        free += torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
         if n_bytes < share * free:
             return device
     return torch.device("cpu")
@@ -2020,8 +2069,8 @@ def train_epoch(state: TrainState, data: SliceSet, batches: list[np.ndarray], cf
     gen = torch.Generator(device=state.device)  # rank 0 draws as a single process does; the others their own
     gen.manual_seed(hash_seed(cfg.seed, epoch, 7) if rank == 0 else hash_seed(cfg.seed, epoch, 7, rank))
     batches = shard_batches(batches, rank, world)  # data-parallel: each process takes its share of every batch
-    # CE, Dice loss: read once per epoch, so logging adds no GPU sync per step (the fp16 GradScaler still
-    # syncs once per step in scaler.step, to skip steps whose gradients overflowed; bf16 and fp32 do not)
+    # CE, Dice loss: read once per epoch, so logging adds no GPU sync per step (with fused AdamW the fp16
+    # GradScaler does not sync either: the optimizer kernel reads the overflow flag on the GPU and skips the step)
     sums = torch.zeros(2, device=state.device)
     bar = tqdm(iter_batches(data, batches, state.device), desc=f"epoch {epoch + 1}", total=len(batches),
                leave=False, unit="batch", disable=not progress, mininterval=2.0)
@@ -2254,19 +2303,55 @@ def _open_slice_spec(spec: dict | None, device: torch.device) -> SliceSet | None
     return SliceSet(cases, spec["context"], on, resident=on.type != "cpu")
 
 
+DDP_TIMEOUT = datetime.timedelta(minutes=10)  # longest wait of one process for the others at a gradient exchange
+
+
+def _end_with_parent(parent_pid: int, poll_s: float = 2.0) -> None:
+    """Make this worker process end when its parent (the notebook's kernel) does, even if the parent is killed.
+
+    Linux: the kernel sends SIGTERM when the parent dies (``PR_SET_PDEATHSIG``); everywhere: a watcher thread
+    ends the process once its parent id changes (this also covers a parent that died before the signal was set).
+    Without this, workers of a kernel killed by the out-of-memory killer would go on training, holding the GPUs
+    and writing ``last.pt`` while the next *Run All* starts.
+    """
+    import signal
+    import threading
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="end-with-parent").start()
+
+
+def _worker_device(rank: int, world: int, device_type: str) -> tuple[torch.device, str]:
+    """(device, process-group backend) of worker ``rank``: GPU ``rank`` with NCCL when every worker has a GPU of
+    its own; GPU ``rank % count`` with gloo when workers must share GPUs (NCCL refuses two ranks on one GPU;
+    a check of this code path on a one-GPU machine); the CPU with gloo."""
+    if device_type != "cuda":
+        return torch.device("cpu"), "gloo"
+    count = torch.cuda.device_count()
+    return torch.device("cuda", rank % count), "nccl" if world <= count else "gloo"
+
+
 def _ddp_worker(rank: int, world: int, port: int, job: dict) -> None:
     """One process of :func:`train_replicated`: join the group, rebuild the data, run :func:`train`."""
+    _end_with_parent(job["parent_pid"])
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if job["device_type"] == "cuda":
-        torch.cuda.set_device(rank)
-        device, backend = torch.device("cuda", rank), "nccl"
+    device, backend = _worker_device(rank, world, job["device_type"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        device, backend = torch.device("cpu"), "gloo"
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, det = job["flags"]
     torch.use_deterministic_algorithms(det, warn_only=True)
-    # rank 0 validates and saves while the others wait at their next exchange: allow it an hour
-    torch.distributed.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(hours=1))
+    # rank 0 validates and saves while the others wait at their next exchange; longer waits mean a lost worker
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world, timeout=DDP_TIMEOUT)
     try:
         # a private copy: tensors passed to spawned processes live in shared memory, and every process
         # stepping the same weights would apply each update once per process
@@ -2274,8 +2359,40 @@ def _ddp_worker(rank: int, world: int, port: int, job: dict) -> None:
         train(model, _open_slice_spec(job["train"], device), job["train_index"], job["cfg"], job["output_dir"],
               _open_slice_spec(job["val"] if rank == 0 else None, device), job["val_index"], device, job["resume"],
               job["progress"] and rank == 0, job["extra_state"], job["run"])
+        _check_ranks_agree(model)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _check_ranks_agree(model: torch.nn.Module) -> None:
+    """Raise unless every process of the group ends with the same weights (DDP keeps them identical)."""
+    flat = torch.cat([p.detach().float().flatten() for p in unwrap(model).parameters()])
+    sums = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(len(flat), device=flat.device)).sum()])
+    lo, hi = sums.clone(), sums.clone()
+    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError(f"the training processes ended with different weights (checksums {lo.tolist()} to "
+                           f"{hi.tolist()}): data-parallel training went wrong")
+
+
+def _worker_failure(err: BaseException) -> BaseException:
+    """A failed worker's exception, with the likely cause added where it timed out waiting for another."""
+    text = str(err)
+    if any(k in text.lower() for k in ("timed out", "timeout", "watchdog")):
+        return RuntimeError(f"A training process waited more than {DDP_TIMEOUT} for another one: that one most "
+                            "likely died (out of host memory: the kernel's OOM killer; out of GPU memory) or hung. "
+                            "Lower BATCH_SIZE or use GPUS = 1; the run resumes from last.pt.\n" + text)
+    return err
+
+
+def _stop(ctx: Any) -> None:
+    """Terminate the worker processes that are still alive and wait for them."""
+    for proc in ctx.processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in ctx.processes:
+        proc.join(timeout=30)
 
 
 def train_replicated(replicas: int, model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
@@ -2290,46 +2407,51 @@ def train_replicated(replicas: int, model: torch.nn.Module, train_data: SliceSet
     batch (the batch size is the total over GPUs) and averages gradients with NCCL. Rank 0 validates and
     writes the same ``last.pt``/``best.pt``/history as one GPU, so runs resume on any number of GPUs.
     Epoch rows print here as they finish (the workers' own output goes to the Jupyter server's log).
-    On a CPU the processes use gloo, which is how the tests check this path. Afterwards ``model`` holds the
-    last epoch's weights, on ``device`` (during training it waits on the CPU, leaving GPU 0's memory to
-    the worker there). An interrupt stops the workers too.
+    On a CPU the processes use gloo, which is how the tests check this path. Afterwards ``model`` is back on
+    ``device`` (during training it waits on the CPU, leaving GPU 0's memory to the worker there), holding the
+    last epoch's weights when training finished; also after a failure or an interrupt, which stop the workers.
+    Workers end when this process does (:func:`_end_with_parent`).
 
     Returns:
         The history: one dict per epoch.
     """
     target = torch.device(device) if device is not None else train_data.device
     if target.type == "cuda" and torch.cuda.device_count() < replicas:
-        raise ValueError(f"{replicas} GPUs asked for, {torch.cuda.device_count()} visible; set GPUS lower.")
+        warnings.warn(f"{replicas} processes share {torch.cuda.device_count()} GPU(s) through gloo: a check of the "
+                      "multi-GPU code path, slower than one process.", stacklevel=2)
+    memfmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     unwrap(model).cpu()  # GPU 0 must hold as much free memory as GPU 1 while the workers train
     if target.type == "cuda":
         torch.cuda.empty_cache()
     job = {"model": copy.deepcopy(unwrap(model)), "train": _slice_spec(train_data), "val": _slice_spec(val_data),
            "train_index": np.asarray(train_index), "val_index": None if val_index is None else np.asarray(val_index),
            "cfg": cfg, "output_dir": str(output_dir), "resume": resume, "progress": progress,
-           "extra_state": extra_state, "run": run,
-           "device_type": target.type,
+           "extra_state": extra_state, "run": run, "device_type": target.type, "parent_pid": os.getpid(),
            "flags": (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
                      torch.are_deterministic_algorithms_enabled())}
-    ctx = torch.multiprocessing.start_processes(_ddp_worker, args=(replicas, _free_port(), job), nprocs=replicas,
-                                                join=False, start_method="spawn")
-    log = Path(output_dir) / "history.json"
-    shown = len(json.loads(log.read_text())) if log.exists() else 0  # rows of an earlier call are not news
     try:
-        while not ctx.join(timeout=poll_s):
-            rows = json.loads(log.read_text()) if log.exists() else []
-            for row in rows[shown:] if progress else []:
-                print(f"epoch {row['epoch']}: train CE {row['train_ce']:.3f}, Dice loss {row['train_dice_loss']:.3f}, "
-                      f"{row['slices_per_second']:.0f} slices/s")
-            shown = max(shown, len(rows))
-    except BaseException:  # an interrupt or a failed worker: stop them all, so none goes on writing last.pt
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.terminate()
-        raise
-    ck = load_checkpoint(Path(output_dir) / "last.pt")
-    unwrap(model).load_state_dict(ck["model"])
-    unwrap(model).to(target, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    return ck["history"]
+        ctx = torch.multiprocessing.start_processes(_ddp_worker, args=(replicas, _free_port(), job),
+                                                    nprocs=replicas, join=False, start_method="spawn")
+        log = Path(output_dir) / "history.json"
+        shown = len(json.loads(log.read_text())) if log.exists() else 0  # rows of an earlier call are not news
+        try:
+            while not ctx.join(timeout=poll_s):
+                rows = json.loads(log.read_text()) if log.exists() else []
+                for row in rows[shown:] if progress else []:
+                    print(f"epoch {row['epoch']}: train CE {row['train_ce']:.3f}, Dice loss "
+                          f"{row['train_dice_loss']:.3f}, {row['slices_per_second']:.0f} slices/s")
+                shown = max(shown, len(rows))
+        except BaseException as err:  # an interrupt or a failed worker: stop them all, so none goes on writing
+            _stop(ctx)
+            failure = _worker_failure(err)
+            if failure is err:
+                raise
+            raise failure from err
+        ck = load_checkpoint(Path(output_dir) / "last.pt")
+        unwrap(model).load_state_dict(ck["model"])
+        return ck["history"]
+    finally:  # on success and failure alike, the notebook's model is back on its device
+        unwrap(model).to(target, memory_format=memfmt)
 
 
 def asdict_plain(obj: Any) -> dict:

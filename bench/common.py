@@ -69,3 +69,27 @@ def md_table(header: list[str], rows: list[list[object]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def hierarchical_bootstrap(values, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of a seeds × cases table of scores (or paired differences) with a bootstrap interval that resamples
+    the training seeds and the cases, each independently with replacement, so that it holds the noise of
+    training as well as that of the cases (two runs of one recipe then differ "within noise").
+
+    Args:
+        values: one list per seed, the cases in the same order in each.
+
+    Returns:
+        {"mean", "low", "high", "seeds", "cases"}.
+    """
+    import numpy as np
+    m = np.asarray(values, float)
+    if m.ndim != 2 or not m.size:
+        raise ValueError("hierarchical_bootstrap needs a non-empty seeds × cases table")
+    rng = np.random.default_rng(seed)
+    si = rng.integers(0, m.shape[0], (n_boot, m.shape[0]))
+    ci = rng.integers(0, m.shape[1], (n_boot, m.shape[1]))
+    boots = np.array([np.nanmean(m[np.ix_(s, c)]) for s, c in zip(si, ci)])
+    low, high = np.nanpercentile(boots, [50 * (1 - level), 50 * (1 + level)])
+    return {"mean": float(np.nanmean(m)), "low": float(low), "high": float(high), "seeds": m.shape[0],
+            "cases": m.shape[1]}

@@ -16,6 +16,7 @@ import bench_infer  # noqa: E402
 import bench_preprocess  # noqa: E402
 import bench_train  # noqa: E402
 import common  # noqa: E402
+import gpu_check  # noqa: E402
 import inference_probe  # noqa: E402
 import recipe_study  # noqa: E402
 import tumour_bias  # noqa: E402
@@ -24,7 +25,7 @@ import tumour_study  # noqa: E402
 
 @pytest.fixture()
 def work(tmp_path, monkeypatch):
-    for mod in (bench_preprocess, bench_train, recipe_study, tumour_study, bench_gpu):
+    for mod in (bench_preprocess, bench_train, recipe_study, tumour_study, bench_gpu, gpu_check):
         monkeypatch.setattr(mod, "WORK", tmp_path)
     return tmp_path
 
@@ -154,6 +155,29 @@ def test_gpu_bench_runs_the_product_step_on_cpu(work):
     out = bench_gpu.run(image_size=32, batch=4, steps=3, device="cpu", shape=(48, 48, 12), preset="quick", workers=0)
     assert out["fp32+DataLoader"] > 0 and out["amp+channels_last+resident"] > 0 and out["speedup"] > 0
     assert out["evaluate 2 volumes s"] > 0 and out["fp32+DataLoader peak GiB"] is None  # no CUDA here
+
+
+def test_gpu_check_smoke_runs_every_section_on_cpu(work):
+    """``bench/gpu_check.py --smoke``: every section runs tiny on the CPU and its checks hold (none timed)."""
+    res = gpu_check.main(["--smoke", "--out", str(work / "check.json"), "--budget-s", "1e9"])
+    assert json.loads((work / "check.json").read_text())["total_seconds"] == res["total_seconds"]
+    for name in gpu_check.SECTIONS:
+        assert "error" not in res[name], (name, res[name].get("traceback"))
+    assert res["environment"]["precision"] == "fp32" and res["card_16gb"] == {
+        "skipped": "needs CUDA", "section_seconds": res["card_16gb"]["section_seconds"]}
+    epochs = res["stage1_epoch"]
+    assert {k for k in epochs if "/" in k} == {"fp32/gpu_resident", "fp32/cpu_pinned_readahead", "fp32/memory_mapped"}
+    # the same seed and batches wherever the slices live: the same losses (fp32 on the CPU)
+    assert epochs["fp32/memory_mapped"]["train_ce"] == pytest.approx(epochs["fp32/gpu_resident"]["train_ce"], rel=1e-5)
+    ddp = res["ddp"]
+    assert ddp["two_ranks_completed_ranks_agree"] and ddp["worker_error_reached_caller"]
+    assert ddp["resumed_epochs"] == [1, 2] and ddp["resumed_processes"] == [1, 2]  # 1 process, then 2 ranks
+    assert ddp["interrupt_workers_left"] == 0
+    assert {"best.pt", "last.pt", "history.json", "history.csv"} <= set(ddp["files_written"])
+    nb = res["notebook"]
+    assert nb["default"]["preset"] == "quick" and nb["full_2_epochs"]["preset"] == "full"
+    assert nb["full_cascade_4_epochs"]["cascade"] is True
+    assert res["inference"]["stage1+mirrored_stage2"]["volumes_per_s"] > 0
 
 
 def test_volume_ratio_split_by_how_well_a_case_is_segmented():

@@ -5,13 +5,19 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import matplotlib
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import write_nifti
+from conftest import ROOT, write_nifti
 
 import unet_helpers as uh
 
@@ -859,11 +865,100 @@ def test_distributed_batches_are_split_without_overlap():
 
 def test_multi_gpu_setting_resolves_and_refuses_what_cannot_run():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert uh.resolve_gpus(None, cuda, 32, visible=2)[0] == 2  # Kaggle's 2 x T4: both by default
+    n, note = uh.resolve_gpus(None, cuda, 32, visible=2)  # Kaggle's 2 x T4: one by default, and says how to use 2
+    assert n == 1 and "GPUS = 2" in note
+    assert uh.resolve_gpus(2, cuda, 32, visible=2)[0] == 2
     assert uh.resolve_gpus(1, cuda, 32, visible=2)[0] == 1
-    assert uh.resolve_gpus(None, cuda, 15, visible=2)[0] == 1  # automatic: one GPU when the batch cannot split
+    assert uh.resolve_gpus(None, cuda, 15, visible=2)[0] == 1
     assert uh.resolve_gpus(None, cpu, 16)[0] == 1 and uh.resolve_gpus(None, cuda, 15, visible=1)[0] == 1
     for gpus, device, batch, visible, msg in [(3, cuda, 32, 2, "2 CUDA GPU"), (2, cuda, 15, 2, "multiple of 2"),
                                               (2, cpu, 16, 0, "needs CUDA"), (0, cuda, 16, 1, "1 CUDA GPU")]:
         with pytest.raises(ValueError, match=msg):
             uh.resolve_gpus(gpus, device, batch, visible=visible)
+
+
+def test_failed_multi_process_run_leaves_the_model_ready_on_its_device(tiny_data, tmp_path):
+    """A worker that raises: its error and traceback reach the caller, and the caller's model is back where it
+    trains (device and channels_last memory format), as after a successful run, so the next cell can use it."""
+    model = uh.UNet(3, 3, base_channels=4, depth=2)
+    assert not model.inc[0].weight.is_contiguous(memory_format=torch.channels_last)
+    bad = replace(_ddp_cfg(1), loss="no_such_loss")
+    with pytest.raises(Exception, match="no_such_loss") as err:
+        uh.train(model, tiny_data["train"], tiny_data["ti"], bad, tmp_path, progress=False, replicas=2)
+    assert "Traceback" in str(err.value)  # the worker's own traceback
+    assert model.inc[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.inc[0].weight.device.type == "cpu"
+
+
+def test_worker_timeout_names_the_likely_cause():
+    hung = RuntimeError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(...) ran for 600000 ms")
+    out = uh._worker_failure(hung)
+    assert isinstance(out, RuntimeError) and "out of host memory" in str(out) and "Watchdog" in str(out)
+    other = ValueError("LOSS must be one of ...")
+    assert uh._worker_failure(other) is other
+    assert uh.DDP_TIMEOUT.total_seconds() <= 30 * 60  # not torch's 30-minute default, nor the old hour
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_worker_ends_when_its_parent_is_killed(tmp_path):
+    """A process that called uh._end_with_parent ends soon after its parent dies of SIGKILL (the OOM killer)."""
+    child_code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import unet_helpers as uh; "
+                  "uh._end_with_parent(int(sys.argv[2]), poll_s=0.2); open(sys.argv[3], 'w').write('ready'); "
+                  "time.sleep(120)")
+    ready = tmp_path / "ready"
+    parent_code = ("import os, subprocess, sys, time; "
+                   f"p = subprocess.Popen([sys.executable, '-c', {child_code!r}, {str(ROOT)!r}, str(os.getpid()), "
+                   f"{str(ready)!r}]); print(p.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    deadline = time.time() + 60
+    while not ready.exists() and time.time() < deadline:  # the child has imported torch and armed itself
+        time.sleep(0.2)
+    assert ready.exists()
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 15
+    while Path(f"/proc/{child_pid}").exists() and time.time() < deadline:
+        if "Z" in Path(f"/proc/{child_pid}/stat").read_text().split()[2]:  # exited, waiting to be reaped
+            break
+        time.sleep(0.2)
+    alive = Path(f"/proc/{child_pid}").exists() and "Z" not in Path(f"/proc/{child_pid}/stat").read_text().split()[2]
+    if alive:
+        os.kill(child_pid, 9)
+    assert not alive, "the worker outlived its parent"
+
+
+def test_arch_check_stops_a_gpu_this_torch_cannot_run(monkeypatch, capsys):
+    """A P100 (capability 6.0) with a torch built for sm_75 and newer: 'auto' falls back to the CPU and says why;
+    asking for CUDA explicitly stops with what to choose instead. A T4 (7.5) and an H100 (9.0) run; so does an
+    8.9 GPU on an sm_86 build (same major version) and any GPU newer than PTX the build carries."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_86", "sm_90"])
+    for cap, runs in (((6, 0), False), ((7, 5), True), ((8, 9), True), ((9, 0), True), ((7, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_, c=cap: c)
+        assert (uh.cuda_unsupported_reason() == "") == runs, cap
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (6, 0))
+    reason = uh.cuda_unsupported_reason()
+    assert "P100" in reason and "6.0" in reason and "T4" in reason and "sm_75" in reason
+    with pytest.warns(UserWarning, match="falls back to the CPU"):
+        assert uh.pick_device("auto").type in ("cpu", "mps")
+    assert "falls back to the CPU" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="T4"):
+        uh.pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "compute_50"])  # PTX: the driver compiles it
+    assert uh.cuda_unsupported_reason() == ""
+
+
+def test_data_placement_counts_memory_the_allocator_holds_free(monkeypatch):
+    """Stage 2's sets after stage 1: torch's cache holds freed GPU memory that the driver reports as used."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (1 * gib, 16 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *_: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *_: 2 * gib)
+    cuda = torch.device("cuda")
+    # free to torch: 1 GiB from the driver + 8 GiB reserved but unused = 9 GiB; 40 % of it is 3.6 GiB
+    assert uh.choose_data_device(int(3.5 * gib), cuda) == cuda
+    assert uh.choose_data_device(int(3.7 * gib), cuda).type == "cpu"
+    assert uh.choose_data_device(1, torch.device("cpu")).type == "cpu"

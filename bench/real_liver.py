@@ -1,0 +1,207 @@
+"""Real CT livers as a standing arm of the study: recipes trained and scored on real LiTS-derived slices.
+
+The slices in ../shared/data/real_liver_slices (61 patients, 291 axial slices of 256², liver masks only; see its
+README) are split by patient, 75 % to train and 25 % to score, as a user would run the notebook on them. Every
+recipe trains for the same wall-clock here (steps measured per recipe and stage before training, as in
+``tumour_study.py``), with ``CONTEXT_SLICES = 1`` (a file's slices are not neighbours in the body) and the quick
+U-Net at 128², and is scored by per-case liver Dice (label ≥ 1 against the mask, the final checkpoint). Cascade
+recipes are also scored with one part of the cascade changed at inference (the probes), on the same models:
+
+- ``stage 1 alone``: stage 1's own prediction, post-processed, without stage 2;
+- ``box from the true liver``: stage 2 on the box of the reference liver instead of stage 1's;
+- ``no liver-core rule``: stage 2's background calls deep inside stage 1's liver are not overruled;
+- ``no post-processing``: the largest-component step left out (stage 1's box still comes from its largest
+  component).
+
+    python bench/real_liver.py --seconds 90 --seeds 0 1 2
+
+Results: bench/results/real_liver.json (one row per recipe and seed, so an interrupted run resumes); tables in
+BENCHMARKS.md (block ``real_liver``). Liver only: these slices carry no tumour labels, and their grey values are
+HU clipped to 0–255, so the numbers are real-CT liver numbers, not LiTS results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from common import ROOT, hierarchical_bootstrap, md_table, stamp, write_table
+from recipe_study import load, save
+from tumour_study import cached, fit, stage_config, steps_for
+
+import unet_helpers as uh
+
+REAL_SLICES = ROOT.parent / "shared" / "data" / "real_liver_slices"
+RESULTS = ROOT / "bench" / "results" / "real_liver.json"
+VAL_FRACTION = 0.25  # share of patients scored, as in the measurement that found the problem
+SPLIT_SEED = 0  # one split for every recipe and seed: the seeds vary training only
+
+ONE_STAGE = {**uh.RECIPES["default"], "cascade": False}
+RECIPES: dict[str, dict] = {  # name: recipe (uh.RECIPES keys); every one trains with 1 slice in
+    "baseline": uh.RECIPES["baseline"],
+    "one-stage default": ONE_STAGE,
+    "default (cascade)": uh.RECIPES["default"],
+    "cascade, stage 1 half the time": {**uh.RECIPES["default"], "stage1_share": 0.5},
+    "cascade, stage 2 on whole boxes": {**uh.RECIPES["default"], "stage2_patch": None},
+}
+PROBES = ("stage 1 alone", "box from the true liver", "no liver-core rule", "no post-processing")
+
+
+def split(data_dir: Path = REAL_SLICES) -> tuple[list, list]:
+    """(training, scored) case files: patients split once, 75 / 25."""
+    if not data_dir.exists():
+        raise FileNotFoundError(f"{data_dir} is absent: the real slices come with the project's shared folder "
+                                "(../shared/data/real_liver_slices beside the checkout)")
+    cases = uh.find_cases(data_dir)
+    train_ids, val_ids = uh.split_cases([c.case_id for c in cases], VAL_FRACTION, seed=SPLIT_SEED)
+    by_id = {c.case_id: c for c in cases}
+    return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+
+
+def study_config(recipe: dict, roi: int, depth: int = 4) -> dict:
+    """A recipe as ``tumour_study``'s training helpers take it: 128² input, one slice in, stage 2's window in
+    pixels (the recipe's fraction of the liver box)."""
+    frac = recipe.get("stage2_patch")
+    return {**recipe, "image_size": 128, "context": 1,
+            "stage2_patch": uh.patch_size_for(roi, frac, 2 ** depth) if recipe["cascade"] and frac else None}
+
+
+def train_recipe(name: str, seed: int, seconds: float, batch: int, train_files: list, work: Path,
+                 base: int = 16) -> tuple[dict, dict, int | None, float]:
+    """Train a recipe for ``seconds`` here (stage 1, and stage 2 on the liver boxes for a cascade).
+
+    Returns:
+        (config, {stage: final model}, liver-box size or None, measured training seconds).
+    """
+    recipe = RECIPES[name]
+    roi = uh.roi_size_for(uh.canonical_shape(train_files[0].image)) if recipe["cascade"] else None
+    cfg = study_config(recipe, roi or 0)
+    tr = cached(train_files, cfg, roi)
+    share = recipe["stage1_share"] if roi else 1.0
+    stages = [("stage1", tr, seconds * share)] + ([("stage2", uh.roi_cases(tr), seconds * (1 - share))] if roi else [])
+    conf = {stage: stage_config(cfg, stage) for stage, _, _ in stages}
+    out = work / f"{name.replace(' ', '_')}_{seed}"
+    steps = {stage: steps_for(sec, cases, conf[stage], seed, batch, base, out / "calibration")
+             for stage, cases, sec in stages}
+    t0 = time.perf_counter()
+    models = {stage: fit(cases, conf[stage], seed, batch, base, steps[stage], out / stage)
+              for stage, cases, _ in stages}
+    return cfg, models, roi, time.perf_counter() - t0
+
+
+def liver_dice_per_case(cfg: dict, models: dict, roi: int | None, cases: list, probe: str | None = None) -> dict:
+    """Per-case liver Dice (label ≥ 1) of a recipe's final models on cached cases, or of one of its :data:`PROBES`.
+
+    Stage 1, stage 2 and post-processing run as in ``uh.evaluate``; a probe changes one part of that.
+    """
+    out = {}
+    stage2 = uh.Stage2(models["stage2"], roi, mirror=cfg["stage2_mirror"],
+                       core_mm=None if probe == "no liver-core rule" else uh.CASCADE_CORE_MM) if roi else None
+    for c in cases:
+        truth = c.label_full
+        pred = uh.predict_slices(models["stage1"], c.image, truth.shape[:2], cfg["context"], "cpu")
+        if stage2 is not None and probe != "stage 1 alone":
+            full = uh.window_hu(uh.load_case(c.meta["image_path"]).image, c.meta["hu_window"])
+            first = (truth >= 1).astype(np.uint8) if probe == "box from the true liver" else pred
+            pred = uh.predict_cascade(first, full, c.meta["spacing"], stage2, cfg["context"], "cpu")
+        if cfg["postprocess"] and probe != "no post-processing":
+            pred = uh.postprocess(pred)
+        out[c.case_id] = uh.dice(pred >= 1, truth >= 1)
+    return out
+
+
+def run(name: str, seed: int, seconds: float, batch: int, train_files: list, val_files: list, work: Path) -> dict:
+    """Train one recipe with one seed and score it (and its probes, for a cascade) on the scored patients."""
+    cfg, models, roi, train_s = train_recipe(name, seed, seconds, batch, train_files, work)
+    va = cached(val_files, cfg, None)
+    row = {"recipe": name, "seed": seed, "seconds_budget": seconds, "train_seconds": train_s, "roi_size": roi,
+           "patch_size": cfg["stage2_patch"], "per_case": liver_dice_per_case(cfg, models, roi, va)}
+    if roi:
+        row["probes"] = {p: liver_dice_per_case(cfg, models, roi, va, p) for p in PROBES}
+    return row
+
+
+def _per_case_mean(per_case: dict) -> float:
+    return statistics.mean(per_case.values())
+
+
+def table(rows: list[dict], reference: str = "one-stage default") -> str:
+    """Per recipe: per-case liver Dice (mean over cases; mean ± std over seeds), median and worst case, the
+    measured training seconds, and the difference to ``reference`` with a case × seed bootstrap interval."""
+    body = []
+    ref = {r["seed"]: r["per_case"] for r in rows if r["recipe"] == reference}
+    for name in RECIPES:
+        rs = [r for r in rows if r["recipe"] == name]
+        if not rs:
+            continue
+        means = [_per_case_mean(r["per_case"]) for r in rs]
+        pooled = [v for r in rs for v in r["per_case"].values()]
+        diff = "-"
+        if name != reference and all(r["seed"] in ref for r in rs):
+            d = hierarchical_bootstrap([[v - ref[r["seed"]][c] for c, v in r["per_case"].items()] for r in rs])
+            diff = f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+        body.append([name, f"{rs[0]['seconds_budget']:.0f}",
+                     f"{statistics.mean(r['train_seconds'] for r in rs):.0f}", len(rs),
+                     f"{statistics.mean(means):.3f} ± {statistics.pstdev(means):.3f}",
+                     f"{statistics.median(pooled):.3f}", f"{min(pooled):.3f}", diff])
+    return md_table(["recipe", "budget s", "train s (measured)", "seeds", "liver Dice per case (mean ± sd over seeds)",
+                     "median case", "worst case", f"vs {reference} [95 % CI, cases × seeds]"], body)
+
+
+def probe_table(rows: list[dict]) -> str:
+    """For each cascade recipe, its liver Dice with one part of the cascade changed at inference (same models)."""
+    body = []
+    for name in RECIPES:
+        rs = [r for r in rows if r["recipe"] == name and "probes" in r]
+        if not rs:
+            continue
+        cells = []
+        for probe in PROBES:
+            d = hierarchical_bootstrap([[r["probes"][probe][c] - v for c, v in r["per_case"].items()] for r in rs])
+            mean = statistics.mean(_per_case_mean(r["probes"][probe]) for r in rs)
+            cells.append(f"{mean:.3f} ({d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])")
+        body.append([name, f"{statistics.mean(_per_case_mean(r['per_case']) for r in rs):.3f}", *cells])
+    return md_table(["recipe", "as trained", *(f"{p} (change [95 % CI])" for p in PROBES)], body)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=90.0, help="training wall-clock of every recipe")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    ap.add_argument("--batch", type=int, default=uh.PRESETS["quick"]["BATCH_SIZE"])
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--data", type=Path, default=REAL_SLICES)
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args(argv)
+    from common import WORK
+    train_files, val_files = split(a.data)
+    rows = load(a.results)
+    for seed in a.seeds:
+        for name in a.recipes:
+            if any((r["recipe"], r["seed"], r["seconds_budget"]) == (name, seed, a.seconds) for r in rows):
+                continue
+            new = run(name, seed, a.seconds, a.batch, train_files, val_files, WORK / "real_liver_runs")
+            rows = [*load(a.results), new]
+            save(rows, a.results)
+            print(f"{name} seed {seed}: liver {_per_case_mean(new['per_case']):.3f} "
+                  f"({new['train_seconds']:.0f} s training)", flush=True)
+    rows = [r for r in rows if r["seconds_budget"] == a.seconds]
+    if not a.no_write:
+        setup = (f"Real CT: {len(train_files)} training and {len(val_files)} scored patients of "
+                 f"../shared/data/real_liver_slices (split by patient, seed {SPLIT_SEED}); liver masks only; "
+                 f"{a.seconds:.0f} s of training per recipe on this machine; quick U-Net (base 16, depth 4), 128² "
+                 f"input, one slice in, batch {a.batch}; final checkpoint; per-case liver Dice (label ≥ 1).")
+        write_table("real_liver", stamp("python bench/real_liver.py " + shlex.join(argv or [])) + "\n\n" + setup
+                    + "\n\n" + table(rows) + "\n\n**Probes** (the cascade's trained models, one part changed at "
+                    "inference; in brackets the change against the recipe as trained):\n\n" + probe_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])
