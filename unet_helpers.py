@@ -127,8 +127,9 @@ def pick_device(preference: str = "auto") -> torch.device:
     """
     if preference != "auto":
         device = torch.device(preference)
-        if device.type == "cuda" and cuda_unsupported_reason():
-            raise RuntimeError(cuda_unsupported_reason())
+        reason = cuda_unsupported_reason(device.index or 0) if device.type == "cuda" else ""
+        if reason:
+            raise RuntimeError(reason)
         return device
     if torch.cuda.is_available():
         reason = cuda_unsupported_reason()
@@ -275,7 +276,7 @@ def _resolve_cascade(s: dict, native_shape: Sequence[int] | None, rec: dict) -> 
     e1, e2 = cascade_epochs(s["EPOCHS"], rec["stage1_share"])
     notes.append(f"cascade: stage 1 (liver box) trains {e1} epochs, stage 2 (liver box at native resolution) "
                  f"{e2} (same budget as {s['EPOCHS']}; recipe {s['RECIPE']!r}: stage 1 {rec['stage1_share']:.2g} "
-                 "of it)")
+                 f"of it, and at least {CASCADE_MIN_STAGE1_STEPS} steps: checked in 'Train')")
     return notes
 
 
@@ -733,6 +734,45 @@ def cascade_epochs(epochs: int, stage1_share: float = CASCADE_STAGE1_SHARE) -> t
                          f"{stage1_share!r}")
     first = max(1, int(round(epochs * stage1_share)))
     return first, max(1, epochs - first)
+
+
+CASCADE_MIN_STAGE1_STEPS = 120  # cascade: optimizer steps stage 1 needs before it finds the liver on real CT
+
+
+def cascade_plan(epochs: int, stage1_share: float, steps_per_epoch: int,
+                 min_stage1_steps: int = CASCADE_MIN_STAGE1_STEPS, forced: bool = False) -> tuple[int, int, str]:
+    """How the cascade splits a budget of ``epochs``: (stage-1 epochs, stage-2 epochs, a line saying why).
+
+    Stage 1 gets its ``stage1_share`` of the epochs (:func:`cascade_epochs`), but at least ``min_stage1_steps``
+    optimizer steps: on real CT slices a U-Net trained for fewer does not yet find the liver, stage 2 then works on
+    a box that misses it, and the cascade ends far below one stage in liver Dice (BENCHMARKS.md, "Real CT
+    livers"). When that many steps would take more than half the budget, two stages do not fit it: the result
+    is (epochs, 0, why), and one stage trains all the epochs.
+
+    Args:
+        epochs: the whole budget (``EPOCHS``).
+        stage1_share: the recipe's share of it for stage 1.
+        steps_per_epoch: stage 1's optimizer steps per epoch.
+        min_stage1_steps: the floor.
+        forced: you set ``CASCADE = True``: the recipe's split is kept whatever the budget (the line warns).
+    """
+    first, second = cascade_epochs(epochs, stage1_share)
+    steps_per_epoch = max(1, int(steps_per_epoch))
+    need = math.ceil(min_stage1_steps / steps_per_epoch)
+    if forced and first < need:
+        return first, second, (f"cascade (CASCADE = True, set by you): stage 1 trains {first} epochs, only "
+                               f"{first * steps_per_epoch} steps (below {min_stage1_steps} it may not find the "
+                               f"liver), stage 2 {second}")
+    if first >= need:
+        return first, second, (f"cascade: stage 1 (liver box) trains {first} epochs ({first * steps_per_epoch} steps), "
+                               f"stage 2 (liver box at native resolution) {second}")
+    if 2 * need <= epochs:
+        return need, epochs - need, (f"cascade: stage 1 trains {need} epochs, more than its share of {first}, so that "
+                                     f"it takes at least {min_stage1_steps} steps to find the liver; stage 2 "
+                                     f"{epochs - need}")
+    return epochs, 0, (f"CASCADE off: the budget ({epochs} epochs of {steps_per_epoch} steps) is too small for two "
+                       f"stages (stage 1 needs at least {min_stage1_steps} steps to find the liver, more than half of "
+                       f"it); one stage trains all {epochs} epochs. Raise EPOCHS for the cascade.")
 
 
 def liver_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float = ROI_MARGIN_MM,
@@ -2366,7 +2406,7 @@ def _ddp_worker(rank: int, world: int, port: int, job: dict) -> None:
 
 def _check_ranks_agree(model: torch.nn.Module) -> None:
     """Raise unless every process of the group ends with the same weights (DDP keeps them identical)."""
-    flat = torch.cat([p.detach().float().flatten() for p in unwrap(model).parameters()])
+    flat = torch.cat([p.detach().double().flatten() for p in unwrap(model).parameters()])
     sums = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(len(flat), device=flat.device)).sum()])
     lo, hi = sums.clone(), sums.clone()
     torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
@@ -2377,9 +2417,15 @@ def _check_ranks_agree(model: torch.nn.Module) -> None:
 
 
 def _worker_failure(err: BaseException) -> BaseException:
-    """A failed worker's exception, with the likely cause added where it timed out waiting for another."""
+    """A failed worker's exception, with the likely cause added where it was killed or timed out waiting for
+    another (judged on the error's last line, not on the traceback's source lines above it)."""
     text = str(err)
-    if any(k in text.lower() for k in ("timed out", "timeout", "watchdog")):
+    last = next((line for line in reversed(text.strip().splitlines()) if line.strip()), "").lower()
+    if "sigkill" in last:
+        return RuntimeError("A training process was killed (SIGKILL): most likely the out-of-memory killer, as the "
+                            "machine ran out of host memory. Lower BATCH_SIZE or use GPUS = 1; the run resumes from "
+                            "last.pt.\n" + text)
+    if any(k in last for k in ("timed out", "timeout", "watchdog")):
         return RuntimeError(f"A training process waited more than {DDP_TIMEOUT} for another one: that one most "
                             "likely died (out of host memory: the kernel's OOM killer; out of GPU memory) or hung. "
                             "Lower BATCH_SIZE or use GPUS = 1; the run resumes from last.pt.\n" + text)
@@ -2393,6 +2439,15 @@ def _stop(ctx: Any) -> None:
             proc.terminate()
     for proc in ctx.processes:
         proc.join(timeout=30)
+
+
+def _print_new_epochs(log: Path, shown: int, progress: bool) -> int:
+    """Print the epoch rows of ``log`` (history.json) after the first ``shown``; returns how many there are."""
+    rows = json.loads(log.read_text()) if log.exists() else []
+    for row in rows[shown:] if progress else []:
+        print(f"epoch {row['epoch']}: train CE {row['train_ce']:.3f}, Dice loss {row['train_dice_loss']:.3f}, "
+              f"{row['slices_per_second']:.0f} slices/s")
+    return max(shown, len(rows))
 
 
 def train_replicated(replicas: int, model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
@@ -2430,17 +2485,13 @@ def train_replicated(replicas: int, model: torch.nn.Module, train_data: SliceSet
            "flags": (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
                      torch.are_deterministic_algorithms_enabled())}
     try:
-        ctx = torch.multiprocessing.start_processes(_ddp_worker, args=(replicas, _free_port(), job),
-                                                    nprocs=replicas, join=False, start_method="spawn")
         log = Path(output_dir) / "history.json"
         shown = len(json.loads(log.read_text())) if log.exists() else 0  # rows of an earlier call are not news
+        ctx = torch.multiprocessing.start_processes(_ddp_worker, args=(replicas, _free_port(), job),
+                                                    nprocs=replicas, join=False, start_method="spawn")
         try:
             while not ctx.join(timeout=poll_s):
-                rows = json.loads(log.read_text()) if log.exists() else []
-                for row in rows[shown:] if progress else []:
-                    print(f"epoch {row['epoch']}: train CE {row['train_ce']:.3f}, Dice loss "
-                          f"{row['train_dice_loss']:.3f}, {row['slices_per_second']:.0f} slices/s")
-                shown = max(shown, len(rows))
+                shown = _print_new_epochs(log, shown, progress)
         except BaseException as err:  # an interrupt or a failed worker: stop them all, so none goes on writing
             _stop(ctx)
             failure = _worker_failure(err)

@@ -300,6 +300,20 @@ def _mean(rows: list[dict], key: str) -> float:
     return statistics.mean(vals) if vals else float("nan")
 
 
+REAL_LIVER = ROOT / "bench" / "results" / "real_liver.json"  # bench/real_liver.py: recipes on real CT slices
+REAL_RECIPE = {  # arm here: the same recipe in bench/real_liver.py (one slice in, as those slices require)
+    "baseline": "baseline",
+    "lesion contrast, mirrored stage 2": "cascade, stage 1 a fifth, no floor (the default before)"}
+
+
+def real_slice_liver(arm: str, seconds: float = 60.0) -> str:
+    """The arm's recipe trained and scored on the real liver slices (``bench/real_liver.py``, ``seconds`` of
+    training): per-case liver Dice, mean ± sd over seeds; "-" where it was not run there."""
+    rows = [r for r in load(REAL_LIVER) if r["recipe"] == REAL_RECIPE.get(arm) and r["seconds_budget"] == seconds]
+    means = [statistics.mean(r["per_case"].values()) for r in rows]
+    return f"{statistics.mean(means):.3f} ± {statistics.pstdev(means):.3f}" if means else "-"
+
+
 def table(rows: list[dict], set_name: str) -> str:
     """Mean ± std over seeds of each arm's scores on one set, with seconds beside every row."""
     by_arm: dict[str, list[dict]] = {}
@@ -320,11 +334,11 @@ def table(rows: list[dict], set_name: str) -> str:
                      *(_ms([r["summary"][k] for r in rs]) for k in (
                          "dice_liver_lits", "dice_tumor", "dice_tumor_all_cases", "dice_tumor_global",
                          "median_tumor_volume_ratio", "lesion_recall", "fp_tumor_ml_tumor_free_cases")),
-                     f"{t / base_t:.2f}×" if base_t and base_t == base_t and t == t else "-"])
+                     f"{t / base_t:.2f}×" if base_t and base_t == base_t and t == t else "-", real_slice_liver(arm)])
     return md_table(["arm", "budget s", "train s (measured)", "steps", "seeds", "liver Dice (label ≥ 1)",
                      "tumour Dice per case", "tumour Dice, all cases (nnU-Net)", "tumour Dice global",
                      "tumour volume pred/true (median)", "lesion recall", "FP tumour mL (tumour-free)",
-                     "tumour vs baseline"], body)
+                     "tumour vs baseline", "REAL CT slices: liver Dice per case (real_liver.py, 60 s)"], body)
 
 
 def paired_rows(rows: list[dict]) -> str:

@@ -51,3 +51,15 @@ def real_ct() -> Path:
         pytest.skip(f"real CT samples not found at {REAL_CT} (they live in ../shared, which a user's clone "
                     "does not have)")
     return REAL_CT
+
+
+REAL_SLICES = Path(os.environ.get("LIVER_REAL_SLICES_DIR", ROOT.parent / "shared" / "data" / "real_liver_slices"))
+
+
+@pytest.fixture()
+def real_slices() -> Path:
+    """Folder with the real LiTS-derived liver slices, or skip."""
+    if not (REAL_SLICES / "images").is_dir():
+        pytest.skip(f"real liver slices not found at {REAL_SLICES} (they live in ../shared, which a user's clone "
+                    "does not have)")
+    return REAL_SLICES

@@ -18,6 +18,7 @@ import bench_train  # noqa: E402
 import common  # noqa: E402
 import gpu_check  # noqa: E402
 import inference_probe  # noqa: E402
+import real_liver  # noqa: E402
 import recipe_study  # noqa: E402
 import tumour_bias  # noqa: E402
 import tumour_study  # noqa: E402
@@ -25,7 +26,7 @@ import tumour_study  # noqa: E402
 
 @pytest.fixture()
 def work(tmp_path, monkeypatch):
-    for mod in (bench_preprocess, bench_train, recipe_study, tumour_study, bench_gpu, gpu_check):
+    for mod in (bench_preprocess, bench_train, recipe_study, tumour_study, bench_gpu, gpu_check, real_liver):
         monkeypatch.setattr(mod, "WORK", tmp_path)
     return tmp_path
 
@@ -325,3 +326,56 @@ def test_view_average_maps_every_view_back():
     with pytest.raises(ValueError, match="view must be one of"):
         inference_probe.ViewAverage(pointwise, "rotate")
 
+
+
+def test_hierarchical_bootstrap_holds_the_noise_of_training():
+    """Two runs of one recipe differ by seed (training noise) more than by case: resampling cases alone would
+    call the difference significant; resampling seeds too gives an interval that covers 0."""
+    same_recipe = [[+0.1] * 10, [-0.1] * 10]  # seed 0's models a little better on every case, seed 1's worse
+    d = common.hierarchical_bootstrap(same_recipe, n_boot=4000)
+    assert d["mean"] == pytest.approx(0.0) and d["low"] <= -0.09 and d["high"] >= 0.09
+    assert (d["seeds"], d["cases"]) == (2, 10)
+    flat = common.hierarchical_bootstrap([[0.3] * 5] * 3)
+    assert flat["mean"] == flat["low"] == flat["high"] == pytest.approx(0.3)
+
+
+def test_hierarchical_bootstrap_matches_exact_enumeration():
+    """2 seeds x 2 cases: the 16 equally likely resamples (seeds and cases each drawn with replacement),
+    enumerated by hand, give the distribution of the mean; the bootstrap's percentiles must match it."""
+    import itertools
+
+    import numpy as np
+    m = [[0.0, 1.0], [2.0, 5.0]]
+    means = sorted(np.mean([m[s][c] for s in ss for c in cc])
+                   for ss in itertools.product(range(2), repeat=2) for cc in itertools.product(range(2), repeat=2))
+    # by hand: seeds (0,0): cases give 0, 0.5, 0.5, 1; (1,1): 2, 3.5, 3.5, 5; (0,1)/(1,0): 1, 2, 2, 3 each
+    assert means == [0, 0.5, 0.5, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3.5, 3.5, 5]
+    d = common.hierarchical_bootstrap(m, n_boot=20000, level=0.75)
+    assert d["mean"] == pytest.approx(2.0)
+    assert d["low"] == pytest.approx(0.5, abs=0.01) and d["high"] == pytest.approx(3.5, abs=0.01)
+
+
+def test_tiny_real_liver_study_trains_scores_and_probes(work, synthetic_dir, tmp_path, monkeypatch):
+    """bench/real_liver.py end to end on a tiny set in the real slices' layout: recipes at equal time, the stage-1
+    floor turning a too-small cascade into one stage, the probes of a cascade, the steps curve and the tables."""
+    monkeypatch.setattr(real_liver, "IMAGE_SIZE", 32)
+    out = tmp_path / "real.json"
+    args = ["--seconds", "2", "--seeds", "0", "--batch", "2", "--base", "4", "--data", str(synthetic_dir),
+            "--results", str(out)]
+    tables: dict[str, str] = {}
+    monkeypatch.setattr(real_liver, "write_table", lambda name, text: tables.__setitem__(name, text))
+    rows = real_liver.main(["--recipes", "one-stage default", "default", "cascade, stage 1 half the time", *args])
+    by = {r["recipe"]: r for r in rows}
+    assert by["one-stage default"]["roi_size"] is None and "probes" not in by["one-stage default"]
+    # 2 s hold far fewer than uh.CASCADE_MIN_STAGE1_STEPS steps of stage 1: the default trains one stage
+    assert by["default"]["roi_size"] is None and list(by["default"]["steps"]) == ["stage1"]
+    half = by["cascade, stage 1 half the time"]  # no floor: two stages, and the probes
+    assert half["roi_size"] == 64 and set(half["steps"]) == {"stage1", "stage2"}
+    assert set(half["probes"]) == set(real_liver.PROBES)
+    scored = set(half["per_case"])
+    assert scored == set(by["default"]["per_case"]) and 1 <= len(scored) < 6  # the same scored patients
+    for r in rows:
+        assert all(0 <= v <= 1 for v in r["per_case"].values()) and r["train_seconds"] > 0
+    assert tables["real_liver_2s"].count("| cascade, stage 1 half the time |") == 2  # the table and the probes
+    curve = real_liver.main(["--steps-curve", "4", "8", *args])
+    assert [r["steps"] for r in curve] == [4, 8] and "| 8 | 1 |" in tables["real_liver_steps"]

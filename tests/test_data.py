@@ -738,3 +738,32 @@ def test_stale_cache_entries_of_this_data_are_removed_and_said(synthetic_dir, tm
     assert not any(Path(c.meta["entry"]).exists() for c in old)
     assert uh.preprocess_dataset(cases, cache, image_size=32, workers=0, progress=False)
     assert len(list(cache.iterdir())) == 2 + 2 + 2  # by default (clean=False) both settings' entries stay
+
+
+def test_real_liver_slices_load_as_the_notebook_reads_them(real_slices, tmp_path):
+    """The real slices (../shared/data/real_liver_slices): found in the Kaggle layout, read as real CT, 0/1 liver
+    labels, RAS with the liver on the patient's right (+x), windowed liver inside the window, cached flags that
+    match the labels. Counts from the folder's README: 61 patients, 291 slices of 256 x 256."""
+    cases, root = uh.find_data(real_slices)
+    assert Path(root) == real_slices and len(cases) == 61 and not uh.is_synthetic(cases)
+    assert all(c.label is not None for c in cases)
+    slices, right, liver_means = 0, 0, []
+    for f in cases:
+        case = uh.load_case(f.image, f.label, f.case_id)
+        x, y, z = case.image.shape
+        assert (x, y) == (256, 256) and 1 <= z <= 11, (f.case_id, case.image.shape)
+        assert set(np.unique(case.label)) <= {0, 1}, f.case_id  # liver and tumour merged, as the README says
+        assert case.image.min() >= 0 and case.image.max() <= 255  # HU clipped to the JPEGs' range
+        liver = case.label >= 1
+        assert liver.any(), f.case_id
+        slices += z
+        right += np.argwhere(liver)[:, 0].mean() > x / 2  # RAS: +x toward the patient's right
+        liver_means.append(uh.window_hu(case.image)[liver].mean())
+    assert slices == 291
+    assert right >= 0.9 * len(cases), f"liver on the patient's right in only {right} of {len(cases)} patients"
+    assert 0.25 < np.median(liver_means) < 0.6  # (HU + 100) / 500 for liver HU of ~25-200
+    cached = uh.preprocess_dataset(cases[:4], tmp_path / "cache", 128, progress=False)
+    for f, c in zip(cases[:4], cached):
+        label = uh.load_case(f.image, f.label).label
+        assert c.image.shape == (label.shape[2], 128, 128)
+        np.testing.assert_array_equal(c.has_liver, (label >= 1).any(axis=(0, 1)))

@@ -622,6 +622,21 @@ def test_liver_box_grows_to_the_stage2_window():
             uh.cascade_epochs(20, bad)
 
 
+def test_cascade_plan_gives_stage_one_enough_steps_or_trains_one_stage():
+    """Stage 1's share, raised to a floor of optimizer steps, or one stage when the floor would take over half."""
+    plan = uh.cascade_plan
+    assert plan(20, 0.2, 40, 120)[:2] == (4, 16)  # 4 x 40 = 160 steps >= 120: the share as it is
+    first, second, why = plan(20, 0.2, 20, 120)  # 4 x 20 = 80 < 120: ceil(120 / 20) = 6 epochs, 6 <= 10
+    assert (first, second) == (6, 14) and "more than its share of 4" in why
+    assert plan(12, 0.2, 20, 120)[:2] == (6, 6)  # the floor is exactly half the budget: still two stages
+    first, second, why = plan(10, 0.2, 14, 120)  # the notebook on the real slices: ceil(120 / 14) = 9 > 5
+    assert (first, second) == (10, 0) and why.startswith("CASCADE off")
+    assert plan(10, 0.2, 14, 120, forced=True)[:2] == (2, 8)  # CASCADE = True: the split is kept, with a warning
+    assert "only 28 steps" in plan(10, 0.2, 14, 120, forced=True)[2]
+    assert plan(10, 0.2, 14, 0)[:2] == (2, 8)  # no floor: the share alone (cascade_epochs)
+    assert uh.CASCADE_MIN_STAGE1_STEPS >= 1
+
+
 def test_cascade_in_evaluate_and_predict_volume(tiny_data, synthetic_dir, tmp_path, monkeypatch):
     m, _ = _run(tiny_data, tmp_path / "s1", epochs=1)
     s2 = uh.Stage2(uh.UNet(3, 3, base_channels=4, depth=2), roi_size=32, margin_mm=10)
@@ -894,8 +909,14 @@ def test_worker_timeout_names_the_likely_cause():
     hung = RuntimeError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(...) ran for 600000 ms")
     out = uh._worker_failure(hung)
     assert isinstance(out, RuntimeError) and "out of host memory" in str(out) and "Watchdog" in str(out)
+    killed = RuntimeError("process 1 terminated with signal SIGKILL")
+    assert "out-of-memory killer" in str(uh._worker_failure(killed))
     other = ValueError("LOSS must be one of ...")
     assert uh._worker_failure(other) is other
+    # a traceback whose source lines mention a timeout, ending in another error, is that error
+    setup = RuntimeError("Traceback ...\n  init_process_group(backend, timeout=DDP_TIMEOUT)\n"
+                         "RuntimeError: The server socket has failed to listen: address already in use")
+    assert uh._worker_failure(setup) is setup
     assert uh.DDP_TIMEOUT.total_seconds() <= 30 * 60  # not torch's 30-minute default, nor the old hour
 
 
@@ -917,12 +938,16 @@ def test_worker_ends_when_its_parent_is_killed(tmp_path):
     assert ready.exists()
     parent.kill()
     parent.wait()
+    def running() -> bool:  # alive and not a zombie (exited, waiting to be reaped)
+        try:
+            return Path(f"/proc/{child_pid}/stat").read_text().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
     deadline = time.time() + 15
-    while Path(f"/proc/{child_pid}").exists() and time.time() < deadline:
-        if "Z" in Path(f"/proc/{child_pid}/stat").read_text().split()[2]:  # exited, waiting to be reaped
-            break
+    while running() and time.time() < deadline:
         time.sleep(0.2)
-    alive = Path(f"/proc/{child_pid}").exists() and "Z" not in Path(f"/proc/{child_pid}/stat").read_text().split()[2]
+    alive = running()
     if alive:
         os.kill(child_pid, 9)
     assert not alive, "the worker outlived its parent"

@@ -77,7 +77,10 @@ def _outputs_of(executed: Path, marker: str) -> str:
 
 def test_notebook_scores_the_final_model(tiny_run):
     text = _outputs_of(tiny_run / "executed.ipynb", "uh.evaluate(")
-    assert "'last' checkpoint (epoch 1, stage 2 epoch 1)" in text  # EPOCHS 2, cascade: one epoch per stage
+    # 2 epochs of 3 steps cannot give stage 1 the steps it needs to find the liver: one stage trains both epochs
+    assert "'last' checkpoint (epoch 2)" in text
+    train = _outputs_of(tiny_run / "executed.ipynb", "uh.cascade_plan(")
+    assert "CASCADE off" in train and "one stage trains all 2 epochs" in train
     assert "the final model" in text and "nnU-Net convention" in text
 
 
@@ -124,7 +127,8 @@ def test_cascade_from_parameters_alone(tmp_path):
     assert (out / "stage2" / "best.pt").exists() and (out / "stage2" / "training_curves.png").exists()
     assert (out / "cascade.png").stat().st_size > 10_000  # what stage 2 receives and returns
     assert metrics["config"]["ROI_SIZE"] == 64  # 0.6 x 64 voxels in-plane, rounded up to 32 (no larger than 64)
-    assert len(metrics["history"]) == 1  # the budget is split: EPOCHS 2 -> 1 epoch per stage
+    assert len(metrics["history"]) == 1  # CASCADE = True (yours) keeps the split: EPOCHS 2 -> 1 epoch per stage
+    assert "only 3 steps" in _outputs_of(tmp_path / "executed.ipynb", "uh.cascade_plan(")
 
 
 def test_committed_notebook_is_one_clean_run():
