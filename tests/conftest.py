@@ -44,13 +44,17 @@ def synthetic_dir(tmp_path_factory) -> Path:
     return out
 
 
+def shared_or_skip(folder: Path, probe: str, what: str) -> Path:
+    """``folder`` when ``folder / probe`` exists, else skip the test and say why."""
+    if not (folder / probe).exists():
+        pytest.skip(f"{what} not found at {folder} (they live in ../shared, which a user's clone does not have)")
+    return folder
+
+
 @pytest.fixture()
 def real_ct() -> Path:
     """Folder with the real CT samples, or skip."""
-    if not (REAL_CT / "abdomen_ct_3mm_ras.nii.gz").exists():
-        pytest.skip(f"real CT samples not found at {REAL_CT} (they live in ../shared, which a user's clone "
-                    "does not have)")
-    return REAL_CT
+    return shared_or_skip(REAL_CT, "abdomen_ct_3mm_ras.nii.gz", "real CT samples")
 
 
 REAL_SLICES = Path(os.environ.get("LIVER_REAL_SLICES_DIR", ROOT.parent / "shared" / "data" / "real_liver_slices"))
@@ -59,7 +63,4 @@ REAL_SLICES = Path(os.environ.get("LIVER_REAL_SLICES_DIR", ROOT.parent / "shared
 @pytest.fixture()
 def real_slices() -> Path:
     """Folder with the real LiTS-derived liver slices, or skip."""
-    if not (REAL_SLICES / "images").is_dir():
-        pytest.skip(f"real liver slices not found at {REAL_SLICES} (they live in ../shared, which a user's clone "
-                    "does not have)")
-    return REAL_SLICES
+    return shared_or_skip(REAL_SLICES, "images", "real liver slices")
