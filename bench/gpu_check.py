@@ -176,9 +176,8 @@ def section_card_16gb(ck: Check) -> dict:
             where = uh.choose_data_device(kaggle_bytes, ck.device)
         out = {"kaggle_set_gib": round(kaggle_bytes / 2**30, 2), "choose_data_device": str(where)}
         _reset_peak(ck.device)
-        with _precision("fp16") as amp:
+        with _precision("fp16"):  # TrainConfig.amp is on: fp16 autocast and the GradScaler, as on a T4
             state = uh.make_train_state(ck.model(), ck.cfg(), 4, ck.device)
-            state.use_amp = amp
             x = torch.rand(ck.batch, 3, ck.size, ck.size, device=ck.device).contiguous(
                 memory_format=torch.channels_last)
             y = torch.randint(0, 3, (ck.batch, ck.size, ck.size), device=ck.device)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from common import ROOT, WORK, hierarchical_bootstrap, md_table, stamp, write_table
 from recipe_study import load, save
-from tumour_study import cached, fit, stage_config, steps_for
+from tumour_study import REAL_RECIPE, cached, fit, stage_config, steps_for
 
 import unet_helpers as uh
 
@@ -206,9 +206,10 @@ def _per_case_mean(per_case: dict) -> float:
 
 
 SYNTHETIC = ROOT / "bench" / "results" / "tumour_study_96_600s_v4.json"  # the synthetic study of the default
-SYNTHETIC_ARM = {  # recipe here: the arm of the synthetic study that trained the same recipe
-    "baseline": "baseline", "default": "lesion contrast, mirrored stage 2",
-    "cascade, stage 1 a fifth, no floor (the default before)": "lesion contrast, mirrored stage 2"}
+# recipe here: the arm of the synthetic study that trained the same recipe (tumour_study.REAL_RECIPE read backwards);
+# the default trains that arm's recipe where its stage-1 floor does not bind (checked in synthetic_tumour)
+SYNTHETIC_ARM = {recipe: arm for arm, recipe in REAL_RECIPE.items()}
+SYNTHETIC_ARM["default"] = SYNTHETIC_ARM["cascade, stage 1 a fifth, no floor (the default before)"]
 
 
 def synthetic_tumour(name: str, path: Path = SYNTHETIC) -> str:
