@@ -96,14 +96,12 @@ RECIPES: dict[str, dict] = {
                  "loss": "dice_ce", "postprocess": False, "cascade": False, "hu_window": (-100.0, 400.0),
                  "strong_augment": False, "lesion_augment": False, "lesion_balance": False, "stage2_patch": None,
                  "stage1_share": None, "min_tumor_ml": 0.0, "stage2_mirror": False},
-    # our default, chosen by the budget-fair study (BENCHMARKS.md §5, §5c-g): the liver-box cascade (stage 2 at
-    # native resolution) with 3 adjacent slices in (2.5D), tumour/liver oversampling, fewer empty slices and
-    # post-processing in both stages; tumour draws balanced over lesion contrast, and stage 2 trained on random
-    # windows 0.4 of its box wide with four fifths of the budget (§5e-g: more hyperdense and faint lesions found;
-    # on the validation set the tumour volume is no longer under-called, on the kept-aside set it still is);
-    # predicted tumour specks under 0.1 mL become liver (§5j: fewer false lesions and the same Dice on the validation
-    # set; on the kept-aside set a few true small lesions lost); lesion-contrast augmentation and stage 2 trained on
-    # mirrored windows and averaged over mirrored boxes (§5k: together +0.05 per-case tumour Dice, each alone a tie)
+    # the default, chosen at equal training time (BENCHMARKS.md §5): the liver-box cascade (stage 1 below the CT's
+    # size finds the liver, stage 2 works on the liver box at native pixels, four fifths of the budget, on random
+    # windows 0.4 of the box wide, mirrored, and averaged over mirrored boxes at inference); 3 adjacent slices in
+    # (2.5D); a third of each batch from tumour slices, balanced over lesion contrast, whose contrast the
+    # augmentation also varies; fewer empty slices; post-processing: the largest liver component, tumour specks
+    # under 0.1 mL made liver
     "default": {"context": 3, "tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2,
                 "loss": "dice_ce", "postprocess": True, "cascade": True, "hu_window": (-100.0, 400.0),
                 "strong_augment": False, "lesion_augment": True, "lesion_balance": True, "stage2_patch": 0.4,
@@ -196,9 +194,11 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
     The preset is "full" on a CUDA GPU with real data, else "quick"; ``CONTEXT_SLICES``,
     ``CASCADE``, ``HU_WINDOW``, ``LOSS``, stage 2's ``PATCH_SIZE`` (the recipe's ``stage2_patch`` of
     ``ROI_SIZE``) and the sampling, augmentation and post-processing options
-    come from ``RECIPE`` (``RECIPE_SETTINGS`` holds them with your overrides); the recipe's cascade is
-    used only where ``IMAGE_SIZE`` is below the CT's in-plane size (where stage 2 gains resolution); with the
-    cascade, ``ROI_SIZE`` comes from ``native_shape`` (the CT's voxels per slice, :func:`roi_size_for`).
+    come from ``RECIPE`` (``RECIPE_SETTINGS`` holds them with your overrides). The recipe's cascade runs where
+    ``IMAGE_SIZE`` is below the CT's in-plane size (where stage 2 gains resolution); where the preset's
+    ``IMAGE_SIZE`` is not, stage 1 trains at half the CT's size (:func:`_stage1_below_native`), and where yours is
+    not, the cascade is off. With the cascade, ``ROI_SIZE`` comes from ``native_shape`` (the CT's voxels per slice,
+    :func:`roi_size_for`).
 
     Returns:
         (completed settings, lines saying what was chosen and why).
@@ -216,6 +216,9 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
             s[key] = value
             notes.append(f"{key} = {value!r} (preset)")
     rec = recipe(s["RECIPE"])
+    if s.get("CASCADE") is None and settings.get("IMAGE_SIZE") is None:
+        below = _stage1_below_native(s, native_shape, rec)
+        notes = [n for n in notes if not (below and n.startswith("IMAGE_SIZE = "))] + below
     if s.get("CONTEXT_SLICES") is None:
         s["CONTEXT_SLICES"] = rec["context"]
         notes.append(f"CONTEXT_SLICES = {rec['context']} (recipe {s['RECIPE']!r})")
@@ -250,6 +253,20 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
                stage2_mirror=bool(rec["stage2_mirror"] and s["CASCADE"]))
     s["RECIPE_SETTINGS"] = rec
     return s, notes
+
+
+def _stage1_below_native(s: dict, native_shape: Sequence[int] | None, rec: dict) -> list[str]:
+    """A cascade recipe on CT whose slices are no larger than the preset's ``IMAGE_SIZE`` (the Kaggle set's 256²
+    under the full preset): stage 1 at half the CT's in-plane size (rounded to the U-Net's 2^depth), so that stage 2
+    still sees the liver box at finer pixels. At that scale the cascade with stage 1 at 128² beat one stage at native
+    256² (BENCHMARKS.md §5l). Changes ``IMAGE_SIZE`` in place; the note says why."""
+    native = max(native_shape[:2]) if native_shape else None
+    if not (rec["cascade"] and native and s["IMAGE_SIZE"] >= native):
+        return []
+    multiple = 2 ** s["DEPTH"]
+    s["IMAGE_SIZE"] = max(multiple, native // 2 // multiple * multiple)
+    return [f"IMAGE_SIZE = {s['IMAGE_SIZE']} (recipe {s['RECIPE']!r}: stage 1 of the cascade at half the CT's "
+            f"{native} voxels in-plane, stage 2 on the liver box at native pixels; BENCHMARKS.md §5l)"]
 
 
 def _resolve_cascade(s: dict, native_shape: Sequence[int] | None, rec: dict) -> list[str]:
@@ -1677,9 +1694,8 @@ def lesion_contrast(x: torch.Tensor, y: torch.Tensor, draws: torch.Tensor, p: fl
     Synthetic lesions are mostly hypodense and real ones vary in contrast; a model that has met every contrast
     is not bound to the frequencies of its training set. Limits: one d per slice (a dark and a bright lesion
     in one slice get their average, and move together); the rim shift reaches background where a lesion
-    touches the liver's edge. Measured in BENCHMARKS.md §5c (200 s: no gain) and §5i (600 s, synthetic CT:
-    bright lesions drawn better, per-case tumour Dice +0.024 with an interval that includes 0, lesion
-    precision 0.74 -> 0.55); off in both recipes.
+    touches the liver's edge. On in the default recipe (``lesion_augment``), with stage 2's mirroring
+    (BENCHMARKS.md §5i, §5k); off in the baseline.
 
     Args:
         x: (B, C, S, S) images; y: (B, S, S) labels (0 background, 1 liver, 2 tumour) of the centre channel.
@@ -2387,7 +2403,7 @@ def _ddp_worker(rank: int, world: int, port: int, job: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(job["threads"])
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, det = job["flags"]
     torch.use_deterministic_algorithms(det, warn_only=True)
     # rank 0 validates and saves while the others wait at their next exchange; longer waits mean a lost worker
@@ -2482,6 +2498,7 @@ def train_replicated(replicas: int, model: torch.nn.Module, train_data: SliceSet
            "train_index": np.asarray(train_index), "val_index": None if val_index is None else np.asarray(val_index),
            "cfg": cfg, "output_dir": str(output_dir), "resume": resume, "progress": progress,
            "extra_state": extra_state, "run": run, "device_type": target.type, "parent_pid": os.getpid(),
+           "threads": max(1, torch.get_num_threads() // replicas),  # CPU ranks share the caller's threads
            "flags": (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
                      torch.are_deterministic_algorithms_enabled())}
     try:
@@ -2622,35 +2639,112 @@ def drop_small_tumour(pred: np.ndarray, spacing: Sequence[float], min_ml: float)
     return out
 
 
-def lesion_detection(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
-                     iou_threshold: float = 0.5) -> dict:
-    """Lesion-level detection of one case, as LiTS reports it (tumour = label 2).
+LESION_CONNECTIVITY = np.array([[[0, 0, 0], [0, 1, 0], [0, 0, 0]], [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
+                                [[0, 0, 0], [0, 1, 0], [0, 0, 0]]], bool)  # face neighbours: scipy's default, LiTS's
 
-    Lesions are 26-connected tumour components.  A reference lesion is *detected* when a
-    predicted component overlaps it by at least one voxel; its IoU is taken against the union of
-    all predicted components that overlap it (so a lesion split into pieces is not penalised
-    twice), and ``detected_iou`` asks for IoU ≥ ``iou_threshold``.  A predicted component is
-    *matched* when it overlaps any reference lesion.
+
+def match_lesions(inter: np.ndarray) -> list[tuple[list[int], list[int]]]:
+    """LiTS's matching of predicted to reference lesions, merges and splits resolved, from their overlaps.
+
+    The rule of the LiTS evaluation code (``detect_lesions`` in its ``helpers/calc_metric.py``, Bilic et al.
+    2019): (1) a predicted lesion that overlaps several reference lesions merges those of them that it overlaps
+    more than any other prediction does; (2) every predicted lesion is matched to the (merged) reference lesion it
+    overlaps most; (3) the predictions matched to one reference lesion are merged. Ties go to the lower index.
+
+    Args:
+        inter: (n_pred, n_ref) voxel counts of each predicted lesion's overlap with each reference lesion.
 
     Returns:
-        ``{"lesions": [{"volume_ml", "detected", "iou", "detected_iou"}, ...] (one per reference
-        lesion), "n_pred": predicted components, "n_pred_matched": those overlapping a lesion}``.
+        One (predicted indices, reference indices) pair per matched group, each side non-empty, ordered by their
+        first reference lesion; lesions that overlap nothing are in no group.
+    """
+    n_pred, n_ref = inter.shape
+    owner = inter.argmax(0) if n_pred else np.zeros(n_ref, int)  # per reference: the prediction overlapping it most
+    refs: dict[int, list[int]] = {}  # (1) merged reference lesions, keyed by the prediction that merged them
+    for g in range(n_ref):
+        if n_pred and inter[owner[g], g] > 0:
+            refs.setdefault(int(owner[g]), []).append(g)
+    groups = sorted(refs.values())
+    preds: list[list[int]] = [[] for _ in groups]
+    for p in np.flatnonzero(inter.any(1)):  # (2) + (3): each prediction joins the group it overlaps most
+        preds[int(np.argmax([inter[p, g].sum() for g in groups]))].append(int(p))
+    return [(ps, gs) for ps, gs in zip(preds, groups) if ps]
+
+
+def lesion_detection(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
+                     iou_threshold: float = 0.5) -> dict:
+    """Lesion-level detection of one case, as LiTS counts it (tumour = label 2).
+
+    Lesions are connected tumour components (face neighbours, scipy's default, as in the LiTS evaluation
+    code). Predicted and reference lesions are grouped by :func:`match_lesions` (merges and splits resolved);
+    a group is *detected* when the union of its predicted lesions and the union of its reference lesions
+    overlap with IoU > ``iou_threshold`` (LiTS: 0.5). LiTS counts one true positive per detected group
+    (:func:`lesion_rates`). Two places where the published script departs from its own description are not
+    copied: some versions take the union against the wrong label ids, and an undetected merged group subtracts
+    its merge count from the detections. Any-overlap detection (a lesion touched by one predicted voxel counts)
+    is kept beside it as ``detected_any`` / ``n_pred_matched``.
+
+    Returns:
+        ``{"lesions": [{"volume_ml", "detected", "detected_any", "iou"}, ...] (one per reference lesion,
+        ``detected`` when its group is; ``iou`` of its group, 0 outside any), "groups": [{"n_ref", "n_pred",
+        "iou", "dice", "detected"}, ...], "n_pred": predicted lesions, "n_pred_matched": those overlapping any
+        reference lesion}``.
     """
     from scipy import ndimage
-    ref, n_ref = ndimage.label(truth == 2, structure=CONNECTIVITY_26)
-    hyp, n_hyp = ndimage.label(pred == 2, structure=CONNECTIVITY_26)
+    ref, n_ref = ndimage.label(truth == 2, structure=LESION_CONNECTIVITY)
+    hyp, n_hyp = ndimage.label(pred == 2, structure=LESION_CONNECTIVITY)
+    ref_size, hyp_size = np.bincount(ref.ravel(), minlength=n_ref + 1), np.bincount(hyp.ravel(), minlength=n_hyp + 1)
+    both = (ref > 0) & (hyp > 0)
+    inter = np.zeros((n_hyp + 1, n_ref + 1), np.int64)
+    np.add.at(inter, (hyp[both], ref[both]), 1)
+    inter = inter[1:, 1:]
+    groups, iou_of_ref, found = [], np.zeros(n_ref), np.zeros(n_ref, bool)
+    for ps, gs in match_lesions(inter):
+        common = int(inter[np.ix_(ps, gs)].sum())
+        sizes = int(hyp_size[np.add(ps, 1)].sum()) + int(ref_size[np.add(gs, 1)].sum())
+        iou = common / (sizes - common)
+        detected = iou > iou_threshold  # LiTS: more than half
+        groups.append({"n_ref": len(gs), "n_pred": len(ps), "iou": iou, "dice": 2 * common / sizes,
+                       "detected": detected})
+        iou_of_ref[gs], found[gs] = iou, detected
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    hyp_size = np.bincount(hyp.ravel(), minlength=n_hyp + 1)
-    lesions = []
-    for r, box in enumerate(ndimage.find_objects(ref), start=1):  # work inside each lesion's bounding box
-        inside = hyp[box][ref[box] == r]  # predicted component ids under the lesion's voxels
-        hits = np.unique(inside[inside > 0])
-        size, inter = inside.size, int((inside > 0).sum())  # |r|, |r ∩ U| (U: the overlapping components)
-        iou = inter / (size + int(hyp_size[hits].sum()) - inter)
-        lesions.append({"volume_ml": float(size * voxel_ml), "detected": bool(len(hits)), "iou": float(iou),
-                        "detected_iou": bool(iou >= iou_threshold)})
-    matched = np.unique(hyp[ref > 0])
-    return {"lesions": lesions, "n_pred": int(n_hyp), "n_pred_matched": int((matched > 0).sum())}
+    lesions = [{"volume_ml": float(ref_size[g + 1] * voxel_ml), "detected": bool(found[g]),
+                "detected_any": bool(inter[:, g].any()), "iou": float(iou_of_ref[g])} for g in range(n_ref)]
+    return {"lesions": lesions, "groups": groups, "n_pred": int(n_hyp), "n_pred_matched": int(inter.any(1).sum())}
+
+
+def lesion_counts(detection: dict) -> dict:
+    """One case's lesion counts (a :func:`lesion_detection` result), the numbers pooled over cases and folds."""
+    les, found = detection["lesions"], [g for g in detection["groups"] if g["detected"]]
+    return {"n_lesions": len(les), "n_lesions_detected_any": sum(x["detected_any"] for x in les),
+            "n_pred_lesions": detection["n_pred"], "n_pred_lesions_matched": detection["n_pred_matched"],
+            "n_lesion_groups_detected": len(found), "lesion_dice_sum": float(sum(g["dice"] for g in found))}
+
+
+LESION_COUNT_KEYS = ("n_lesions", "n_lesions_detected_any", "n_pred_lesions", "n_pred_lesions_matched",
+                     "n_lesion_groups_detected", "lesion_dice_sum")  # lesion_counts' keys, summed by lesion_rates
+
+
+def lesion_rates(counts: Sequence[dict]) -> dict:
+    """Lesion recall, precision, F1 and Dice pooled over cases (:func:`lesion_counts` of each).
+
+    LiTS's detection (IoU > 0.5 after merges and splits), counted as LiTS counts it: one true positive per
+    detected group, so recall = detected groups / reference lesions and precision = detected groups /
+    predicted lesions (a lesion predicted in two pieces costs precision, two lesions covered by one prediction
+    cost recall); ``lesion_dice``: mean Dice of the detected groups (LiTS's "segmentation of detected lesions").
+    ``*_any_overlap``: a reference lesion touched by any predicted voxel counts as found, a predicted lesion
+    touching any reference lesion as right. NaN where a denominator is 0; F1 as :func:`_f1`.
+    """
+    tot = {k: sum(c[k] for c in counts) for k in LESION_COUNT_KEYS}
+    out = {}
+    for sfx, found, hit in (("", "n_lesion_groups_detected", "n_lesion_groups_detected"),
+                            ("_any_overlap", "n_lesions_detected_any", "n_pred_lesions_matched")):
+        recall, precision = _ratio(tot[found], tot["n_lesions"]), _ratio(tot[hit], tot["n_pred_lesions"])
+        out.update({f"lesion_recall{sfx}": recall, f"lesion_precision{sfx}": precision,
+                    f"lesion_f1{sfx}": _f1(precision, recall)})
+    out["lesion_dice"] = _ratio(tot["lesion_dice_sum"], tot["n_lesion_groups_detected"])
+    out["n_lesions"], out["n_pred_lesions"] = tot["n_lesions"], tot["n_pred_lesions"]
+    return out
 
 
 LESION_VOLUME_BINS = ("<1 mL", "1-10 mL", ">10 mL")  # reference lesion volume v: v < 1, 1 ≤ v ≤ 10, v > 10
@@ -2676,21 +2770,13 @@ def _f1(precision: float, recall: float) -> float:
 
 
 def lesion_summary(results: Sequence[dict]) -> dict:
-    """Lesion recall, precision and F1 pooled over cases (outputs of :func:`lesion_detection`).
-
-    Recall = detected / reference lesions; precision = matched / predicted components; F1 their
-    harmonic mean (0 when nothing is found, see :func:`_f1`); ``lesion_recall_iou50`` asks for
-    IoU ≥ 0.5; recall and counts by reference lesion volume: < 1 mL, 1–10 mL, > 10 mL.  Recall and
-    precision are NaN where their denominator is 0.
-    """
+    """:func:`lesion_rates` of some cases' :func:`lesion_detection` results, with recall by reference lesion volume
+    (< 1 mL, 1–10 mL, > 10 mL; the share of a bin's lesions whose group is detected; NaN for an empty bin) and
+    the counts per bin."""
     lesions = [les for r in results for les in r["lesions"]]
-    recall = _ratio(sum(les["detected"] for les in lesions), len(lesions))
-    precision = _ratio(sum(r["n_pred_matched"] for r in results), sum(r["n_pred"] for r in results))
-    f1 = _f1(precision, recall)
     binned = {name: [les for les in lesions if lesion_volume_bin(les["volume_ml"]) == name]
               for name in LESION_VOLUME_BINS}
-    return {"lesion_recall": recall, "lesion_precision": precision, "lesion_f1": f1,
-            "lesion_recall_iou50": _ratio(sum(les["detected_iou"] for les in lesions), len(lesions)),
+    return {**lesion_rates([lesion_counts(r) for r in results]),
             "lesion_recall_by_volume": {k: _ratio(sum(les["detected"] for les in v), len(v))
                                         for k, v in binned.items()},
             "lesion_count_by_volume": {k: len(v) for k, v in binned.items()}}
@@ -2850,21 +2936,37 @@ def keep_liver_core(stage2_labels: np.ndarray, stage1_liver: np.ndarray, spacing
     return out
 
 
+def tumour_burden(labels: np.ndarray) -> float:
+    """LiTS's tumour burden: tumour voxels / liver-with-tumour voxels (label 2 / label ≥ 1); 0 without liver or
+    tumour (LiTS's script gives a prediction without label 1 a burden of 9001, a penalty, not a burden)."""
+    liver = int((labels >= 1).sum())
+    return int((labels == 2).sum()) / liver if liver else 0.0
+
+
+POOLED_KEYS = {"liver": lambda p, t: (p == 1, t == 1), "tumor": lambda p, t: (p == 2, t == 2),
+               "liver_lits": lambda p, t: (p >= 1, t >= 1)}  # global Dice: counts pooled over cases
+
+
 def overlap_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
-    """The overlap part of :func:`score_case`: Dice in each convention and tumour volumes (no distances)."""
+    """The overlap part of :func:`score_case`: Dice in each convention, the tp/fp/fn counts behind global Dice
+    (``tp_<name>``, ``fp_<name>``, ``fn_<name>`` for each of :data:`POOLED_KEYS`), tumour volumes and burden."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
     has_tumor = bool((truth == 2).any())
-    row = {"dice_liver": dice(pred == 1, truth == 1),
-           "dice_tumor": dice(pred == 2, truth == 2) if has_tumor else float("nan"),
-           "dice_liver_lits": dice(pred >= 1, truth >= 1),
-           "has_tumor": has_tumor,
-           "tumor_ml": float((truth == 2).sum() * voxel_ml),
-           "pred_tumor_ml": float((pred == 2).sum() * voxel_ml),
-           "fp_tumor_ml": float(((pred == 2) & (truth != 2)).sum() * voxel_ml)}
+    row: dict[str, Any] = {"has_tumor": has_tumor}
+    for key, masks in POOLED_KEYS.items():
+        row[f"tp_{key}"], row[f"fp_{key}"], row[f"fn_{key}"] = overlap_counts(*masks(pred, truth))
+    counts = {key: [row[f"{x}_{key}"] for x in ("tp", "fp", "fn")] for key in POOLED_KEYS}
+    row.update(dice_liver=dice_from_counts(*counts["liver"]), dice_liver_lits=dice_from_counts(*counts["liver_lits"]),
+               dice_tumor=dice_from_counts(*counts["tumor"]) if has_tumor else float("nan"),
+               dice_tumor_lits=dice_from_counts(*counts["tumor"], empty=1.0),
+               tumor_ml=float((truth == 2).sum() * voxel_ml), pred_tumor_ml=float((pred == 2).sum() * voxel_ml),
+               fp_tumor_ml=float(counts["tumor"][1] * voxel_ml),
+               tumor_burden_error=tumour_burden(pred) - tumour_burden(truth))
     row["dice_tumor_all_cases"] = row["dice_tumor"] if has_tumor else (
         0.0 if row["pred_tumor_ml"] > 0 else float("nan"))
     row["dice_mean"] = (row["dice_liver"] + row["dice_tumor"]) / 2 if has_tumor else float("nan")
     row["tumor_volume_ratio"] = _ratio(row["pred_tumor_ml"], row["tumor_ml"])
+    row["tumor_rvd"] = row["tumor_volume_ratio"] - 1.0  # signed relative volume difference, (P - T) / T
     return row
 
 
@@ -2877,49 +2979,35 @@ def score_case(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], le
         lesions: this case's :func:`lesion_detection` result when already computed.
 
     Returns:
-        ``dice_liver`` (label 1), ``dice_tumor`` (label 2; NaN on a tumour-free case),
-        ``dice_tumor_all_cases`` (nnU-Net: a tumour-free case scores 0 with any predicted tumour,
-        NaN with none), ``dice_liver_lits`` (label ≥ 1), ``dice_mean`` (mean of liver and tumour
-        Dice; NaN on a tumour-free case), tumour volumes in mL (true, predicted, false positive)
-        and ``tumor_volume_ratio`` (predicted / true), HD95/ASSD in mm for label ≥ 1 (``*_liver_lits_mm``)
-        and label 2 (NaN where either mask is empty), and lesion counts.
+        ``dice_liver`` (label 1), ``dice_tumor`` (label 2; NaN on a tumour-free case), ``dice_tumor_lits``
+        (LiTS: a tumour-free case scores 1 with no predicted tumour, 0 with any), ``dice_tumor_all_cases``
+        (nnU-Net: a tumour-free case scores 0 with any predicted tumour, NaN with none), ``dice_liver_lits``
+        (label ≥ 1), ``dice_mean`` (mean of liver and tumour Dice; NaN on a tumour-free case), the tp/fp/fn
+        counts, tumour volumes in mL (true, predicted, false positive), ``tumor_volume_ratio`` (predicted / true),
+        ``tumor_rvd`` ((predicted - true) / true), ``tumor_burden_error`` (predicted - true LiTS tumour burden),
+        HD95/ASSD in mm for label ≥ 1 (``*_liver_lits_mm``) and label 2 (NaN where either mask is empty), and
+        the lesion counts of :func:`lesion_counts`.
     """
     row = overlap_scores(pred, truth, spacing)
     row["hd95_liver_lits_mm"], row["assd_liver_lits_mm"] = surface_distances(pred >= 1, truth >= 1, spacing)
     row["hd95_tumor_mm"], row["assd_tumor_mm"] = (surface_distances(pred == 2, truth == 2, spacing)
                                                   if row["has_tumor"] else (float("nan"), float("nan")))
-    les = lesions if lesions is not None else lesion_detection(pred, truth, spacing)
-    row.update(n_lesions=len(les["lesions"]), n_lesions_detected=sum(x["detected"] for x in les["lesions"]),
-               n_lesions_detected_iou50=sum(x["detected_iou"] for x in les["lesions"]),
-               n_pred_lesions=les["n_pred"], n_pred_lesions_matched=les["n_pred_matched"])
+    row.update(lesion_counts(lesions if lesions is not None else lesion_detection(pred, truth, spacing)))
     return row
 
 
-RAW_KEYS = ("dice_liver", "dice_tumor", "dice_tumor_all_cases", "dice_liver_lits", "dice_mean", "fp_tumor_ml")
-POOLED_KEYS = {"liver": lambda p, t: (p == 1, t == 1), "tumor": lambda p, t: (p == 2, t == 2),
-               "liver_lits": lambda p, t: (p >= 1, t >= 1)}  # global Dice: counts pooled over cases
+RAW_DICE_KEYS = ("dice_liver", "dice_tumor", "dice_tumor_lits", "dice_tumor_all_cases", "dice_liver_lits", "dice_mean")
+RAW_KEYS = (*RAW_DICE_KEYS, "fp_tumor_ml", *(f"{x}_{k}" for k in POOLED_KEYS for x in ("tp", "fp", "fn")))  # before
+# post-processing: each per-case row keeps these with the suffix _raw
 
 
 def _score_with_raw(raw: np.ndarray, final: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
-                    pooled: dict, lesions: dict | None = None) -> dict:
-    """score_case of the final prediction, the raw (not post-processed) overlap values beside it, pooled counts.
-
-    ``pooled[name]`` accumulates ``[2 tp, 2 tp + fp + fn]`` (name: liver, tumor, liver_lits, each also ``_raw``).
-    """
+                    lesions: dict | None = None) -> dict:
+    """score_case of the final prediction, with the raw (not post-processed) overlap values beside it (``_raw``)."""
     row = score_case(final, truth, spacing, lesions)
     raw_row = overlap_scores(raw, truth, spacing) if raw is not final else row
     row.update({f"{k}_raw": raw_row[k] for k in RAW_KEYS})
-    pool_counts(pooled, final, truth)
-    pool_counts(pooled, raw, truth, "_raw")
     return row
-
-
-def pool_counts(pooled: dict, pred: np.ndarray, truth: np.ndarray, suffix: str = "") -> None:
-    """Add one case to ``pooled[name + suffix]``, ``[2 tp, 2 tp + fp + fn]`` for each of :data:`POOLED_KEYS`
-    (global Dice: :func:`summarize` divides the two)."""
-    for key, masks in POOLED_KEYS.items():
-        tp, fp, fn = overlap_counts(*masks(pred, truth))
-        pooled.setdefault(key + suffix, np.zeros(2))[:] += [2 * tp, 2 * tp + fp + fn]
 
 
 def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, device: torch.device | str,
@@ -2946,7 +3034,7 @@ def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, 
         them, suffixed ``_raw``); ``lesions`` holds one
         :func:`lesion_detection` result per case.
     """
-    rows, preds, lesions, pooled = [], {}, [], {}
+    rows, preds, lesions = [], {}, []
     for c in tqdm(cases, desc="evaluate (3D)", unit="case", disable=not progress):
         truth, spacing = c.label_full, c.meta["spacing"]
         raw = predict_slices(model, c.image, truth.shape[:2], context, device, batch_size, amp)
@@ -2955,12 +3043,12 @@ def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, 
             raw = predict_cascade(raw, full, spacing, stage2, context, device, batch_size, amp)
         final = postprocess(raw, spacing, min_tumor_ml) if postprocess_pred else raw
         lesions.append({"case": c.case_id, **lesion_detection(final, truth, spacing)})
-        rows.append({"case": c.case_id, **_score_with_raw(raw, final, truth, spacing, pooled, lesions[-1])})
+        rows.append({"case": c.case_id, **_score_with_raw(raw, final, truth, spacing, lesions[-1])})
         if save_dir is not None:
             save_prediction(final, c.meta["image_path"], Path(save_dir) / f"{c.case_id}_pred.nii.gz")
         if keep_predictions:
             preds[c.case_id] = final
-    return {"per_case": rows, "summary": summarize(rows, pooled, lesions), "lesions": lesions,
+    return {"per_case": rows, "summary": summarize(rows, lesions), "lesions": lesions,
             "predictions": preds}
 
 
@@ -2969,37 +3057,44 @@ def _finite(values: Iterable[float]) -> list[float]:
     return [float(v) for v in values if v is not None and not math.isnan(v)]
 
 
-MEAN_KEYS = ("dice_liver", "dice_tumor", "dice_tumor_all_cases", "dice_liver_lits", "dice_mean",
-             "hd95_liver_lits_mm", "assd_liver_lits_mm", "hd95_tumor_mm", "assd_tumor_mm")
+MEAN_KEYS = ("dice_liver", "dice_tumor", "dice_tumor_lits", "dice_tumor_all_cases", "dice_liver_lits", "dice_mean",
+             "tumor_rvd", "hd95_liver_lits_mm", "assd_liver_lits_mm", "hd95_tumor_mm", "assd_tumor_mm")
 
 
-def summarize(rows: list[dict], pooled: dict, lesions: Sequence[dict] | None = None) -> dict:
-    """Per-case means with 95 % bootstrap intervals, pooled global Dice, volume ratio, lesion detection.
+def summarize(rows: list[dict], lesions: Sequence[dict] | None = None) -> dict:
+    """Per-case means with 95 % bootstrap intervals, global Dice, tumour burden, volume ratio, lesion detection.
 
-    Each per-case mean skips the cases where its metric is undefined (NaN): ``dice_tumor`` and
-    ``dice_mean`` use the cases with tumour, ``dice_tumor_all_cases`` every case but those with
-    neither true nor predicted tumour; HD95/ASSD are averaged over the cases where both masks are
-    non-empty, and the cases left out are counted beside them (``n_<key>_undefined``).
-    ``ci95[key]`` is a bootstrap over cases.
+    Each per-case mean skips the cases where its metric is undefined (NaN or null): ``dice_tumor``,
+    ``dice_mean`` and ``tumor_rvd`` use the cases with tumour, ``dice_tumor_all_cases`` every case but those
+    with neither true nor predicted tumour, ``dice_tumor_lits`` every case; HD95/ASSD are averaged over the
+    cases where both masks are non-empty, and the cases left out are counted beside them
+    (``n_<key>_undefined``). Global Dice (``dice_<name>_global``) divides the tp/fp/fn counts summed over
+    cases; ``tumor_burden_rmse`` / ``tumor_burden_max_error`` are the root mean square and the largest absolute
+    error of the per-case tumour burden (LiTS reports the RMSE and the largest signed true − predicted one);
+    lesion rates pool the cases' counts (:func:`lesion_rates`), recall by lesion volume needs ``lesions``
+    (:func:`lesion_detection` results). ``ci95[key]`` is a bootstrap over cases.
     """
     s: dict[str, Any] = {"n_cases": len(rows), "n_cases_with_tumor": sum(r["has_tumor"] for r in rows)}
     per_case = {k: [r[k] for r in rows] for k in MEAN_KEYS}
-    per_case.update({f"{k}_raw": [r[f"{k}_raw"] for r in rows] for k in RAW_KEYS
-                     if k != "fp_tumor_ml" and rows and f"{k}_raw" in rows[0]})
-    for sfx in ("", "_raw") if rows and "fp_tumor_ml_raw" in rows[0] else ("",):
+    raw = bool(rows) and all("dice_liver_raw" in r for r in rows)
+    per_case.update({f"{k}_raw": [r[f"{k}_raw"] for r in rows] for k in RAW_DICE_KEYS if raw})
+    for sfx in ("", "_raw") if raw else ("",):
         per_case[f"fp_tumor_ml_tumor_free_cases{sfx}"] = [r[f"fp_tumor_ml{sfx}"] for r in rows if not r["has_tumor"]]
+        for key in POOLED_KEYS:
+            s[f"dice_{key}_global{sfx}"] = dice_from_counts(*(sum(r[f"{x}_{key}{sfx}"] for r in rows)
+                                                              for x in ("tp", "fp", "fn")))
     for key, values in per_case.items():
         finite = _finite(values)
         s[key] = float(np.mean(finite)) if finite else float("nan")
     for key in ("hd95_liver_lits_mm", "assd_liver_lits_mm", "hd95_tumor_mm", "assd_tumor_mm"):
         relevant = rows if "liver" in key else [r for r in rows if r["has_tumor"]]
-        s[f"n_{key}_undefined"] = sum(math.isnan(r[key]) for r in relevant)
+        s[f"n_{key}_undefined"] = sum(r[key] is None or math.isnan(r[key]) for r in relevant)
     ratios = _finite(r["tumor_volume_ratio"] for r in rows)
     s["median_tumor_volume_ratio"] = float(np.median(ratios)) if ratios else float("nan")
-    for key, (num, den) in pooled.items():
-        s[f"dice_{key}_global" if not key.endswith("_raw") else f"dice_{key[:-4]}_global_raw"] = _ratio(num, den)
-    if lesions is not None:
-        s.update(lesion_summary(lesions))
+    burden = np.asarray(_finite(r["tumor_burden_error"] for r in rows))
+    s["tumor_burden_rmse"] = float(np.sqrt(np.mean(burden ** 2))) if len(burden) else float("nan")
+    s["tumor_burden_max_error"] = float(np.abs(burden).max()) if len(burden) else float("nan")
+    s.update(lesion_summary(lesions) if lesions is not None else lesion_rates(rows))
     s["ci95"] = {k: list(bootstrap_ci(v)) for k, v in per_case.items()}
     return s
 
@@ -3062,20 +3157,24 @@ def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_
 
 
 def gather_folds(paths: Sequence[str | os.PathLike]) -> dict:
-    """Cross-validation table: mean ± std (ddof 1) over folds of every number in each ``metrics.json`` summary.
+    """Cross-validation results pooled as nnU-Net pools them, with the spread over folds beside them.
 
     Args:
         paths: the folds' ``metrics.json`` files or the folders holding them.
 
     Returns:
-        ``{key: {"mean", "std", "n"}}``; ``std`` is NaN for a single fold; null values are skipped
-        (``n`` then counts fewer folds).
+        ``{"pooled": summary, "by_fold": {key: {"mean", "std", "n"}}}``: ``pooled`` is :func:`summarize` of every
+        fold's per-case rows together (per-case means over all cases, global Dice from the summed counts, lesion
+        rates from the summed lesion counts; recall by lesion volume is left out, ``metrics.json`` keeps no
+        lesion list); ``by_fold`` is mean ± std (ddof 1; NaN for one fold) over the folds' own summaries, null
+        values skipped (``n`` then counts fewer folds).
 
     Raises:
-        ValueError: when the folds were run with different settings (other than ``FOLD``) or
-        scored different checkpoints: their numbers would not belong in one table.
+        ValueError: when the folds were run with different settings (other than ``FOLD``) or scored different
+            checkpoints (their numbers would not belong in one table), or a file holds no per-case counts.
     """
     values: dict[str, list[float]] = {}
+    rows: list[dict] = []
     first: tuple[Path, dict] | None = None
     for p in paths:
         p = Path(p) / "metrics.json" if Path(p).is_dir() else Path(p)
@@ -3087,11 +3186,16 @@ def gather_folds(paths: Sequence[str | os.PathLike]) -> dict:
         if differ:
             raise ValueError(f"{p} and {first[0]} were run with different settings ({', '.join(differ)}); "
                              "gather folds of one configuration, or move the others away")
+        if not all("tp_tumor" in r for r in body.get("per_case", [])) or not body.get("per_case"):
+            raise ValueError(f"{p} holds no per-case overlap counts (written by an older version): run its "
+                             "'Evaluate' cell again to rewrite it")
+        rows += body["per_case"]
         for k, v in body["summary"].items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
                 values.setdefault(k, []).append(float(v))
-    return {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
-                "n": len(v)} for k, v in values.items()}
+    by_fold = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
+                   "n": len(v)} for k, v in values.items()}
+    return {"pooled": summarize(rows), "by_fold": by_fold}
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str], fmt: str = ".3f") -> str:
@@ -3125,17 +3229,20 @@ def describe_results(summary: dict, synthetic: bool, checkpoint: str = "last") -
     lines = [f"On {s['n_cases']} validation cases of {src}, {which}; [95 % bootstrap CI over cases]:",
              f"- liver, LiTS convention (label >= 1 vs >= 1, as LiTS/nnU-Net liver figures): per-case 3D Dice "
              f"{_with_ci(s, 'dice_liver_lits')}; liver tissue alone (label 1): {_with_ci(s, 'dice_liver')}.",
-             f"- tumour, per case over the {s['n_cases_with_tumor']} cases with tumour (LiTS 'Dice per case'): "
-             f"{_with_ci(s, 'dice_tumor')}; over all cases, nnU-Net convention (false positive on a tumour-free "
-             f"case = 0): {_with_ci(s, 'dice_tumor_all_cases')}; global, pooled over cases (LiTS 'Dice global'): "
-             f"{s['dice_tumor_global']:.3f}.",
+             f"- tumour per case, LiTS convention (every case; a tumour-free case scores 1 without predicted "
+             f"tumour, 0 with any): {_with_ci(s, 'dice_tumor_lits')}; over the {s['n_cases_with_tumor']} cases with "
+             f"tumour only: {_with_ci(s, 'dice_tumor')}; nnU-Net convention (tumour-free cases without predicted "
+             f"tumour left out): {_with_ci(s, 'dice_tumor_all_cases')}; global, pooled over cases (LiTS 'Dice "
+             f"global'): {s['dice_tumor_global']:.3f}.",
              f"- tumour volume predicted / true, median over cases with tumour: {s['median_tumor_volume_ratio']:.2f}"
-             " (1 = right size, below 1 = under-called).",
+             f" (1 = right size, below 1 = under-called); LiTS tumour burden error: RMSE "
+             f"{s['tumor_burden_rmse']:.3f}, max {s['tumor_burden_max_error']:.3f}.",
              f"- mean Dice (liver and tumour, cases with tumour): {_with_ci(s, 'dice_mean')}."]
     if "lesion_recall" in s:
-        lines.append(f"- lesions (26-connected): recall {s['lesion_recall']:.2f} (any overlap; "
-                     f"{s['lesion_recall_iou50']:.2f} at IoU >= 0.5), precision {s['lesion_precision']:.2f}, "
-                     f"F1 {s['lesion_f1']:.2f}; recall by volume: {byvol}.")
+        lines.append(f"- lesions, LiTS detection (IoU > 0.5 after merges and splits): recall {s['lesion_recall']:.2f}, "
+                     f"precision {s['lesion_precision']:.2f}, F1 {s['lesion_f1']:.2f}, Dice of detected lesions "
+                     f"{s['lesion_dice']:.2f}; any overlap: recall {s['lesion_recall_any_overlap']:.2f}, precision "
+                     f"{s['lesion_precision_any_overlap']:.2f}; recall by volume: {byvol}.")
     lines.append(f"- liver surface (label >= 1, MONAI definitions): HD95 {_with_ci(s, 'hd95_liver_lits_mm', '.1f')} mm,"
                  f" ASSD {_with_ci(s, 'assd_liver_lits_mm', '.1f')} mm; undefined (empty prediction) in "
                  f"{s['n_hd95_liver_lits_mm_undefined']} case(s)"
@@ -3148,8 +3255,10 @@ def describe_results(summary: dict, synthetic: bool, checkpoint: str = "last") -
                  f" and tumour Dice {s['dice_tumor_raw']:.3f} -> {s['dice_tumor']:.3f}.")
     lines.append("For scale (per-case Dice on real CT): the seed notebook's plain 2D U-Net reported liver 0.92 / "
                  "tumour 0.12; nnU-Net reaches about 0.96 liver (label >= 1, as our LiTS-convention figure) and "
-                 "0.56-0.74 tumour per case on LiTS (set it beside our tumour per case over cases with tumour)."
+                 "0.56-0.74 tumour per case on LiTS (set it beside our tumour per case in the LiTS convention)."
                  + (" Synthetic numbers are not comparable to those." if synthetic else ""))
+    lines.append("For a paper, report LiTS's own measures with their intervals: tumour Dice per case (LiTS "
+                 "convention) and global, liver Dice per case (label >= 1).")
     return "\n".join(lines)
 
 

@@ -93,3 +93,60 @@ def hierarchical_bootstrap(values, n_boot: int = 10000, seed: int = 0, level: fl
     low, high = np.nanpercentile(boots, [50 * (1 - level), 50 * (1 + level)])
     return {"mean": float(np.nanmean(m)), "low": float(low), "high": float(high), "seeds": m.shape[0],
             "cases": m.shape[1]}
+
+
+def paired_ratio_bootstrap(a, b, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> dict:
+    """Ratio of two arms' mean scores, mean(a) / mean(b), with a bootstrap interval: the cases (the same ones in
+    both tables) are drawn once per resample for both arms, each arm's seeds are drawn on their own.
+
+    Args:
+        a, b: seeds × cases tables (one list per seed; the cases in the same order in both tables).
+
+    Returns:
+        {"ratio", "low", "high"}.
+    """
+    import numpy as np
+    ma, mb = np.asarray(a, float), np.asarray(b, float)
+    if ma.ndim != 2 or mb.ndim != 2 or ma.shape[1] != mb.shape[1] or not ma.size or not mb.size:
+        raise ValueError("paired_ratio_bootstrap needs two non-empty seeds × cases tables over the same cases")
+    rng = np.random.default_rng(seed)
+    ci = rng.integers(0, ma.shape[1], (n_boot, ma.shape[1]))
+    sa, sb = rng.integers(0, ma.shape[0], (n_boot, ma.shape[0])), rng.integers(0, mb.shape[0], (n_boot, mb.shape[0]))
+    boots = np.array([np.nanmean(ma[np.ix_(x, c)]) / np.nanmean(mb[np.ix_(y, c)]) for x, y, c in zip(sa, sb, ci)])
+    low, high = np.nanpercentile(boots, [50 * (1 - level), 50 * (1 + level)])
+    return {"ratio": float(np.nanmean(ma) / np.nanmean(mb)), "low": float(low), "high": float(high)}
+
+
+def case_score(case: dict, key: str) -> float:
+    """One case's score in a study row; ``dice_tumor_lits`` (LiTS: every case, a tumour-free case 1 without
+    predicted tumour and 0 with any) and ``dice_tumor_all_cases`` (nnU-Net: a tumour-free case 0 with predicted
+    tumour, NaN without) derived from the row where it was scored before those keys existed."""
+    if key in case:
+        return case[key]
+    if case["has_tumor"] and key in ("dice_tumor_lits", "dice_tumor_all_cases"):
+        return case["dice_tumor"]
+    if key == "dice_tumor_lits":
+        return float(case["pred_tumor_ml"] == 0)
+    if key == "dice_tumor_all_cases":  # nnU-Net: a tumour-free case left out unless tumour was predicted
+        return 0.0 if case["pred_tumor_ml"] > 0 else float("nan")
+    return case[key]
+
+
+def seeds_by_cases(rows: list[dict], key: str) -> tuple[list[list[float]], list[str]]:
+    """A seeds × cases table of one per-case score from an arm's rows (one row per seed, ``per_case`` a list of
+    dicts with "case"), over the cases every seed scored; ``dice_tumor`` on the cases with tumour only.
+
+    Returns:
+        (table, the cases in its column order).
+    """
+    keep = [{c["case"]: case_score(c, key) for c in r["per_case"] if key != "dice_tumor" or c["has_tumor"]}
+            for r in sorted(rows, key=lambda r: r["seed"])]
+    cases = sorted(set.intersection(*(set(k) for k in keep))) if keep else []
+    return [[k[c] for c in cases] for k in keep], cases
+
+
+def any_overlap(summary: dict, key: str) -> float:
+    """``summary[key]``, a lesion rate taken with any-overlap detection: ``<key>_any_overlap`` where the summary has
+    LiTS's IoU rule beside it, else ``key`` itself (summaries before 2026-12-04 counted any overlap as found), so
+    that old and new rows in one table mean the same. Keys without an any-overlap form are returned as they are."""
+    return summary.get(f"{key}_any_overlap", summary[key])

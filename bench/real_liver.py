@@ -52,6 +52,10 @@ RECIPES: dict[str, dict] = {  # name: recipe (uh.RECIPES keys); every one trains
     "cascade, stage 1 a fifth, no floor (the default before)": {**uh.RECIPES["default"], **NO_FLOOR},
     "cascade, stage 1 half the time": {**uh.RECIPES["default"], "stage1_share": 0.5, **NO_FLOOR},
     "cascade, stage 2 on whole boxes": {**uh.RECIPES["default"], "stage2_patch": None, **NO_FLOOR},
+    # the Kaggle set's scale (tumour_study.py's arms of the same names): one stage at the slices' native 256²; one
+    # network on whole slices at 128² for stage 1's share of the budget, then at native 256² for the rest
+    "one-stage default, native 256²": {**ONE_STAGE, "image_size": 256},
+    "one network, 128² then native 256²": {**ONE_STAGE, "image_size": 256, "coarse_size": 128},
 }
 PROBES = ("stage 1 alone", "box from the true liver", "box from all of stage 1's liver", "no liver-core rule",
           "no post-processing")
@@ -69,10 +73,10 @@ def split(data_dir: Path = REAL_SLICES) -> tuple[list, list]:
 
 
 def study_config(recipe: dict, roi: int, depth: int = 4) -> dict:
-    """A recipe as ``tumour_study``'s training helpers take it: 128² input, one slice in, stage 2's window in
-    pixels (the recipe's fraction of the liver box)."""
+    """A recipe as ``tumour_study``'s training helpers take it: 128² input (or the recipe's ``image_size``), one
+    slice in, stage 2's window in pixels (the recipe's fraction of the liver box)."""
     frac = recipe.get("stage2_patch")
-    return {**recipe, "image_size": IMAGE_SIZE, "context": 1,
+    return {**recipe, "image_size": recipe.get("image_size", IMAGE_SIZE), "context": 1,
             "stage2_patch": uh.patch_size_for(roi, frac, 2 ** depth) if recipe["cascade"] and frac else None}
 
 
@@ -89,6 +93,8 @@ def train_recipe(name: str, seed: int, seconds: float, batch: int, train_files: 
     out = work / f"{name.replace(' ', '_')}_{seed}"
     cfg = study_config(recipe, roi or 0)
     tr = cached(train_files, cfg, roi)
+    if recipe.get("coarse_size"):
+        return train_coarse_to_fine(recipe, cfg, seed, seconds, batch, train_files, tr, out, base)
     steps: dict[str, int] = {}
     if roi:  # the product's rule (uh.cascade_plan) in stage-1 steps: stage 1 gets at least a floor, else one stage
         seconds1 = seconds * recipe["stage1_share"]
@@ -110,6 +116,23 @@ def train_recipe(name: str, seed: int, seconds: float, batch: int, train_files: 
     t0 = time.perf_counter()
     models = {stage: fit(cases, conf[stage], seed, batch, base, steps[stage], out / stage) for stage, cases in stages}
     return cfg, models, roi, time.perf_counter() - t0, steps
+
+
+def train_coarse_to_fine(recipe: dict, cfg: dict, seed: int, seconds: float, batch: int, train_files: list,
+                         tr: list, out: Path, base: int) -> tuple[dict, dict, None, float, dict]:
+    """One network trained on whole slices at ``coarse_size`` for ``stage1_share`` of the time, then at the
+    recipe's own size for the rest (as :func:`train_recipe` returns)."""
+    coarse = {**cfg, "image_size": recipe["coarse_size"]}
+    ctr = cached(train_files, coarse, None)
+    share = recipe["stage1_share"]
+    steps = {"coarse": steps_for(seconds * share, ctr, stage_config(coarse, "coarse"), seed, batch, base,
+                                 out / "calibration"),
+             "stage1": steps_for(seconds * (1 - share), tr, stage_config(cfg, "stage1"), seed, batch, base,
+                                 out / "calibration")}
+    t0 = time.perf_counter()
+    first = fit(ctr, stage_config(coarse, "coarse"), seed, batch, base, steps["coarse"], out / "coarse")
+    model = fit(tr, stage_config(cfg, "stage1"), seed, batch, base, steps["stage1"], out / "stage1", first)
+    return cfg, {"stage1": model}, None, time.perf_counter() - t0, steps
 
 
 def cascade_with_box(stage1_pred: np.ndarray, box_mask: np.ndarray, full: np.ndarray, spacing, stage2: uh.Stage2,
@@ -205,7 +228,7 @@ def _per_case_mean(per_case: dict) -> float:
     return statistics.mean(per_case.values())
 
 
-SYNTHETIC = ROOT / "bench" / "results" / "tumour_study_96_600s_v4.json"  # the synthetic study of the default
+SYNTHETIC = ROOT / "bench" / "results" / "tumour_study_native.json"  # the synthetic study: the default, native arms
 # recipe here: the arm of the synthetic study that trained the same recipe (tumour_study.REAL_RECIPE read backwards);
 # the default trains that arm's recipe where its stage-1 floor does not bind (checked in synthetic_tumour)
 SYNTHETIC_ARM = {recipe: arm for arm, recipe in REAL_RECIPE.items()}
@@ -314,7 +337,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         setup = (f"Real CT: {len(train_files)} training and {len(val_files)} scored patients of "
                  f"../shared/data/real_liver_slices (split by patient, seed {SPLIT_SEED}); liver masks only; "
                  f"{a.seconds:.0f} s of training per recipe on this machine; U-Net base {a.base}, depth 4, "
-                 f"{IMAGE_SIZE}² input, one slice in, batch {a.batch}; final checkpoint; per-case liver Dice "
+                 f"{IMAGE_SIZE}² input (256² for the recipes named native 256²), one slice in, batch {a.batch}; "
+                 "final checkpoint; per-case liver Dice "
                  "(label ≥ 1).")
         command = "python bench/real_liver.py " + shlex.join(argv or [])
         probes = ("**Probes** (the cascade's trained models, one part changed at inference; in brackets the change "

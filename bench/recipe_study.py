@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, WORK, md_table, stamp, write_table
+from common import ROOT, WORK, case_score, hierarchical_bootstrap, md_table, stamp, write_table
 
 import unet_helpers as uh
 
@@ -183,24 +183,24 @@ PAIRS = [("default", "baseline + tumour oversampling"), ("default", "default + i
 
 def paired(rows: list[dict], arm_a: str, arm_b: str, key: str = "dice_tumor", n_boot: int = 10000,
            seed: int = 0) -> dict | None:
-    """Paired difference A − B of a per-case Dice: same seeds, same validation cases.
+    """Paired difference A − B of a per-case score: same seeds, same validation cases.
 
-    Each case's difference is averaged over the seeds both arms ran; the 95 % interval is a
-    bootstrap over validation cases (the unit that varies most).  Tumour Dice uses only the
-    cases with tumour.  None when either arm is missing.
+    The 95 % interval resamples the seeds and the cases (``common.hierarchical_bootstrap``), so that it holds
+    the noise of training as well as that of the cases: two runs of one recipe differ within it. Tumour Dice
+    uses only the cases with tumour (``dice_tumor_lits`` every case). None when either arm is missing.
     """
     def by(arm):
-        return {(r["seed"], c["case"]): c[key] for r in rows if r["arm"] == arm for c in r["per_case"]
+        return {(r["seed"], c["case"]): case_score(c, key) for r in rows if r["arm"] == arm for c in r["per_case"]
                 if key != "dice_tumor" or c["has_tumor"]}
     a, b = by(arm_a), by(arm_b)
-    keys = sorted(set(a) & set(b))
-    if not keys:
+    both = set(a) & set(b)
+    seeds = sorted({s for s, _ in both})
+    cases = sorted(c for c in {c for _, c in both} if all((s, c) in both for s in seeds))
+    if not cases:
         return None
-    cases = sorted({k[1] for k in keys})
-    per_case = np.array([np.mean([a[k] - b[k] for k in keys if k[1] == case]) for case in cases])
-    low, high = uh.bootstrap_ci(per_case, n_boot, seed)
-    return {"mean": float(per_case.mean()), "low": low, "high": high, "cases": len(cases),
-            "seeds": len({k[0] for k in keys}), "a_better": int((per_case > 0).sum()),
+    diff = np.array([[a[s, c] - b[s, c] for c in cases] for s in seeds])
+    per_case = diff.mean(0)
+    return {**hierarchical_bootstrap(diff, n_boot, seed), "a_better": int((per_case > 0).sum()),
             "b_better": int((per_case < 0).sum())}
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import tumour_study as ts
-from common import ROOT, md_table, stamp, write_table
+from common import ROOT, any_overlap, md_table, stamp, write_table
 from recipe_study import load
 
 ARM = "stage 2 on 64² patches, stage 1 a fifth"
@@ -79,7 +79,7 @@ def run(arm: str, seeds: list[int], biases: list[float], study: Path = STUDY) ->
         roi, models = trained_models(study, arm, seed)
         for b in biases:
             ev = ts.evaluate_arm(arm, {**models, "stage2": TumourBias(models["stage2"], b)}, roi, cases)
-            rows.append({"arm": arm, "seed": seed, "bias": b, **{k: ev["summary"][k] for k in KEYS}})
+            rows.append({"arm": arm, "seed": seed, "bias": b, **{k: any_overlap(ev["summary"], k) for k in KEYS}})
             print(json.dumps(rows[-1]), flush=True)
     return rows, setup
 

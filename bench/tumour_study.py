@@ -27,7 +27,17 @@ from unittest import mock
 
 import nibabel as nib
 import numpy as np
-from common import ROOT, WORK, md_table, stamp, write_table
+from common import (
+    ROOT,
+    WORK,
+    any_overlap,
+    case_score,
+    md_table,
+    paired_ratio_bootstrap,
+    seeds_by_cases,
+    stamp,
+    write_table,
+)
 from recipe_study import _ms, load, paired, save
 
 import unet_helpers as uh
@@ -45,6 +55,8 @@ WINDOW = {"hu_window": (-50.0, 250.0)}
 # of the budget; the arms from §5h on change one thing of it
 DEFAULT_5G = {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True, "stage2_patch": 64,
               "stage1_share": 0.2}
+# the recipe default (uh.RECIPES["default"]) but for its 0.1 mL tumour floor: §5k's lesion contrast, mirrored stage 2
+DEFAULT_NOW = {**DEFAULT_5G, "lesion_augment": True, "stage2_mirror": True}
 ARMS: dict[str, dict] = {
     "baseline": {},
     "default": OLD_DEFAULT,
@@ -89,7 +101,13 @@ ARMS: dict[str, dict] = {
     # prior that forbids it on whole slices does not hold inside the liver box, and the default overfits (§5j).
     # Scored with stage 2 averaged over the box and its mirrors (stage2_of; rescored so on 2026-11-30)
     "64² patches, a fifth, mirrored stage 2": {**DEFAULT_5G, "stage2_mirror": True},
-    "lesion contrast, mirrored stage 2": {**DEFAULT_5G, "lesion_augment": True, "stage2_mirror": True},
+    "lesion contrast, mirrored stage 2": DEFAULT_NOW,
+    # the Kaggle set's scale (BENCHMARKS.md §5l): the default without its cascade, one network on whole slices at
+    # the CT's native 256² (what the full preset trained before §5l); and one network trained on whole slices at
+    # 128² for stage 1's share of the budget, then at native 256² for the rest (coarse to fine, no liver box)
+    "one stage at native 256²": {**DEFAULT_NOW, "cascade": False, "stage2_mirror": False, "image_size": 256},
+    "one network, 128² then native 256²": {**DEFAULT_NOW, "cascade": False, "stage2_mirror": False,
+                                           "image_size": 256, "coarse_size": 128},
 }
 CALIBRATION_STEPS = 30  # steps per timed epoch in steps_for (10 before 2026-11-30)
 SETS = {  # name: (generator seed, lesion size scale, lesion contrast scale)
@@ -140,7 +158,10 @@ def new_model(cfg: dict, seed: int, base: int, init: uh.UNet | None = None) -> u
 
 def stage_init(cfg: dict, name: str, models: dict) -> uh.UNet | None:
     """The trained network a stage starts from: stage 1's for stage 2 where the arm says ``stage2_init="stage1"``
-    (stage 1 trains first), else None (random weights)."""
+    (stage 1 trains first), the coarse network's for stage 1 where the arm trains one (``coarse_size``), else None
+    (random weights)."""
+    if name == "stage1" and "coarse" in models:
+        return models["coarse"]
     return models["stage1"] if name == "stage2" and cfg.get("stage2_init") == "stage1" else None
 
 
@@ -194,6 +215,10 @@ def run_arm(arm: str, seed: int, seconds: float, batch: int, train_files: list, 
     if roi:
         stages.append(("stage2", uh.roi_cases(tr), seconds * (1 - share)))
     conf = {name: stage_config(cfg, name) for name, _, _ in stages}
+    if cfg.get("coarse_size"):  # one network: whole slices below native for the share, then native for the rest
+        coarse = {**cfg, "image_size": cfg["coarse_size"]}
+        stages = [("coarse", cached(train_files, coarse, None), seconds * share), ("stage1", tr, seconds * (1 - share))]
+        conf["coarse"] = stage_config(coarse, "coarse")
     # the arm's lesion-contrast settings, in this process only (uh.train_replicated's spawned workers would not
     # see them; the study trains with uh.train)
     with mock.patch.dict(uh.LESION_AUGMENT, cfg.get("lesion_settings", {})):
@@ -248,11 +273,13 @@ def evaluate_arm(arm: str, models: dict, roi: int | None, cases: list, keep_pred
 def score(arm: str, seed: int, set_name: str, models: dict, roi: int | None, cases: list) -> dict:
     """3D scores of an arm's final models on some cached cases (post-processed as the recipe says)."""
     ev = evaluate_arm(arm, models, roi, cases)
-    keys = ("dice_liver_lits", "dice_liver", "dice_tumor", "dice_tumor_all_cases", "dice_tumor_global",
-            "dice_liver_global", "median_tumor_volume_ratio", "lesion_recall", "lesion_precision",
-            "fp_tumor_ml_tumor_free_cases")
+    keys = ("dice_liver_lits", "dice_liver", "dice_tumor", "dice_tumor_lits", "dice_tumor_all_cases",
+            "dice_tumor_global", "dice_liver_global", "median_tumor_volume_ratio", "lesion_recall", "lesion_precision",
+            "lesion_f1", "lesion_dice", "lesion_recall_any_overlap", "lesion_precision_any_overlap",
+            "tumor_burden_rmse", "fp_tumor_ml_tumor_free_cases")
     per_case = [{k: r[k] for k in ("case", "has_tumor", "dice_liver", "dice_liver_lits", "dice_tumor",
-                                   "tumor_ml", "pred_tumor_ml", "tumor_volume_ratio", "fp_tumor_ml")}
+                                   "dice_tumor_lits", "tumor_ml", "pred_tumor_ml", "tumor_volume_ratio",
+                                   "fp_tumor_ml")}
                 for r in ev["per_case"]]
     return {"arm": arm, "seed": seed, "set": set_name, "summary": {k: ev["summary"][k] for k in keys},
             "lesion_recall_by_volume": ev["summary"]["lesion_recall_by_volume"], "per_case": per_case}
@@ -303,7 +330,9 @@ def _mean(rows: list[dict], key: str) -> float:
 REAL_LIVER = ROOT / "bench" / "results" / "real_liver.json"  # bench/real_liver.py: recipes on real CT slices
 REAL_RECIPE = {  # arm here: the same recipe in bench/real_liver.py (one slice in, as those slices require)
     "baseline": "baseline",
-    "lesion contrast, mirrored stage 2": "cascade, stage 1 a fifth, no floor (the default before)"}
+    "lesion contrast, mirrored stage 2": "cascade, stage 1 a fifth, no floor (the default before)",
+    "one stage at native 256²": "one-stage default, native 256²",
+    "one network, 128² then native 256²": "one network, 128² then native 256²"}
 
 
 def real_slice_liver(arm: str, seconds: float = 60.0) -> str:
@@ -314,35 +343,59 @@ def real_slice_liver(arm: str, seconds: float = 60.0) -> str:
     return f"{statistics.mean(means):.3f} ± {statistics.pstdev(means):.3f}" if means else "-"
 
 
+def vs_baseline(rs: list[dict], base: list[dict]) -> str:
+    """An arm's per-case tumour Dice over the baseline's on the same set, '1.54× [1.38, 1.71]': both pooled over
+    all their seeds, the interval a bootstrap over cases and each arm's seeds (``common.paired_ratio_bootstrap``)."""
+    a, cases_a = seeds_by_cases(rs, "dice_tumor")
+    b, cases_b = seeds_by_cases(base, "dice_tumor")
+    if not base or cases_a != cases_b or not cases_a:
+        return "-"
+    r = paired_ratio_bootstrap(a, b)
+    return f"{r['ratio']:.2f}× [{r['low']:.2f}, {r['high']:.2f}]"
+
+
+def train_seconds(val: list[dict]) -> str:
+    """The measured training seconds of an arm (mean over seeds), with the range and the largest miss where a seed
+    missed its budget by more than 5 %."""
+    secs, budget = [r["train_seconds"] for r in val], val[0]["seconds_budget"]
+    worst = max((s / budget - 1 for s in secs), key=abs)
+    return f"{statistics.mean(secs):.0f}" + (f" ({min(secs):.0f}–{max(secs):.0f}: a seed {worst:+.0%} off budget)"
+                                             if abs(worst) > 0.05 else "")
+
+
 def table(rows: list[dict], set_name: str) -> str:
     """Mean ± std over seeds of each arm's scores on one set, with seconds beside every row."""
     by_arm: dict[str, list[dict]] = {}
     for r in rows:
         if r["set"] == set_name:
             by_arm.setdefault(r["arm"], []).append(r)
-    base_t = _mean(by_arm.get("baseline", []), "dice_tumor")
     body = []
     for arm in ARMS:
         rs = by_arm.get(arm)
         if not rs:
             continue
         val = [r for r in rows if r["arm"] == arm and r["set"] == "validation"]
-        steps = " + ".join(str(v) for v in val[0]["steps"].values()) if val else "-"
-        t = _mean(rs, "dice_tumor")
-        body.append([arm, f"{val[0]['seconds_budget']:.0f}" if val else "-",
-                     f"{statistics.mean(r['train_seconds'] for r in val):.0f}" if val else "-", steps, len(rs),
+        steps = " + ".join(f"{min(r['steps'][k] for r in val)}–{max(r['steps'][k] for r in val)}"
+                           for k in val[0]["steps"]) if val else "-"
+        lits = [statistics.mean(case_score(c, "dice_tumor_lits") for c in r["per_case"]) for r in rs]
+        body.append([arm, f"{val[0]['seconds_budget']:.0f}" if val else "-", train_seconds(val) if val else "-",
+                     steps, len(rs), _ms([r["summary"]["dice_liver_lits"] for r in rs]), _ms(lits),
                      *(_ms([r["summary"][k] for r in rs]) for k in (
-                         "dice_liver_lits", "dice_tumor", "dice_tumor_all_cases", "dice_tumor_global",
-                         "median_tumor_volume_ratio", "lesion_recall", "fp_tumor_ml_tumor_free_cases")),
-                     f"{t / base_t:.2f}×" if base_t and base_t == base_t and t == t else "-", real_slice_liver(arm)])
+                         "dice_tumor", "dice_tumor_all_cases", "dice_tumor_global", "median_tumor_volume_ratio")),
+                     *(_ms([any_overlap(r["summary"], k) for r in rs]) for k in ("lesion_recall", "lesion_precision")),
+                     _ms([r["summary"]["fp_tumor_ml_tumor_free_cases"] for r in rs]),
+                     vs_baseline(rs, by_arm.get("baseline", [])), real_slice_liver(arm)])
     return md_table(["arm", "budget s", "train s (measured)", "steps", "seeds", "liver Dice (label ≥ 1)",
-                     "tumour Dice per case", "tumour Dice, all cases (nnU-Net)", "tumour Dice global",
-                     "tumour volume pred/true (median)", "lesion recall", "FP tumour mL (tumour-free)",
-                     "tumour vs baseline", "REAL CT slices: liver Dice per case (real_liver.py, 60 s)"], body)
+                     "tumour Dice per case, LiTS (every case)", "tumour Dice per case (cases with tumour)",
+                     "tumour Dice, nnU-Net (empty/empty left out)", "tumour Dice global",
+                     "tumour volume pred/true (median)", "lesion recall (any overlap)",
+                     "lesion precision (any overlap)", "FP tumour mL (tumour-free)",
+                     "tumour per case vs baseline [95 % CI]",
+                     "REAL CT slices: liver Dice per case (real_liver.py, 60 s)"], body)
 
 
 def paired_rows(rows: list[dict]) -> str:
-    """Paired differences on the validation set (same seeds, same cases; bootstrap over cases)."""
+    """Paired differences on the validation set (same seeds, same cases; bootstrap over seeds and cases)."""
     val = [r for r in rows if r["set"] == "validation"]
     body = []
     for a, b in (("default", "baseline"), ("default + liver-box cascade", "default"),
@@ -387,7 +440,11 @@ def paired_rows(rows: list[dict]) -> str:
                  ("lesion contrast, mirrored stage 2", "64² patches, a fifth, lesion contrast"),
                  ("lesion contrast, mirrored stage 2", "64² patches, a fifth, mirrored stage 2"),
                  ("64² patches, a fifth, mirrored stage 2", "baseline"),
-                 ("lesion contrast, mirrored stage 2", "baseline")):
+                 ("lesion contrast, mirrored stage 2", "baseline"),
+                 ("one stage at native 256²", "lesion contrast, mirrored stage 2"),
+                 ("one network, 128² then native 256²", "lesion contrast, mirrored stage 2"),
+                 ("one network, 128² then native 256²", "one stage at native 256²"),
+                 ("one stage at native 256²", "baseline"), ("one network, 128² then native 256²", "baseline")):
         t, liv = paired(val, a, b), paired(val, a, b, "dice_liver_lits")
         if t is None or liv is None:
             continue
@@ -450,7 +507,8 @@ def write_tables(rows: list[dict], a: argparse.Namespace, command: str) -> None:
     setup = (f"Synthetic CT only (no real tumours). Train: {a.train_cases} cases (generator seed 100); validation: "
              f"{a.val_cases} cases (seed 200); kept aside: {a.kept_cases} cases (seed 300, lesions 0.6× the size "
              f"and 0.6× the contrast), all {'×'.join(map(str, a.shape))} voxels. Quick U-Net (base {a.base}, "
-             f"depth 4; stage 2 depth 3 where the arm says so), {BASE['image_size']}² input, batch {a.batch}, AdamW "
+             f"depth 4; stage 2 depth 3 where the arm says so), {BASE['image_size']}² input (stage 1's; an arm named "
+             f"'native 256²' works at 256²), batch {a.batch}, AdamW "
              "2e-3, warm-up + cosine; every arm "
              "trains for the same wall-clock on this machine (steps measured per arm and stage before training, "
              "the measured training seconds beside each row; 3 epochs of 30 steps timed since 2026-11-30, of "

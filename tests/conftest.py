@@ -9,11 +9,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import unet_helpers as uh  # noqa: E402
+
+# every test file, run alone or with the others, on 2 threads: the CI machine's core count changes no result
+torch.set_num_threads(2)
 
 REAL_CT = Path(os.environ.get("LIVER_REAL_CT_DIR", ROOT.parent / "shared" / "data" / "real_ct"))
 

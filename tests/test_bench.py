@@ -18,6 +18,7 @@ import bench_train  # noqa: E402
 import common  # noqa: E402
 import gpu_check  # noqa: E402
 import inference_probe  # noqa: E402
+import lits_conventions  # noqa: E402
 import real_liver  # noqa: E402
 import recipe_study  # noqa: E402
 import tumour_bias  # noqa: E402
@@ -93,6 +94,60 @@ def test_paired_comparison_of_arms():
     assert "+0.100" in table and "3 / 0" in table
 
 
+def test_a_recipe_against_itself_is_within_the_noise_of_training():
+    """Two runs of one recipe: seed 0's models a little better on every case, seed 1's and 2's a little worse (the
+    noise of training). Averaging each case over seeds and resampling cases only calls the difference significant;
+    the paired interval, resampling seeds too, covers 0."""
+    import numpy as np
+
+    def row(arm, seed, shift):
+        cases = [{"case": f"c{i}", "has_tumor": True, "dice_tumor": 0.5 + 0.01 * i + shift, "dice_liver": 0.9,
+                  "pred_tumor_ml": 1.0} for i in range(12)]
+        return {"arm": arm, "seed": seed, "per_case": cases}
+
+    rows = [row("run 1", s, d) for s, d in ((0, 0.04), (1, -0.01), (2, 0.0))] + [row("run 2", s, 0.0) for s in range(3)]
+    case_only = uh.bootstrap_ci(np.full(12, 0.01))  # each case's difference averaged over seeds: +0.01, no spread
+    assert case_only[0] > 0  # "significant"
+    d = recipe_study.paired(rows, "run 1", "run 2")
+    assert d["mean"] == pytest.approx(0.01) and d["low"] < 0 < d["high"] and (d["seeds"], d["cases"]) == (3, 12)
+
+
+def test_ratio_interval_and_lits_score_of_older_rows():
+    same = [[0.5, 0.7]] * 3
+    r = common.paired_ratio_bootstrap([[1.0, 1.4]] * 2, same)  # twice the score on every case and seed
+    assert (r["ratio"], r["low"], r["high"]) == pytest.approx((2.0, 2.0, 2.0))
+    r = common.paired_ratio_bootstrap([[0.6, 0.8], [0.4, 0.6]], same)  # seed noise: 1.2x and 0.8x the baseline
+    assert r["ratio"] == pytest.approx(1.0) and r["low"] < 0.9 and r["high"] > 1.1
+    old = [{"dice_tumor": None, "has_tumor": False, "pred_tumor_ml": 0.0},
+           {"dice_tumor": None, "has_tumor": False, "pred_tumor_ml": 0.3},
+           {"dice_tumor": 0.4, "has_tumor": True, "pred_tumor_ml": 2.0}]
+    assert [common.case_score(c, "dice_tumor_lits") for c in old] == [1.0, 0.0, 0.4]  # LiTS's rule, by hand
+    assert common.case_score({"dice_tumor_lits": 0.7}, "dice_tumor_lits") == 0.7
+
+
+def test_lits_conventions_rescore_saved_rows_by_hand(tmp_path, monkeypatch):
+    def row(arm, seed, fp_ml):  # two cases with tumour (Dice 0.6, 0.4) and a tumour-free one with fp_ml predicted
+        cases = [{"case": "c0", "has_tumor": True, "dice_tumor": 0.6, "pred_tumor_ml": 2.0},
+                 {"case": "c1", "has_tumor": True, "dice_tumor": 0.4, "pred_tumor_ml": 1.0},
+                 {"case": "c2", "has_tumor": False, "dice_tumor": None, "pred_tumor_ml": fp_ml}]
+        return {"arm": arm, "seed": seed, "set": "validation", "per_case": cases}
+
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps([row("A", s, 0.0) for s in (0, 1)] + [row("B", s, 0.5) for s in (0, 1)]))
+    monkeypatch.setattr(lits_conventions, "STUDIES", {"tiny": path})
+    monkeypatch.setattr(lits_conventions, "PAIRS", [("A", "B")])
+    text = lits_conventions.main(["--no-write"])["tiny"]
+    # A: with tumour (0.6 + 0.4) / 2; LiTS (0.6 + 0.4 + 1) / 3; nnU-Net leaves c2 out: 0.5. Seeds agree, so the
+    # intervals come from the cases: each extreme (one case drawn every time) has p = 1/4 (2 cases) or 1/27 (3
+    # cases), above 0.025: the interval runs from the lowest case to the highest
+    assert "| validation | A | 2 | 3 | 0.500 [0.400, 0.600] | 0.667 [0.400, 1.000] | 0.500 [0.400, 0.600] |" in text
+    # B: a false tumour on c2 scores 0 in LiTS's and nnU-Net's conventions: 1/3 in both
+    assert "| validation | B | 2 | 3 | 0.500 [0.400, 0.600] | 0.333 [0.000, 0.600] | 0.333 [0.000, 0.600] |" in text
+    # per-case differences 0, 0, 1: resampling 3 cases leaves c2 out (mean 0) with p = (2/3)^3 = 0.30 > 0.025 and
+    # draws it thrice (mean 1) with p = 1/27 = 0.037 > 0.025
+    assert "| A | B | +0.000 [+0.000, +0.000] | +0.333 [+0.000, +1.000] |" in text
+
+
 def test_tiny_tumour_study_budget_fair_and_kept_aside(work, tmp_path, monkeypatch):
     out = tmp_path / "tumour.json"
     common_args = ["--seconds", "3", "--seeds", "0", "--batch", "2", "--train-cases", "3", "--val-cases", "2",
@@ -100,6 +155,8 @@ def test_tiny_tumour_study_budget_fair_and_kept_aside(work, tmp_path, monkeypatc
                    "--runs", "runs_3s"]
     monkeypatch.setitem(tumour_study.BASE, "image_size", 32)
     monkeypatch.setattr(tumour_study, "RUNS", tumour_study.RUNS)  # main sets it; restored after the test
+    # fixed steps, not 3 s of them: a slow machine's 8 steps leave stage 1 without a liver (then no stage 2 to probe)
+    monkeypatch.setattr(tumour_study, "steps_for", lambda *a, **k: 48)
     rows = tumour_study.main(["--arms", "baseline", "default + liver-box cascade", "--no-write", *common_args])
     # the networks are kept in the folder --runs names, not in the default one (another budget's runs stay)
     assert (tmp_path / "runs_3s" / "default_+_liver-box_cascade_0" / "stage2" / "last.pt").is_file()

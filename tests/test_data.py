@@ -602,11 +602,14 @@ def test_format_table_and_describe_results():
                "dice_tumor": 0.4, "dice_tumor_global": 0.6, "fp_tumor_ml_tumor_free_cases": 0.5,
                "dice_liver_raw": 0.94, "dice_tumor_raw": 0.38, "dice_tumor_all_cases": 0.3, "dice_mean": 0.7,
                "median_tumor_volume_ratio": 0.8, "hd95_liver_lits_mm": 4.0, "assd_liver_lits_mm": 1.0,
-               "n_hd95_liver_lits_mm_undefined": 1, "ci95": {"dice_tumor": [0.25, 0.55]}}
+               "n_hd95_liver_lits_mm_undefined": 1, "ci95": {"dice_tumor": [0.25, 0.55]}, "dice_tumor_lits": 0.45,
+               "tumor_burden_rmse": 0.02, "tumor_burden_max_error": 0.05}
     words = uh.describe_results(summary, synthetic=True)
     assert "SYNTHETIC" in words and "0.950" in words and "not comparable" in words
     assert "0.400 [0.250, 0.550]" in words  # a mean with its interval
-    assert "nnU-Net convention (false positive on a tumour-free case = 0): 0.300" in words
+    assert "(every case; a tumour-free case scores 1 without predicted tumour, 0 with any): 0.450" in words
+    assert "nnU-Net convention (tumour-free cases without predicted tumour left out): 0.300" in words
+    assert "burden error: RMSE 0.020, max 0.050" in words and "For a paper" in words
     assert "'last' checkpoint" in words and "undefined (empty prediction) in 1 case" in words
     assert "lesions" not in words  # no lesion keys, no lesion line
     assert "SYNTHETIC" not in uh.describe_results(summary, synthetic=False)
@@ -633,8 +636,15 @@ def test_cascade_default_only_where_stage_two_gains_resolution():
     base = {"RECIPE": "default", "PRESET": "full"}  # full preset: IMAGE_SIZE 256
     on_512, _ = uh.resolve_settings(base, torch.device("cpu"), False, native_shape=(512, 512, 90))
     assert on_512["CASCADE"] is True and on_512["ROI_SIZE"] == 320  # 256² stage 1, native 320-pixel window
-    off_256, notes = uh.resolve_settings(base, torch.device("cpu"), False, native_shape=(256, 256, 90))
-    assert off_256["CASCADE"] is False and any("gain no resolution" in n for n in notes)
+    # the Kaggle set's 256² slices: stage 1 at half of them (128²), stage 2 on the native 160-pixel window
+    kaggle, notes = uh.resolve_settings(base, torch.device("cpu"), False, native_shape=(256, 256, 90))
+    assert (kaggle["CASCADE"], kaggle["IMAGE_SIZE"], kaggle["ROI_SIZE"]) == (True, 128, 160)
+    assert any(n.startswith("IMAGE_SIZE = 128") and "half the CT's 256" in n for n in notes)
+    assert not any(n.startswith("IMAGE_SIZE = 256") for n in notes)  # the preset's value is not shown as chosen
+    one_stage = uh.resolve_settings({**base, "RECIPE": "baseline"}, torch.device("cpu"), False, (256, 256, 90))[0]
+    assert one_stage["IMAGE_SIZE"] == 256  # no cascade, no stage 1: the preset's size
+    yours, notes = uh.resolve_settings({**base, "IMAGE_SIZE": 256}, torch.device("cpu"), False, (256, 256, 90))
+    assert yours["CASCADE"] is False and any("gain no resolution" in n for n in notes)  # your size is kept
     forced, _ = uh.resolve_settings({**base, "CASCADE": True}, torch.device("cpu"), False, native_shape=(256, 256, 90))
     assert forced["CASCADE"] is True  # a setting you give is kept
     quick, _ = uh.resolve_settings({"RECIPE": "default"}, torch.device("cpu"), True, native_shape=(192, 192, 48))

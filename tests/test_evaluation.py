@@ -40,8 +40,9 @@ def natural(text: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
-def lesion(volume_ml: float, detected: bool, iou: float) -> dict:
-    return {"volume_ml": volume_ml, "detected": detected, "iou": iou, "detected_iou": iou >= 0.5}
+def lesion(volume_ml: float, detected: bool, touched: bool) -> dict:
+    """One reference lesion of a hand-built :func:`uh.lesion_detection` result."""
+    return {"volume_ml": volume_ml, "detected": detected, "detected_any": touched, "iou": NAN}
 
 
 def one_hot(mask: np.ndarray):
@@ -179,9 +180,12 @@ def test_score_case_with_tumour_by_hand():
     # tumour {3,4} vs {4,5}: directed [0, 2] -> pct pos 0.95 = 1.9; ASSD (2+2)/4 = 1
     assert r["hd95_tumor_mm"] == pytest.approx(1.9)
     assert r["assd_tumor_mm"] == pytest.approx(1.0)
-    # one reference lesion, hit by one predicted lesion with IoU 1/3
-    assert (r["n_lesions"], r["n_lesions_detected"], r["n_lesions_detected_iou50"]) == (1, 1, 0)
+    # one reference lesion, touched by one predicted lesion with IoU 1/3: not detected (LiTS: IoU > 0.5)
+    assert (r["n_lesions"], r["n_lesion_groups_detected"], r["n_lesions_detected_any"]) == (1, 0, 1)
     assert (r["n_pred_lesions"], r["n_pred_lesions_matched"]) == (1, 1)
+    assert r["dice_tumor_lits"] == pytest.approx(0.5) and r["tumor_rvd"] == 0.0
+    assert r["tumor_burden_error"] == 0.0  # burden 2/5 in both: label 2 over label >= 1
+    assert (r["tp_tumor"], r["fp_tumor"], r["fn_tumor"]) == (1, 1, 1)
 
 
 def test_score_case_tumour_free_with_false_positive():
@@ -191,6 +195,8 @@ def test_score_case_tumour_free_with_false_positive():
     assert r["dice_liver"] == pytest.approx(0.8)  # T {0,1,2}, P {0,1}: 2*2 / (3+2)
     assert isnan(r["dice_tumor"])
     assert r["dice_tumor_all_cases"] == 0.0  # nnU-Net: a FP tumour on a tumour-free case scores 0
+    assert r["dice_tumor_lits"] == 0.0  # LiTS too
+    assert r["tumor_burden_error"] == pytest.approx(1 / 3)  # predicted 1 tumour voxel of 3, true 0
     assert r["dice_liver_lits"] == 1.0
     assert isnan(r["dice_mean"])
     assert not r["has_tumor"]
@@ -201,7 +207,8 @@ def test_score_case_tumour_free_with_false_positive():
     assert isnan(r["hd95_tumor_mm"])
     assert isnan(r["assd_tumor_mm"])
     assert (r["hd95_liver_lits_mm"], r["assd_liver_lits_mm"]) == (0.0, 0.0)
-    assert (r["n_lesions"], r["n_lesions_detected"], r["n_pred_lesions"], r["n_pred_lesions_matched"]) == (0, 0, 1, 0)
+    assert (r["n_lesions"], r["n_lesion_groups_detected"]) == (0, 0)
+    assert (r["n_pred_lesions"], r["n_pred_lesions_matched"]) == (1, 0)
 
 
 def test_score_case_tumour_free_without_prediction_and_missed_tumour():
@@ -209,6 +216,7 @@ def test_score_case_tumour_free_without_prediction_and_missed_tumour():
     r = uh.score_case(clean, clean, (1.0, 1.0, 1.0))
     assert isnan(r["dice_tumor"])
     assert isnan(r["dice_tumor_all_cases"])  # no tumour anywhere: not scored
+    assert r["dice_tumor_lits"] == 1.0  # LiTS: no tumour anywhere scores 1
     assert isnan(r["dice_mean"])
     assert r["dice_liver"] == 1.0
 
@@ -222,7 +230,7 @@ def test_score_case_tumour_free_without_prediction_and_missed_tumour():
     assert r["dice_mean"] == pytest.approx(1 / 3)  # (2/3 + 0) / 2
     assert r["tumor_volume_ratio"] == 0.0
     assert isnan(r["hd95_tumor_mm"])  # prediction has no tumour
-    assert (r["n_lesions"], r["n_lesions_detected"], r["n_pred_lesions"]) == (1, 0, 0)
+    assert (r["n_lesions"], r["n_lesion_groups_detected"], r["n_pred_lesions"]) == (1, 0, 0)
 
 
 def test_score_case_empty_liver_prediction():
@@ -234,23 +242,34 @@ def test_score_case_empty_liver_prediction():
     assert isnan(r["assd_liver_lits_mm"])
 
 
-# ---------------------------------------------------------------- lesion detection
+# ---------------------------------------------------------------- lesion detection (LiTS's rule)
+def test_match_lesions_merges_and_splits_by_hand():
+    # rows: predicted lesions, columns: reference lesions, values: overlapping voxels
+    assert uh.match_lesions(np.array([[5, 3, 0], [0, 4, 0], [0, 0, 0]])) == [([0], [0]), ([1], [1])]  # G1 -> P1 (4 > 3)
+    assert uh.match_lesions(np.array([[2, 2], [0, 0]])) == [([0], [0, 1])]  # one prediction over both: merged
+    assert uh.match_lesions(np.array([[4], [6]])) == [([0, 1], [0])]  # one lesion in two pieces: the pieces merged
+    # G0 and G1 both overlap P1 most: merged under P1; P0 overlaps that merged lesion most (1 vs nothing): it joins
+    assert uh.match_lesions(np.array([[1, 0], [3, 5]])) == [([0, 1], [0, 1])]
+    assert uh.match_lesions(np.zeros((2, 0), int)) == [] and uh.match_lesions(np.zeros((0, 3), int)) == []
+
+
 def test_lesion_detection_merged_prediction():
     truth, pred = np.zeros((10, 4, 3), np.uint8), np.zeros((10, 4, 3), np.uint8)
-    truth[:, :, 0] = 1  # liver everywhere else: never a lesion
-    truth[1:3, 1:3, 1] = 2  # L1: 4 voxels (first in scipy's raster order)
+    truth[:, :, 0] = pred[:, :, 0] = 1  # liver: never a lesion
+    truth[1:3, 1:3, 1] = 2  # L1: 4 voxels
     truth[6:9, 1:3, 1] = 2  # L2: 6 voxels
     pred[1:9, 1:3, 1] = 2  # one blob over both: 8*2 = 16 voxels
-    pred[:, :, 0] = 1
     out = uh.lesion_detection(pred, truth, (2.0, 2.0, 2.5))  # voxel 10 mm^3 = 0.01 mL
     l1, l2 = out["lesions"]
-    assert l1["volume_ml"] == pytest.approx(0.04)
-    assert l2["volume_ml"] == pytest.approx(0.06)
-    assert l1["detected"] and l2["detected"]
-    assert l1["iou"] == pytest.approx(4 / 16)  # L1 inside the 16-voxel blob
-    assert l2["iou"] == pytest.approx(6 / 16)
-    assert not l1["detected_iou"] and not l2["detected_iou"]
+    assert (l1["volume_ml"], l2["volume_ml"]) == (pytest.approx(0.04), pytest.approx(0.06))
+    # merged: (L1 + L2) against the blob: IoU 10 / 16 > 0.5, so both are found (each alone: 4/16, 6/16)
+    assert l1["detected"] and l2["detected"] and l1["iou"] == l2["iou"] == pytest.approx(10 / 16)
+    (group,) = out["groups"]
+    assert (group["n_ref"], group["n_pred"], group["detected"]) == (2, 1, True)
+    assert group["dice"] == pytest.approx(20 / 26)  # 2 * 10 / (16 + 10)
     assert (out["n_pred"], out["n_pred_matched"]) == (1, 1)
+    s = uh.lesion_summary([out])  # LiTS: one true positive for the group, so one of two lesions counts as found
+    assert (s["lesion_recall"], s["lesion_precision"], s["lesion_recall_any_overlap"]) == (0.5, 1.0, 1.0)
 
 
 def test_lesion_detection_split_prediction_and_false_positive():
@@ -258,31 +277,50 @@ def test_lesion_detection_split_prediction_and_false_positive():
     truth[2:8, 2:4, 1:3] = 2  # 6*2*2 = 24 voxels
     pred[2:4, 2:4, 1:3] = 2  # piece A: 8 voxels
     pred[6:8, 2:4, 1:3] = 2  # piece B: 8 voxels (gap x = 4, 5: not connected to A)
-    pred[10:12, 4:6, 3] = 2  # false positive, far away
+    pred[10:12, 4:6, 3] = 2  # false positive, far away: 4 voxels
     out = uh.lesion_detection(pred, truth, (1.0, 1.0, 1.0))
-    assert len(out["lesions"]) == 1
     (les,) = out["lesions"]
-    assert les["detected"]
-    assert les["iou"] == pytest.approx(16 / 24)  # union of both pieces over the lesion
-    assert les["detected_iou"]
+    assert les["detected"] and les["detected_any"] and les["iou"] == pytest.approx(16 / 24)  # both pieces together
     assert les["volume_ml"] == pytest.approx(0.024)
+    (group,) = out["groups"]
+    assert (group["n_ref"], group["n_pred"]) == (1, 2) and group["dice"] == pytest.approx(0.8)  # 32 / 40
     assert (out["n_pred"], out["n_pred_matched"]) == (3, 2)
+    s = uh.lesion_summary([out])  # LiTS: one true positive for the two pieces, two false ones (a piece, the blob)
+    assert (s["lesion_recall"], s["lesion_precision"]) == (1.0, pytest.approx(1 / 3))
+    assert s["lesion_precision_any_overlap"] == pytest.approx(2 / 3)
     stricter = uh.lesion_detection(pred, truth, (1.0, 1.0, 1.0), iou_threshold=0.7)
-    assert stricter["lesions"][0]["detected"] and not stricter["lesions"][0]["detected_iou"]  # 2/3 < 0.7
+    assert not stricter["lesions"][0]["detected"] and not stricter["groups"][0]["detected"]  # 2/3 < 0.7
 
 
-def test_lesion_detection_diagonal_contact_is_one_lesion():
+def test_lesion_detection_touch_is_not_a_detection():
+    truth, pred = np.zeros((12, 5, 4), np.uint8), np.zeros((12, 5, 4), np.uint8)
+    truth[2:4, 2:4, 1:3] = 2  # 8 voxels
+    pred[4:10, 2:4, 1:3] = 2  # a 24-voxel false blob beside it ...
+    pred[3, 2, 1] = 2  # ... touching it by one voxel: one 25-voxel component
+    out = uh.lesion_detection(pred, truth, (1.0, 1.0, 1.0))
+    (les,) = out["lesions"]
+    assert les["detected_any"] and not les["detected"]
+    assert les["iou"] == pytest.approx(1 / 32)  # 1 / (8 + 25 - 1)
+    assert (out["n_pred"], out["n_pred_matched"]) == (1, 1)
+    s = uh.lesion_summary([out])
+    assert (s["lesion_recall"], s["lesion_precision"]) == (0.0, 0.0)
+    assert (s["lesion_recall_any_overlap"], s["lesion_precision_any_overlap"]) == (1.0, 1.0)
+
+
+def test_lesion_detection_faces_connect_corners_do_not_and_half_is_not_enough():
     truth, pred = np.zeros((9, 9, 4), np.uint8), np.zeros((9, 9, 4), np.uint8)
-    truth[1, 1, 1] = truth[2, 2, 2] = 2  # corner contact only: one 26-connected lesion of 2 voxels
-    pred[2, 2, 2] = 2  # hits it: IoU 1/2, exactly the threshold
-    pred[6, 6, 1] = pred[7, 7, 2] = 2  # a diagonal false positive: one component
+    truth[1, 1, 1] = truth[2, 2, 2] = 2  # corner contact only: two lesions (LiTS labels by faces)
+    pred[2, 2, 2] = 2  # the second one exactly
+    pred[6, 6, 1] = pred[7, 7, 2] = 2  # a diagonal false positive: two predicted lesions
     out = uh.lesion_detection(pred, truth, (0.7, 0.8, 5.0))  # voxel 2.8 mm^3
-    assert len(out["lesions"]) == 1
-    les = out["lesions"][0]
-    assert les["volume_ml"] == pytest.approx(2 * 2.8 / 1000)
-    assert les["iou"] == pytest.approx(0.5)
-    assert les["detected"] and les["detected_iou"]  # iou >= threshold
-    assert (out["n_pred"], out["n_pred_matched"]) == (2, 1)
+    assert [les["detected"] for les in out["lesions"]] == [False, True]
+    assert out["lesions"][1]["volume_ml"] == pytest.approx(2.8 / 1000)
+    assert out["n_pred"] == 3 and [g["detected"] for g in out["groups"]] == [True]
+    truth, pred = np.zeros((4, 3, 3), np.uint8), np.zeros((4, 3, 3), np.uint8)
+    truth[1:3, 1, 1] = 2
+    pred[1, 1, 1] = 2  # IoU 1/2: LiTS asks for more than half
+    (les,) = uh.lesion_detection(pred, truth, (1.0, 1.0, 1.0))["lesions"]
+    assert les["iou"] == pytest.approx(0.5) and not les["detected"] and les["detected_any"]
 
 
 def test_lesion_detection_missed_lesion_and_liver_does_not_count():
@@ -292,53 +330,59 @@ def test_lesion_detection_missed_lesion_and_liver_does_not_count():
     out = uh.lesion_detection(pred, truth, (0.7, 0.8, 5.0))
     (les,) = out["lesions"]
     assert les["volume_ml"] == pytest.approx(3 * 0.7 * 0.8 * 5.0 / 1000)  # 0.0084 mL
-    assert not les["detected"] and not les["detected_iou"]
-    assert les["iou"] == 0.0
-    assert (out["n_pred"], out["n_pred_matched"]) == (0, 0)
+    assert not les["detected"] and not les["detected_any"] and les["iou"] == 0.0
+    assert (out["groups"], out["n_pred"], out["n_pred_matched"]) == ([], 0, 0)
     none = uh.lesion_detection(np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), (1, 1, 1))
-    assert none["lesions"] == []
-    assert (none["n_pred"], none["n_pred_matched"]) == (0, 0)
+    assert (none["lesions"], none["groups"], none["n_pred"], none["n_pred_matched"]) == ([], [], 0, 0)
 
 
 # ---------------------------------------------------------------- lesion summary
 def test_lesion_summary_pooled_by_hand():
+    def group(n_ref, n_pred, dice, detected):
+        return {"n_ref": n_ref, "n_pred": n_pred, "iou": NAN, "dice": dice, "detected": detected}
+
     results = [
-        {"lesions": [lesion(0.5, True, 0.6), lesion(5.0, False, 0.0)], "n_pred": 2, "n_pred_matched": 1},
-        {"lesions": [lesion(20.0, True, 0.3), lesion(1.0, True, 0.8), lesion(10.0, True, 0.55)],
+        {"lesions": [lesion(0.5, True, True), lesion(5.0, False, False)], "groups": [group(1, 1, 0.75, True)],
+         "n_pred": 2, "n_pred_matched": 1},
+        {"lesions": [lesion(20.0, True, True), lesion(1.0, True, True), lesion(10.0, False, True)],
+         "groups": [group(2, 1, 8 / 9, True), group(1, 2, 6 / 13, False)],
          "n_pred": 3, "n_pred_matched": 3},
-        {"lesions": [], "n_pred": 1, "n_pred_matched": 0},
+        {"lesions": [], "groups": [], "n_pred": 1, "n_pred_matched": 0},
     ]
     s = uh.lesion_summary(results)
-    # 5 reference lesions, 4 detected; 6 predicted components, 4 matched
-    assert s["lesion_recall"] == pytest.approx(0.8)
-    assert s["lesion_precision"] == pytest.approx(2 / 3)
-    assert s["lesion_f1"] == pytest.approx(8 / 11)  # 2 * 0.8 * 2/3 / (0.8 + 2/3) = (16/15) / (22/15)
-    assert s["lesion_recall_iou50"] == pytest.approx(0.6)  # IoU 0.6, 0.8, 0.55 -> 3 of 5
-    # bins: <1 {0.5: hit}; 1-10 (inclusive) {5.0 miss, 1.0 hit, 10.0 hit}; >10 {20.0 hit}
-    by_vol = s["lesion_recall_by_volume"]
-    assert by_vol["<1 mL"] == pytest.approx(1.0)
-    assert by_vol["1-10 mL"] == pytest.approx(2 / 3)
-    assert by_vol[">10 mL"] == pytest.approx(1.0)
+    # 5 reference lesions, 4 touched; 6 predicted, 4 touching a lesion; 2 detected groups: 2 true positives
+    assert s["lesion_recall"] == pytest.approx(0.4)
+    assert s["lesion_precision"] == pytest.approx(1 / 3)
+    assert s["lesion_f1"] == pytest.approx(4 / 11)  # 2 * 0.4 * 1/3 / (0.4 + 1/3) = (4/15) / (11/15)
+    assert s["lesion_recall_any_overlap"] == pytest.approx(0.8)
+    assert s["lesion_precision_any_overlap"] == pytest.approx(2 / 3)
+    assert s["lesion_f1_any_overlap"] == pytest.approx(8 / 11)  # (16/15) / (22/15)
+    assert s["lesion_dice"] == pytest.approx(59 / 72)  # (3/4 + 8/9) / 2 over the detected groups
+    # bins: <1 {0.5: found}; 1-10 (inclusive) {5.0 missed, 1.0 found, 10.0 missed}; >10 {20.0 found}
+    assert s["lesion_recall_by_volume"] == pytest.approx({"<1 mL": 1.0, "1-10 mL": 1 / 3, ">10 mL": 1.0})
     assert dict(s["lesion_count_by_volume"]) == {"<1 mL": 1, "1-10 mL": 3, ">10 mL": 1}
 
 
 def test_lesion_summary_empty_and_degenerate():
-    s = uh.lesion_summary([{"lesions": [], "n_pred": 0, "n_pred_matched": 0}])
-    for key in ("lesion_recall", "lesion_precision", "lesion_f1", "lesion_recall_iou50"):
+    def case(lesions, n_pred):
+        return {"lesions": lesions, "groups": [], "n_pred": n_pred, "n_pred_matched": 0}
+
+    s = uh.lesion_summary([case([], 0)])
+    for key in ("lesion_recall", "lesion_precision", "lesion_f1", "lesion_recall_any_overlap", "lesion_dice"):
         assert isnan(s[key]), key
     assert all(isnan(v) for v in s["lesion_recall_by_volume"].values())
     assert dict(s["lesion_count_by_volume"]) == {"<1 mL": 0, "1-10 mL": 0, ">10 mL": 0}
 
-    only_fp = uh.lesion_summary([{"lesions": [], "n_pred": 2, "n_pred_matched": 0}])
+    only_fp = uh.lesion_summary([case([], 2)])
     assert isnan(only_fp["lesion_recall"])
     assert only_fp["lesion_precision"] == 0.0
     assert only_fp["lesion_f1"] == 0.0  # on counts: 2TP / (2TP + FP + FN) = 0 / 2
 
-    all_missed = uh.lesion_summary([{"lesions": [lesion(0.2, False, 0.0)], "n_pred": 1, "n_pred_matched": 0}])
+    all_missed = uh.lesion_summary([case([lesion(0.2, False, False)], 1)])
     assert all_missed["lesion_recall"] == 0.0
     assert all_missed["lesion_precision"] == 0.0
     assert all_missed["lesion_f1"] == 0.0  # P + R == 0: nothing found, 2TP / (2TP + FP + FN) = 0
-    none_predicted = uh.lesion_summary([{"lesions": [lesion(3.0, False, 0.0)], "n_pred": 0, "n_pred_matched": 0}])
+    none_predicted = uh.lesion_summary([case([lesion(3.0, False, False)], 0)])
     assert isnan(none_predicted["lesion_precision"]) and none_predicted["lesion_f1"] == 0.0  # 0 / (0 + 0 + 1)
     assert all_missed["lesion_recall_by_volume"]["<1 mL"] == 0.0
     assert isnan(all_missed["lesion_recall_by_volume"]["1-10 mL"])  # empty bin
@@ -386,45 +430,33 @@ def test_bootstrap_edge_cases_and_determinism():
 
 
 # ---------------------------------------------------------------- summarize
-def _summary_cases() -> tuple[list[dict], dict, list[dict]]:
-    """Four hand-built cases (spacing 1 mm, voxel 0.001 mL) and their pooled counts and lesion results."""
-    cases = {  # name: (truth, pred)
-        "perfect": ([1, 1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 2, 2, 0, 0]),
-        "fp_tumor": ([1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 2, 2, 0, 0, 0]),  # tumour-free, FP tumour
-        "empty_pred": ([1, 1, 2, 2, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]),  # nothing predicted
-        "over": ([1, 1, 1, 2, 0, 0, 0, 0], [1, 1, 1, 2, 2, 2, 0, 0]),  # tumour 3x too big
-    }
-    rows = []
-    for name, (t, p) in cases.items():
-        row = {"case": name, **uh.score_case(line(p), line(t), (1.0, 1.0, 1.0))}
-        for k in ("dice_liver", "dice_tumor", "dice_liver_lits", "fp_tumor_ml"):
-            row[f"{k}_raw"] = row[k]
-        rows.append(row)
-    # pooled [2tp, |P|+|T|] by hand
-    # liver:      perfect [8,8]  fp_tumor [6,7]  empty_pred [0,2]  over [6,6]   -> [20, 23]
-    # tumour:     perfect [4,4]  fp_tumor [0,2]  empty_pred [0,2]  over [2,4]   -> [6, 12]
-    # liver_lits: perfect [12,12] fp_tumor [8,9] empty_pred [0,4]  over [8,10]  -> [28, 35]
-    pooled = {"liver": np.array([20.0, 23.0]), "tumor": np.array([6.0, 12.0]),
-              "liver_lits": np.array([28.0, 35.0]), "liver_raw": np.array([20.0, 23.0]),
-              "tumor_raw": np.array([6.0, 12.0])}
-    lesions = [
-        {"lesions": [lesion(0.002, True, 1.0)], "n_pred": 1, "n_pred_matched": 1},
-        {"lesions": [], "n_pred": 1, "n_pred_matched": 0},
-        {"lesions": [lesion(0.002, False, 0.0)], "n_pred": 0, "n_pred_matched": 0},
-        {"lesions": [lesion(0.001, True, 1 / 3)], "n_pred": 1, "n_pred_matched": 1},
-    ]
-    return rows, pooled, lesions
+CASES = {  # name: (truth, pred), lines of voxels 1 mm wide (0.001 mL)
+    "perfect": ([1, 1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 2, 2, 0, 0]),
+    "fp_tumor": ([1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 2, 2, 0, 0, 0]),  # tumour-free, FP tumour
+    "empty_pred": ([1, 1, 2, 2, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]),  # nothing predicted
+    "over": ([1, 1, 1, 2, 0, 0, 0, 0], [1, 1, 1, 2, 2, 2, 0, 0]),  # tumour 3x too big
+}
+
+
+def _summary_cases(names: Sequence[str] = tuple(CASES)) -> tuple[list[dict], list[dict]]:
+    """Hand-built cases: their per-case rows (raw = final) and lesion detection results."""
+    rows, lesions = [], []
+    for name in names:
+        t, p = (line(v) for v in CASES[name])
+        rows.append({"case": name, **uh._score_with_raw(p, p, t, (1.0, 1.0, 1.0))})
+        lesions.append(uh.lesion_detection(p, t, (1.0, 1.0, 1.0)))
+    return rows, lesions
 
 
 def test_summarize_by_hand():
-    rows, pooled, lesions = _summary_cases()
-    s = uh.summarize(rows, pooled, lesions)
+    rows, lesions = _summary_cases()
+    s = uh.summarize(rows, lesions)
     # per case dice_liver: perfect 1, fp_tumor 6/7 (T 4, P 3), empty_pred 0, over 1 -> (20/7)/4
     assert s["dice_liver"] == pytest.approx(5 / 7)
     # dice_tumor over cases with tumour: perfect 1, empty_pred 0, over 2*1/(1+3) = 0.5 -> 0.5
     assert s["dice_tumor"] == pytest.approx(0.5)
-    # all cases (nnU-Net): 1, 0 (FP on tumour-free), 0, 0.5 -> 1.5/4
-    assert s["dice_tumor_all_cases"] == pytest.approx(0.375)
+    # all cases (nnU-Net and LiTS agree: no empty/empty case here): 1, 0 (FP on tumour-free), 0, 0.5 -> 1.5/4
+    assert s["dice_tumor_all_cases"] == pytest.approx(0.375) and s["dice_tumor_lits"] == pytest.approx(0.375)
     # LiTS liver: 1, 2*4/(4+5) = 8/9, 0, 2*4/(4+6) = 0.8 -> (121/45)/4
     assert s["dice_liver_lits"] == pytest.approx(121 / 180)
     # dice_mean over cases with tumour: perfect 1, empty_pred 0, over (1 + 0.5)/2 = 0.75 -> 1.75/3
@@ -433,14 +465,19 @@ def test_summarize_by_hand():
     # over pct [0,0,0,0,1,2] pos 4.75 -> 1.75; empty_pred undefined -> (0 + 0.8 + 1.75)/3
     assert s["hd95_liver_lits_mm"] == pytest.approx(0.85)
     assert s["n_hd95_liver_lits_mm_undefined"] == 1
-    # tumour volume ratios on cases with tumour: 1, 0, 3 -> median 1 (mean would be 4/3)
-    assert s["median_tumor_volume_ratio"] == pytest.approx(1.0)
+    # tumour volume ratios on cases with tumour: 1, 0, 3 -> median 1 (mean would be 4/3); RVD 0, -1, 2 -> 1/3
+    assert s["median_tumor_volume_ratio"] == pytest.approx(1.0) and s["tumor_rvd"] == pytest.approx(1 / 3)
+    # liver (label 1) counts summed: tp 4+3+0+3, fp 0+0+0+0, fn 0+1+2+0 -> 20 / 23
     assert s["dice_liver_global"] == pytest.approx(20 / 23)
-    # lesions: 3 reference, 2 detected; 3 predicted, 2 matched; IoU >= 0.5: 1 of 3
-    assert s["lesion_recall"] == pytest.approx(2 / 3)
-    assert s["lesion_precision"] == pytest.approx(2 / 3)
-    assert s["lesion_f1"] == pytest.approx(2 / 3)
-    assert s["lesion_recall_iou50"] == pytest.approx(1 / 3)
+    # tumour: tp 2+0+0+1, fp 0+2+0+2, fn 0+0+2+0 -> 6 / 12
+    assert s["dice_tumor_global"] == pytest.approx(0.5)
+    # lesions: 3 reference, 1 detected (perfect; over's IoU is 1/3), 2 touched; 3 predicted, 1 detected, 2 touching
+    assert (s["lesion_recall"], s["lesion_precision"], s["lesion_f1"]) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert s["lesion_recall_any_overlap"] == pytest.approx(2 / 3) and s["lesion_dice"] == 1.0
+    # tumour burden (label 2 / label >= 1), predicted - true: 0; 2/5 - 0; 0 - 2/4; 3/6 - 1/4
+    # -> RMSE sqrt((0 + 0.16 + 0.25 + 0.0625) / 4), largest error 0.5
+    assert s["tumor_burden_rmse"] == pytest.approx(math.sqrt(0.4725 / 4))
+    assert s["tumor_burden_max_error"] == pytest.approx(0.5)
     per_case_values = {"dice_liver": [1, 6 / 7, 0, 1], "dice_tumor": [1, 0, 0.5],
                        "dice_tumor_all_cases": [1, 0, 0, 0.5], "dice_liver_lits": [1, 8 / 9, 0, 0.8],
                        "dice_mean": [1, 0, 0.75]}
@@ -450,12 +487,35 @@ def test_summarize_by_hand():
         assert lo < hi, key
 
 
-def test_summarize_without_lesions_keeps_per_case_means():
-    rows, pooled, _ = _summary_cases()
-    s = uh.summarize(rows, pooled)
+def test_dice_tumor_lits_counts_every_case_as_the_lits_evaluation_does():
+    """Four cases: LiTS's rule (every case; no tumour anywhere = 1, false tumour on a tumour-free case = 0), the
+    mean over cases with tumour, and nnU-Net's (empty/empty left out) give three different means."""
+    cases = {"half": ([1, 2, 2, 0], [1, 1, 2, 2]),  # tumour Dice 2*1 / (2+2)
+             "clean": ([1, 1, 0, 0], [1, 1, 0, 0]),  # no tumour, none predicted
+             "false_tumour": ([1, 1, 0, 0], [1, 2, 0, 0]),
+             "missed": ([1, 2, 0, 0], [1, 1, 0, 0])}
+    rows = [uh._score_with_raw(line(p), line(p), line(t), (1.0, 1.0, 1.0)) for t, p in cases.values()]
+    assert [r["dice_tumor_lits"] for r in rows] == [0.5, 1.0, 0.0, 0.0]
+    s = uh.summarize(rows)
+    assert s["dice_tumor_lits"] == pytest.approx(1.5 / 4)
+    assert s["dice_tumor"] == pytest.approx(0.5 / 2)  # half, missed
+    assert s["dice_tumor_all_cases"] == pytest.approx(0.5 / 3)  # half, false_tumour, missed
+    # burden errors (predicted - true): 2/4 - 2/3, 0, 1/2 - 0, 0 - 1/2 -> RMSE sqrt((1/36 + 0 + 1/4 + 1/4) / 4)
+    assert s["tumor_burden_rmse"] == pytest.approx(math.sqrt(19) / 12)
+    assert s["tumor_burden_max_error"] == pytest.approx(0.5)
+    assert s["tumor_rvd"] == pytest.approx(-0.5)  # half 0, missed -1; no tumour: undefined
+
+
+def test_summarize_without_lesions_pools_the_lesion_counts():
+    rows, lesions = _summary_cases()
+    s = uh.summarize(rows)
     assert s["dice_tumor"] == pytest.approx(0.5)
     assert s["n_hd95_liver_lits_mm_undefined"] == 1
     assert set(s["ci95"]) >= {"dice_liver", "dice_tumor", "dice_tumor_all_cases", "dice_liver_lits", "dice_mean"}
+    with_lists = uh.summarize(rows, lesions)
+    for key in ("lesion_recall", "lesion_precision", "lesion_f1", "lesion_recall_any_overlap", "lesion_dice"):
+        assert s[key] == with_lists[key], key
+    assert "lesion_recall_by_volume" not in s  # needs the lesion lists
 
 
 # ---------------------------------------------------------------- postprocess
@@ -632,38 +692,51 @@ def test_split_folds_with_groups():
 
 
 # ---------------------------------------------------------------- gather_folds
-def test_gather_folds_mean_std(tmp_path: Path):
+def test_gather_folds_pools_cases_and_keeps_the_spread_over_folds(tmp_path: Path):
     summaries = [
         {"dice_liver": 0.9, "hd95": 10.0, "n_cases": 4, "maybe": None, "name": "a", "ci95": {"dice_liver": [0, 1]}},
         {"dice_liver": 0.8, "hd95": 14.0, "n_cases": 5, "maybe": 0.5},
         {"dice_liver": 0.7, "hd95": None, "n_cases": 4, "maybe": None},
     ]
+    folds = [("perfect", "fp_tumor"), ("empty_pred",), ("over",)]  # the four cases of _summary_cases, split
     paths = []
-    for i, summary in enumerate(summaries):
+    for i, (summary, names) in enumerate(zip(summaries, folds)):
         folder = tmp_path / f"fold{i}"
         folder.mkdir()
-        config = {"FOLD": i, "SEED": 0}
-        (folder / "metrics.json").write_text(json.dumps({"config": config, "summary": summary}))
+        body = {"config": {"FOLD": i, "SEED": 0}, "summary": summary, "per_case": _summary_cases(names)[0]}
+        (folder / "metrics.json").write_text(json.dumps(uh.json_safe(body)))  # NaN written as null, as metrics.json
         paths.append(folder / "metrics.json" if i == 1 else folder)  # a file or its folder
     g = uh.gather_folds(paths)
-    assert g["dice_liver"]["mean"] == pytest.approx(0.8)
-    assert g["dice_liver"]["std"] == pytest.approx(0.1)  # sqrt((0.01 + 0 + 0.01) / 2)
-    assert g["dice_liver"]["n"] == 3
-    assert g["hd95"]["mean"] == pytest.approx(12.0)  # null skipped
-    assert g["hd95"]["std"] == pytest.approx(math.sqrt(8))  # sqrt((4 + 4) / 1)
-    assert g["hd95"]["n"] == 2
-    assert g["n_cases"]["mean"] == pytest.approx(13 / 3)
-    assert g["n_cases"]["std"] == pytest.approx(math.sqrt(1 / 3))  # (1/9 + 4/9 + 1/9) / 2
-    assert g["maybe"]["mean"] == pytest.approx(0.5)
-    assert isnan(g["maybe"]["std"])  # a single value
-    assert g["maybe"]["n"] == 1
-    assert "name" not in g
-    assert "ci95" not in g
+    pooled, by_fold = g["pooled"], g["by_fold"]
+    # pooled over the four cases, as in test_summarize_by_hand: not the mean of the folds' values
+    assert pooled["n_cases"] == 4 and pooled["dice_tumor"] == pytest.approx(0.5)  # fold means: 1, 0, 0.5
+    assert pooled["dice_tumor_global"] == pytest.approx(0.5)  # summed counts: 6 / 12
+    assert pooled["dice_liver_global"] == pytest.approx(20 / 23)
+    assert (pooled["lesion_recall"], pooled["lesion_precision"]) == pytest.approx((1 / 3, 1 / 3))
+    assert pooled["dice_tumor_lits"] == pytest.approx(0.375)
+    assert by_fold["dice_liver"]["mean"] == pytest.approx(0.8)
+    assert by_fold["dice_liver"]["std"] == pytest.approx(0.1)  # sqrt((0.01 + 0 + 0.01) / 2)
+    assert by_fold["dice_liver"]["n"] == 3
+    assert by_fold["hd95"]["mean"] == pytest.approx(12.0)  # null skipped
+    assert by_fold["hd95"]["std"] == pytest.approx(math.sqrt(8))  # sqrt((4 + 4) / 1)
+    assert by_fold["hd95"]["n"] == 2
+    assert by_fold["n_cases"]["mean"] == pytest.approx(13 / 3)
+    assert by_fold["n_cases"]["std"] == pytest.approx(math.sqrt(1 / 3))  # (1/9 + 4/9 + 1/9) / 2
+    assert by_fold["maybe"]["mean"] == pytest.approx(0.5)
+    assert isnan(by_fold["maybe"]["std"])  # a single value
+    assert by_fold["maybe"]["n"] == 1
+    assert "name" not in by_fold and "ci95" not in by_fold
     other = tmp_path / "other_seed"
     other.mkdir()
     (other / "metrics.json").write_text(json.dumps({"config": {"FOLD": 3, "SEED": 1}, "summary": summaries[0]}))
     with pytest.raises(ValueError, match="different settings \\(SEED\\)"):
         uh.gather_folds([*paths, other])  # a fold of another configuration does not belong in the table
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.json").write_text(json.dumps({"config": {"FOLD": 4, "SEED": 0}, "summary": summaries[0],
+                                                  "per_case": [{"dice_liver": 0.9}]}))
+    with pytest.raises(ValueError, match="no per-case overlap counts"):
+        uh.gather_folds([*paths, old])
 
 
 def test_check_fold_and_run_dir(tmp_path: Path):

@@ -58,7 +58,8 @@ def test_notebook_writes_metrics_figures_and_prediction(tiny_run):
         pred = nib.load(str(path))
         assert pred.shape == src.shape and (pred.affine == src.affine).all()
     s = metrics["summary"]
-    for key in ("dice_tumor_all_cases", "lesion_recall", "lesion_precision", "lesion_f1", "lesion_recall_by_volume",
+    for key in ("dice_tumor_all_cases", "dice_tumor_lits", "lesion_recall", "lesion_precision", "lesion_f1",
+                "lesion_recall_any_overlap", "lesion_dice", "lesion_recall_by_volume", "tumor_burden_rmse",
                 "median_tumor_volume_ratio", "n_hd95_liver_lits_mm_undefined"):
         assert key in s, key
     lo, hi = s["ci95"]["dice_liver_lits"]
@@ -107,7 +108,7 @@ def test_baseline_recipe_from_parameters_alone(tmp_path):
     metrics = json.loads((tmp_path / "out" / "fold_1" / "metrics.json").read_text())
     assert metrics["data"]["fold"] == 1 and len(metrics["data"]["validation"]) == 1  # 5 cases, 5 folds
     fold_cell = _outputs_of(tmp_path / "executed.ipynb", "uh.gather_folds(")
-    assert fold_cell.splitlines()[0].split() == ["metric", "mean", "std", "over", "folds", "folds"]
+    assert fold_cell.splitlines()[0].split() == ["metric", "pooled", "fold", "mean", "std", "over", "folds", "folds"]
     assert fold_cell.splitlines()[1].split()[0] == "dice_liver_lits" and fold_cell.splitlines()[1].split()[-1] == "1"
     assert metrics["config"]["RECIPE"] == "baseline" and metrics["config"]["CONTEXT_SLICES"] == 1
     assert metrics["config"]["RECIPE_SETTINGS"]["postprocess"] is False

@@ -30,8 +30,14 @@ MUTATIONS: dict[str, tuple[str, str]] = {
         "return float(2 * tp / denom) if denom else empty",
         "return float(tp / denom) if denom else empty"),
     "swapped label index (tumour scored as label 1)": (
-        '"dice_tumor": dice(pred == 2, truth == 2) if has_tumor else float("nan"),',
-        '"dice_tumor": dice(pred == 1, truth == 2) if has_tumor else float("nan"),'),
+        '"tumor": lambda p, t: (p == 2, t == 2),',
+        '"tumor": lambda p, t: (p == 1, t == 2),'),
+    "LiTS's per-case tumour Dice scores a case without any tumour 0": (
+        'dice_tumor_lits=dice_from_counts(*counts["tumor"], empty=1.0),',
+        'dice_tumor_lits=dice_from_counts(*counts["tumor"], empty=0.0),'),
+    "tumour burden divides by the liver without its tumour": (
+        "    liver = int((labels >= 1).sum())",
+        "    liver = int((labels == 1).sum())"),
     "dropped orientation flip (no reorientation to RAS)": (
         "    view = apply_orientation(data, ornt)  # a flipped/transposed view",
         "    view = data  # a flipped/transposed view"),
@@ -44,9 +50,15 @@ MUTATIONS: dict[str, tuple[str, str]] = {
     "post-processing keeps every component": (
         "        fg = lab == sizes.argmax()",
         "        fg = lab > 0"),
-    "lesion counted as detected without overlap": (
-        '"detected": bool(len(hits)),',
-        '"detected": True,'),
+    "a lesion touched by one voxel counts as detected (no IoU rule)": (
+        "        detected = iou > iou_threshold  # LiTS: more than half",
+        "        detected = iou > 0  # LiTS: more than half"),
+    "lesions covered by one prediction are not merged": (
+        "            refs.setdefault(int(owner[g]), []).append(g)",
+        "            refs.setdefault(n_pred + g, []).append(g)"),
+    "cross-validation keeps only the last fold's cases": (
+        '        rows += body["per_case"]',
+        '        rows = body["per_case"]'),
     "multi-GPU processes step one shared copy of the weights": (
         '        model = copy.deepcopy(job["model"])',
         '        model = job["model"]'),
