@@ -216,8 +216,8 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
             s[key] = value
             notes.append(f"{key} = {value!r} (preset)")
     rec = recipe(s["RECIPE"])
-    if s.get("CASCADE") is None and settings.get("IMAGE_SIZE") is None:
-        below = _stage1_below_native(s, native_shape, rec)
+    if s.get("CASCADE") is not False and settings.get("IMAGE_SIZE") is None:
+        below = _stage1_below_native(s, native_shape, rec, forced=s.get("CASCADE") is True)
         notes = [n for n in notes if not (below and n.startswith("IMAGE_SIZE = "))] + below
     if s.get("CONTEXT_SLICES") is None:
         s["CONTEXT_SLICES"] = rec["context"]
@@ -255,13 +255,14 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
     return s, notes
 
 
-def _stage1_below_native(s: dict, native_shape: Sequence[int] | None, rec: dict) -> list[str]:
+def _stage1_below_native(s: dict, native_shape: Sequence[int] | None, rec: dict, forced: bool = False) -> list[str]:
     """A cascade recipe on CT whose slices are no larger than the preset's ``IMAGE_SIZE`` (the Kaggle set's 256²
     under the full preset): stage 1 at half the CT's in-plane size (rounded to the U-Net's 2^depth), so that stage 2
     still sees the liver box at finer pixels. At that scale the cascade with stage 1 at 128² beat one stage at native
-    256² (BENCHMARKS.md §5l). Changes ``IMAGE_SIZE`` in place; the note says why."""
+    256² (BENCHMARKS.md §5l). ``forced``: ``CASCADE = True`` set by you, whatever the recipe. Changes
+    ``IMAGE_SIZE`` in place; the note says why."""
     native = max(native_shape[:2]) if native_shape else None
-    if not (rec["cascade"] and native and s["IMAGE_SIZE"] >= native):
+    if not ((rec["cascade"] or forced) and native and s["IMAGE_SIZE"] >= native):
         return []
     multiple = 2 ** s["DEPTH"]
     s["IMAGE_SIZE"] = max(multiple, native // 2 // multiple * multiple)
@@ -3478,7 +3479,7 @@ def plot_lesions(lesions: Sequence[dict], output_dir: str | os.PathLike | None =
         bx.text(i, 0.02, f"n={summ['lesion_count_by_volume'][k]}", ha="center", fontsize=8, color="white")
     bx.set_ylim(0, 1)
     bx.set_ylabel("lesion recall")
-    fig.suptitle(title or "lesion detection (26-connected tumour components, any overlap)")
+    fig.suptitle(title or "lesion detection as LiTS counts it (IoU > 0.5 after merges and splits)")
     fig.tight_layout()
     _save(fig, output_dir, "lesions.png")
     return fig

@@ -340,6 +340,8 @@ def real_slice_liver(arm: str, seconds: float = 60.0) -> str:
     training): per-case liver Dice, mean ± sd over seeds; "-" where it was not run there."""
     rows = [r for r in load(REAL_LIVER) if r["recipe"] == REAL_RECIPE.get(arm) and r["seconds_budget"] == seconds]
     means = [statistics.mean(r["per_case"].values()) for r in rows]
+    if len(means) == 1:
+        return f"{means[0]:.3f} (1 seed)"
     return f"{statistics.mean(means):.3f} ± {statistics.pstdev(means):.3f}" if means else "-"
 
 
@@ -348,7 +350,7 @@ def vs_baseline(rs: list[dict], base: list[dict]) -> str:
     all their seeds, the interval a bootstrap over cases and each arm's seeds (``common.paired_ratio_bootstrap``)."""
     a, cases_a = seeds_by_cases(rs, "dice_tumor")
     b, cases_b = seeds_by_cases(base, "dice_tumor")
-    if not base or cases_a != cases_b or not cases_a:
+    if not base or rs[0]["arm"] == base[0]["arm"] or cases_a != cases_b or not cases_a:
         return "-"
     r = paired_ratio_bootstrap(a, b)
     return f"{r['ratio']:.2f}× [{r['low']:.2f}, {r['high']:.2f}]"
@@ -359,7 +361,7 @@ def train_seconds(val: list[dict]) -> str:
     missed its budget by more than 5 %."""
     secs, budget = [r["train_seconds"] for r in val], val[0]["seconds_budget"]
     worst = max((s / budget - 1 for s in secs), key=abs)
-    return f"{statistics.mean(secs):.0f}" + (f" ({min(secs):.0f}–{max(secs):.0f}: a seed {worst:+.0%} off budget)"
+    return f"{statistics.mean(secs):.0f}" + (f" ({min(secs):.0f}–{max(secs):.0f}: a seed {worst:+.1%} off budget)"
                                              if abs(worst) > 0.05 else "")
 
 
@@ -518,9 +520,9 @@ def write_tables(rows: list[dict], a: argparse.Namespace, command: str) -> None:
              "final checkpoint, 3D per-case Dice, mean ± std over training seeds.")
     write_table(a.tables, stamp(command) + "\n\n" + setup + "\n\n**Validation set** (the study chooses "
                 "on this):\n\n" + table(rows, "validation") + "\n\n**Kept-aside set** (smaller, fainter lesions; "
-                "scored once, after the choice):\n\n" + table(rows, "kept-aside") + "\n\n**Eight of the training "
-                "cases** (the same final models on lesions they were trained on):\n\n"
-                + table(rows, "training cases"))
+                "scored once, after the choice):\n\n" + table(rows, "kept-aside")
+                + ("\n\n**Eight of the training cases** (the same final models on lesions they were trained on):\n\n"
+                   + table(rows, "training cases") if any(r["set"] == "training cases" for r in rows) else ""))
     write_table(f"{a.tables}_paired", paired_rows(rows))
     write_table(f"{a.tables}_real_ct", real_ct_table(rows))
     write_table(f"{a.tables}_ratio", ratio_table(rows))

@@ -646,7 +646,7 @@ def test_cascade_default_only_where_stage_two_gains_resolution():
     yours, notes = uh.resolve_settings({**base, "IMAGE_SIZE": 256}, torch.device("cpu"), False, (256, 256, 90))
     assert yours["CASCADE"] is False and any("gain no resolution" in n for n in notes)  # your size is kept
     forced, _ = uh.resolve_settings({**base, "CASCADE": True}, torch.device("cpu"), False, native_shape=(256, 256, 90))
-    assert forced["CASCADE"] is True  # a setting you give is kept
+    assert forced["CASCADE"] is True and forced["IMAGE_SIZE"] == 128  # kept, and stage 1 below native too
     quick, _ = uh.resolve_settings({"RECIPE": "default"}, torch.device("cpu"), True, native_shape=(192, 192, 48))
     assert quick["CASCADE"] is True and quick["IMAGE_SIZE"] == 128 and quick["ROI_SIZE"] == 128
     assert uh.resolve_settings({"RECIPE": "baseline"}, torch.device("cpu"), True, (192, 192, 48))[0]["CASCADE"] is False
