@@ -259,6 +259,8 @@ def section_ddp(ck: Check) -> dict:
             time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Python's own SIGINT handler, also where the shell started this process with SIGINT ignored (a background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=interrupt_when_training, daemon=True).start()
     try:
         uh.train_replicated(2, model, train, ck.index, replace(cfg, epochs=10**6), runs / "c", device=ck.device,
@@ -267,6 +269,8 @@ def section_ddp(ck: Check) -> dict:
     except KeyboardInterrupt:
         time.sleep(2)
         out["interrupt_workers_left"] = len(_worker_pids())
+    finally:
+        signal.signal(signal.SIGINT, previous)
     out["model_on_device_after_interrupt"] = str(next(model.parameters()).device)
     return out
 
