@@ -96,7 +96,7 @@ RECIPES: dict[str, dict] = {
                  "loss": "dice_ce", "postprocess": False, "cascade": False, "hu_window": (-100.0, 400.0),
                  "strong_augment": False, "lesion_augment": False, "lesion_balance": False, "stage2_patch": None,
                  "stage1_share": None, "min_tumor_ml": 0.0, "stage2_mirror": False},
-    # the default, chosen at equal training time (BENCHMARKS.md §5): the liver-box cascade (stage 1 below the CT's
+    # the default, chosen at equal training time (BENCHMARKS.md): the liver-box cascade (stage 1 below the CT's
     # size finds the liver, stage 2 works on the liver box at native pixels, four fifths of the budget, on random
     # windows 0.4 of the box wide, mirrored, and averaged over mirrored boxes at inference); 3 adjacent slices in
     # (2.5D); a third of each batch from tumour slices, balanced over lesion contrast, whose contrast the
@@ -259,15 +259,16 @@ def _stage1_below_native(s: dict, native_shape: Sequence[int] | None, rec: dict,
     """A cascade recipe on CT whose slices are no larger than the preset's ``IMAGE_SIZE`` (the Kaggle set's 256²
     under the full preset): stage 1 at half the CT's in-plane size (rounded to the U-Net's 2^depth), so that stage 2
     still sees the liver box at finer pixels. At that scale the cascade with stage 1 at 128² beat one stage at native
-    256² (BENCHMARKS.md §5l). ``forced``: ``CASCADE = True`` set by you, whatever the recipe. Changes
-    ``IMAGE_SIZE`` in place; the note says why."""
+    256² (BENCHMARKS.md). ``forced``: ``CASCADE = True`` set by you, whatever the recipe. Changes ``IMAGE_SIZE``
+    in place; the note says why."""
     native = max(native_shape[:2]) if native_shape else None
     if not ((rec["cascade"] or forced) and native and s["IMAGE_SIZE"] >= native):
         return []
     multiple = 2 ** s["DEPTH"]
     s["IMAGE_SIZE"] = max(multiple, native // 2 // multiple * multiple)
     return [f"IMAGE_SIZE = {s['IMAGE_SIZE']} (recipe {s['RECIPE']!r}: stage 1 of the cascade at half the CT's "
-            f"{native} voxels in-plane, stage 2 on the liver box at native pixels; BENCHMARKS.md §5l)"]
+            f"{native} voxels in-plane, stage 2 on the liver box at native pixels: it beat one stage at native "
+            "size, BENCHMARKS.md)"]
 
 
 def _resolve_cascade(s: dict, native_shape: Sequence[int] | None, rec: dict) -> list[str]:
@@ -745,7 +746,7 @@ def cascade_epochs(epochs: int, stage1_share: float = CASCADE_STAGE1_SHARE) -> t
     """The cascade's split of a training budget: (stage 1, stage 2) epochs, each at least 1.
 
     Stage 1 only has to find the liver box, so it can be cheap: the default recipe gives it a fifth
-    (``stage1_share``, BENCHMARKS.md §5g), stage 2 the rest.
+    (``stage1_share``), stage 2 the rest.
     """
     if not 0 < stage1_share < 1:
         raise ValueError(f"the cascade's stage1_share must lie between 0 and 1 (stage 2 trains the rest), got "
@@ -1696,7 +1697,7 @@ def lesion_contrast(x: torch.Tensor, y: torch.Tensor, draws: torch.Tensor, p: fl
     is not bound to the frequencies of its training set. Limits: one d per slice (a dark and a bright lesion
     in one slice get their average, and move together); the rim shift reaches background where a lesion
     touches the liver's edge. On in the default recipe (``lesion_augment``), with stage 2's mirroring
-    (BENCHMARKS.md §5i, §5k); off in the baseline.
+    (BENCHMARKS.md); off in the baseline.
 
     Args:
         x: (B, C, S, S) images; y: (B, S, S) labels (0 background, 1 liver, 2 tumour) of the centre channel.
@@ -2079,7 +2080,7 @@ def make_train_state(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: 
 
 def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW, fused into one kernel per step where this torch build has that for the parameters' device (CUDA;
-    the CPU from torch 2.4): the same update in fewer kernel calls (BENCHMARKS.md §2, stage 2 on windows)."""
+    the CPU from torch 2.4): the same update in fewer kernel calls (BENCHMARKS.md, stage 2 on windows)."""
     params = list(params)
     try:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
@@ -2625,7 +2626,7 @@ def drop_small_tumour(pred: np.ndarray, spacing: Sequence[float], min_ml: float)
     """``pred`` with every 26-connected tumour (label 2) component under ``min_ml`` mL relabelled liver (1), or
     background where ``pred`` holds no liver at all.
 
-    The default recipe's floor (``min_tumor_ml``: 0.1 mL, a sphere 5.8 mm across; BENCHMARKS.md §5j) removes
+    The default recipe's floor (``min_tumor_ml``: 0.1 mL, a sphere 5.8 mm across; BENCHMARKS.md) removes
     specks, most of them false lesions on the study's validation set, a few true small ones on its kept-aside set.
     ``min_ml`` ≤ 0 returns ``pred`` itself.
     """
@@ -2834,7 +2835,7 @@ def predict_slices(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[
 class MirrorAverage(torch.nn.Module):
     """Test-time mirroring (nnU-Net's): the log of ``model``'s softmax averaged over the input and its mirrors
     left-right, up-down and both, each flipped back. For a network trained on mirrored inputs
-    (``TrainConfig.mirror``); one trained without mirrors scores worse with it (BENCHMARKS.md §5j)."""
+    (``TrainConfig.mirror``); one trained without mirrors scores worse with it (BENCHMARKS.md)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -2888,7 +2889,7 @@ def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing:
     ``roi_size`` only when the box is larger), segmented by stage 2 and pasted back at the box's
     own resolution. Outside the box the result is background. Where stage 2 calls background more than
     ``stage2.core_mm`` inside stage 1's liver (in-plane, :func:`keep_liver_core`), the voxel stays liver: on
-    the real CT in BENCHMARKS.md §5f stage 2 models trained on synthetic boxes dropped whole parts of a liver
+    the real CT stage 2 models trained on synthetic boxes dropped whole parts of a liver
     that stage 1 had found, while on the synthetic set the rule changes liver Dice by less than 0.001. The
     2 mm default was picked on that one real CT (the synthetic set prefers deeper cores by < 0.001).
 
