@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,17 +95,18 @@ RECIPES: dict[str, dict] = {
     "baseline": {"context": 1, "tumor_share": 0.0, "liver_share": 0.0, "empty_fraction": 1.0,
                  "loss": "dice_ce", "postprocess": False, "cascade": False, "hu_window": (-100.0, 400.0),
                  "strong_augment": False, "lesion_augment": False, "lesion_balance": False, "stage2_patch": None,
-                 "stage1_share": None, "min_tumor_ml": 0.0, "stage2_mirror": False},
+                 "stage1_share": None, "min_tumor_ml": 0.0, "stage2_mirror": False, "average_liver": False},
     # the default, chosen at equal training time (BENCHMARKS.md): the liver-box cascade (stage 1 below the CT's
     # size finds the liver, stage 2 works on the liver box at native pixels, four fifths of the budget, on random
-    # windows 0.4 of the box wide, mirrored, and averaged over mirrored boxes at inference); 3 adjacent slices in
-    # (2.5D); a third of each batch from tumour slices, balanced over lesion contrast, whose contrast the
+    # windows 0.4 of the box wide, mirrored, and averaged over mirrored boxes at inference; in the box, liver or not
+    # from both stages' probabilities averaged, which keeps real liver that stage 2 alone trims); 3 adjacent slices
+    # in (2.5D); a third of each batch from tumour slices, balanced over lesion contrast, whose contrast the
     # augmentation also varies; fewer empty slices; post-processing: the largest liver component, tumour specks
     # under 0.1 mL made liver
     "default": {"context": 3, "tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2,
                 "loss": "dice_ce", "postprocess": True, "cascade": True, "hu_window": (-100.0, 400.0),
                 "strong_augment": False, "lesion_augment": True, "lesion_balance": True, "stage2_patch": 0.4,
-                "stage1_share": 0.2, "min_tumor_ml": 0.1, "stage2_mirror": True},
+                "stage1_share": 0.2, "min_tumor_ml": 0.1, "stage2_mirror": True, "average_liver": True},
 }
 
 
@@ -250,7 +251,8 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
     rec.update(context=s["CONTEXT_SLICES"], cascade=bool(s["CASCADE"]),
                stage2_patch=round(s["PATCH_SIZE"] / s["ROI_SIZE"], 3) if s["PATCH_SIZE"] else None,
                stage1_share=rec["stage1_share"] if s["CASCADE"] else None,
-               stage2_mirror=bool(rec["stage2_mirror"] and s["CASCADE"]))
+               stage2_mirror=bool(rec["stage2_mirror"] and s["CASCADE"]),
+               average_liver=bool(rec.get("average_liver") and s["CASCADE"]))
     s["RECIPE_SETTINGS"] = rec
     return s, notes
 
@@ -2065,7 +2067,8 @@ def make_train_state(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: 
     """Model on ``device``, the loss, AdamW, linear warm-up then cosine decay to 0, and the fp16 grad scaler."""
     memfmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=memfmt)
-    total, warm = steps_per_epoch * cfg.epochs, max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    total = steps_per_epoch * cfg.epochs
+    warm = max(1, min(int(cfg.warmup_epochs * steps_per_epoch), total // 2))  # a 1-epoch stage also decays
     opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay)
 
     def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
@@ -2155,7 +2158,7 @@ RUN_KEYS = ("RECIPE", "RECIPE_SETTINGS", "PRESET", "EPOCHS", "IMAGE_SIZE", "BATC
             "STEPS_PER_EPOCH", "SEED", "FOLD")  # what shapes a run's learning (not RESUME, DEVICE, EVAL_CHECKPOINT ...)
 
 
-INFERENCE_ONLY = ("min_tumor_ml",)  # recipe keys used only after training: changing one makes no other run
+INFERENCE_ONLY = ("min_tumor_ml", "average_liver")  # recipe keys used only after training: no other run
 
 
 def run_identity(settings: dict, train_ids: Sequence[str], data_root: str | os.PathLike) -> dict:
@@ -2808,28 +2811,46 @@ def inference_batch_size(device: torch.device | str, image_size: int = 128) -> i
 
 
 @torch.no_grad()
-def predict_slices(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[int, int], context: int,
-                   device: torch.device | str, batch_size: int | None = None, amp: bool = True) -> np.ndarray:
-    """Label every slice of a (Z, S, S) windowed stack, upsampled to ``out_shape``: returns (X, Y, Z) uint8.
+def slice_probabilities(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[int, int], context: int,
+                        device: torch.device | str, batch_size: int | None = None,
+                        amp: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+    """The softmax of ``model`` on a (Z, S, S) windowed stack, batch by batch, resized to ``out_shape``.
 
-    The logits are resized to the original in-plane grid before the argmax (smoother than
-    resizing a label map).  ``batch_size`` None picks ``inference_batch_size(device)``.
+    The logits are resized to the original in-plane grid before the softmax (smoother than resizing a
+    label map). ``batch_size`` None picks ``inference_batch_size(device)``.
+
+    Yields:
+        (index of the batch's first slice, (B, C, X, Y) float32 probabilities on ``device``).
     """
     device = torch.device(device)
     batch_size = batch_size or inference_batch_size(device, max(slices.shape[1:]))
     model.eval()
-    nz = slices.shape[0]
-    neigh = context_indices(nz, context)
-    out = np.zeros((*out_shape, nz), np.uint8)
+    neigh = context_indices(slices.shape[0], context)
     stack = torch.from_numpy(np.asarray(slices, np.float32))
-    for start in range(0, nz, batch_size):
-        idx = neigh[start:start + batch_size]
-        x = stack[torch.from_numpy(idx)].to(device).contiguous(memory_format=torch.channels_last)
+    for start in range(0, slices.shape[0], batch_size):
+        x = stack[torch.from_numpy(neigh[start:start + batch_size])].to(device)
         with _autocast(device, amp):
-            logits = model(x)
+            logits = model(x.contiguous(memory_format=torch.channels_last))
         logits = F.interpolate(logits.float(), size=out_shape, mode="bilinear", align_corners=False)
-        out[:, :, start:start + len(idx)] = logits.argmax(1).permute(1, 2, 0).to(torch.uint8).cpu().numpy()
-    return out
+        yield start, torch.softmax(logits, 1)
+
+
+def predict_slices(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[int, int], context: int,
+                   device: torch.device | str, batch_size: int | None = None, amp: bool = True,
+                   foreground: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Label every slice of a (Z, S, S) windowed stack, upsampled to ``out_shape``: returns (X, Y, Z) uint8.
+
+    The argmax of :func:`slice_probabilities`. With ``foreground``, also the (X, Y, Z) float16 probability
+    of liver or tumour (1 - background), which :func:`predict_cascade` averages with stage 2's.
+    """
+    nz = slices.shape[0]
+    out = np.zeros((*out_shape, nz), np.uint8)
+    fg = np.zeros((*out_shape, nz), np.float16) if foreground else None
+    for start, probs in slice_probabilities(model, slices, out_shape, context, device, batch_size, amp):
+        out[:, :, start:start + len(probs)] = probs.argmax(1).permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+        if fg is not None:
+            fg[:, :, start:start + len(probs)] = (1 - probs[:, 0]).permute(1, 2, 0).half().cpu().numpy()
+    return (out, fg) if foreground else out
 
 
 class MirrorAverage(torch.nn.Module):
@@ -2851,14 +2872,15 @@ class MirrorAverage(torch.nn.Module):
 @dataclass
 class Stage2:
     """The cascade's second stage: a U-Net on the liver box (a ``roi_size`` window), the box margin, how deep
-    inside stage 1's liver its calls of background are overruled, and whether its softmax is averaged over
-    mirrored boxes (:func:`predict_cascade`)."""
+    inside stage 1's liver its calls of background are overruled, whether its softmax is averaged over
+    mirrored boxes, and whether its liver call is averaged with stage 1's (:func:`predict_cascade`)."""
 
     model: torch.nn.Module
     roi_size: int
     margin_mm: float = ROI_MARGIN_MM
     core_mm: float | None = CASCADE_CORE_MM  # stage 1's liver this far inside its edge stays liver; None: off
     mirror: bool = False  # average over the box and its 3 mirrors (MirrorAverage): 4x the forward passes
+    average_liver: bool = False  # liver-or-not from the mean of both stages' probabilities (needs stage 1's)
 
     def net(self) -> torch.nn.Module:
         """The network that labels the boxes: the model, averaged over mirrors where ``mirror`` says so."""
@@ -2879,32 +2901,55 @@ def cascade_input(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing: S
     return box, network_slices(crop_box(windowed_full, box), stage2.roi_size)
 
 
+def combine_stages(stage2_probs: torch.Tensor, stage1_fg: torch.Tensor) -> torch.Tensor:
+    """Labels from stage 2's (B, 3, X, Y) softmax with its liver-or-not call averaged with stage 1's (B, X, Y)
+    foreground probability: foreground where the mean of the two is at least 0.5, there tumour where stage 2
+    finds tumour likelier than liver. Stage 2 alone decides the tumour; stage 1, trained on whole slices,
+    keeps a say in where the liver ends (BENCHMARKS.md, "Real CT livers")."""
+    foreground = (1 - stage2_probs[:, 0] + stage1_fg) / 2 >= 0.5
+    tumour = stage2_probs[:, 2] > stage2_probs[:, 1]
+    return (foreground.to(torch.uint8) * (1 + tumour.to(torch.uint8))).to(torch.uint8)
+
+
 def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing: Sequence[float], stage2: Stage2,
                     context: int, device: torch.device | str, batch_size: int | None = None,
-                    amp: bool = True) -> np.ndarray:
+                    amp: bool = True, stage1_fg: np.ndarray | None = None) -> np.ndarray:
     """Refine a stage-1 label volume inside its liver box at full resolution (Christ et al. 2016).
 
     Stage 1's largest liver component gives the box (plus ``margin_mm``, at least ``roi_size``
     pixels wide); its slices are cropped from the full-resolution windowed volume (resized to
     ``roi_size`` only when the box is larger), segmented by stage 2 and pasted back at the box's
-    own resolution. Outside the box the result is background. Where stage 2 calls background more than
-    ``stage2.core_mm`` inside stage 1's liver (in-plane, :func:`keep_liver_core`), the voxel stays liver: on
-    the real CT stage 2 models trained on synthetic boxes dropped whole parts of a liver
-    that stage 1 had found, while on the synthetic set the rule changes liver Dice by less than 0.001. The
-    2 mm default was picked on that one real CT (the synthetic set prefers deeper cores by < 0.001).
+    own resolution. Outside the box the result is background. With ``stage2.average_liver`` and stage 1's
+    foreground probability, liver-or-not in the box is the mean of both stages' (:func:`combine_stages`).
+    Where stage 2 calls background more than ``stage2.core_mm`` inside stage 1's liver (in-plane,
+    :func:`keep_liver_core`), the voxel stays liver: on a real CT, stage 2 models trained on synthetic boxes
+    dropped whole parts of a liver that stage 1 had found.
 
     Args:
         stage1_pred: (X, Y, Z) labels from stage 1 (post-processed or not).
         windowed_full: (X, Y, Z) windowed image in [0, 1] at full resolution.
         spacing: voxel size in mm.
         stage2: the stage-2 model and box settings.
+        stage1_fg: (X, Y, Z) stage 1's probability of liver or tumour (``predict_slices(..., foreground=True)``);
+            needed where ``stage2.average_liver``.
     """
+    if stage2.average_liver and stage1_fg is None:
+        raise ValueError("Stage2(average_liver=True) averages stage 1's liver probability with stage 2's: pass "
+                         "stage1_fg from predict_slices(stage1, ..., foreground=True)")
     liver = postprocess(stage1_pred) >= 1  # once: the box and the kept interior both come from it
     box, crop = cascade_input(stage1_pred, windowed_full, spacing, stage2, liver)
     if box is None:
         return stage1_pred
     x0, x1, y0, y1, z0, z1 = box
-    inner = predict_slices(stage2.net(), crop, (x1 - x0, y1 - y0), context, device, batch_size, amp)
+    if stage2.average_liver:
+        inner = np.zeros((x1 - x0, y1 - y0, z1 - z0), np.uint8)
+        for start, probs in slice_probabilities(stage2.net(), crop, (x1 - x0, y1 - y0), context, device,
+                                                batch_size, amp):
+            z = slice(z0 + start, z0 + start + len(probs))
+            fg1 = torch.from_numpy(np.asarray(stage1_fg[x0:x1, y0:y1, z], np.float32)).permute(2, 0, 1)
+            inner[:, :, start:start + len(probs)] = combine_stages(probs.cpu(), fg1).permute(1, 2, 0).numpy()
+    else:
+        inner = predict_slices(stage2.net(), crop, (x1 - x0, y1 - y0), context, device, batch_size, amp)
     out = np.zeros_like(stage1_pred)
     out[x0:x1, y0:y1, z0:z1] = inner
     return keep_liver_core(out, liver, spacing, stage2.core_mm)
@@ -3012,6 +3057,15 @@ def _score_with_raw(raw: np.ndarray, final: np.ndarray, truth: np.ndarray, spaci
     return row
 
 
+def _predict_stage1(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[int, int], context: int,
+                    device: torch.device | str, batch_size: int | None, amp: bool,
+                    stage2: Stage2 | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stage 1's labels, and its foreground probability where ``stage2`` averages the two stages' liver."""
+    if stage2 is not None and stage2.average_liver:
+        return predict_slices(model, slices, out_shape, context, device, batch_size, amp, foreground=True)
+    return predict_slices(model, slices, out_shape, context, device, batch_size, amp), None
+
+
 def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, device: torch.device | str,
              postprocess_pred: bool = True, batch_size: int | None = None, amp: bool = True,
              keep_predictions: bool = True, progress: bool = True, stage2: Stage2 | None = None,
@@ -3039,10 +3093,10 @@ def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, 
     rows, preds, lesions = [], {}, []
     for c in tqdm(cases, desc="evaluate (3D)", unit="case", disable=not progress):
         truth, spacing = c.label_full, c.meta["spacing"]
-        raw = predict_slices(model, c.image, truth.shape[:2], context, device, batch_size, amp)
+        raw, fg = _predict_stage1(model, c.image, truth.shape[:2], context, device, batch_size, amp, stage2)
         if stage2 is not None:
             full = window_hu(load_case(c.meta["image_path"]).image, c.meta["hu_window"])
-            raw = predict_cascade(raw, full, spacing, stage2, context, device, batch_size, amp)
+            raw = predict_cascade(raw, full, spacing, stage2, context, device, batch_size, amp, fg)
         final = postprocess(raw, spacing, min_tumor_ml) if postprocess_pred else raw
         lesions.append({"case": c.case_id, **lesion_detection(final, truth, spacing)})
         rows.append({"case": c.case_id, **_score_with_raw(raw, final, truth, spacing, lesions[-1])})
@@ -3147,10 +3201,10 @@ def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_
     """
     case = load_case(nifti_path)
     windowed = window_hu(case.image, hu_window)
-    pred = predict_slices(model, network_slices(windowed, image_size), case.image.shape[:2], context, device,
-                          batch_size)
+    pred, fg = _predict_stage1(model, network_slices(windowed, image_size), case.image.shape[:2], context, device,
+                               batch_size, True, stage2)
     if stage2 is not None:
-        pred = predict_cascade(pred, windowed, case.spacing, stage2, context, device, batch_size)
+        pred = predict_cascade(pred, windowed, case.spacing, stage2, context, device, batch_size, stage1_fg=fg)
     if postprocess_pred:
         pred = postprocess(pred, case.spacing, min_tumor_ml)
     if out_path is not None:
@@ -3498,17 +3552,19 @@ def plot_cascade(case: CachedCase, stage1: torch.nn.Module, stage2: Stage2, cont
     from matplotlib.patches import Rectangle
     truth = np.asarray(case.label_full)
     full = window_hu(load_case(case.meta["image_path"]).image, case.meta["hu_window"])
-    coarse = predict_slices(stage1, case.image, truth.shape[:2], context, device)
+    coarse, fg = predict_slices(stage1, case.image, truth.shape[:2], context, device, foreground=True)
     box, crop = cascade_input(coarse, full, case.meta["spacing"], stage2)
     note = ""
     if box is None:  # an untrained stage 1: show stage 2 on the true liver's box instead, and say so
         coarse = (truth >= 1).astype(np.uint8)
+        fg = coarse.astype(np.float16)
         box, crop = cascade_input(coarse, full, case.meta["spacing"], stage2)
         note = " (stage 1 found no liver: box from the ground truth)"
     if box is None:
         raise ValueError(f"{case.case_id} has no liver in its label: pick a case with liver to show the cascade")
     x0, x1, y0, y1, z0, z1 = box
-    inner = predict_slices(stage2.net(), crop, (x1 - x0, y1 - y0), context, device)
+    refined = predict_cascade(coarse, full, case.meta["spacing"], stage2, context, device, stage1_fg=fg)
+    inner = refined[x0:x1, y0:y1, z0:z1]
     inside = truth[x0:x1, y0:y1, z0:z1]
     k = int(np.lexsort(((inside >= 1).sum((0, 1)), (inside == 2).sum((0, 1))))[-1])  # most tumour, then liver
     z = z0 + k
@@ -3518,7 +3574,7 @@ def plot_cascade(case: CachedCase, stage1: torch.nn.Module, stage2: Stage2, cont
               (_resize2d(crop_k, (x1 - x0, y1 - y0)), truth[x0:x1, y0:y1, z],
                f"stage 2 input: the {x1 - x0}×{y1 - y0} box at native resolution"
                + ("" if x1 - x0 <= stage2.roi_size else f" (resized to {stage2.roi_size}²)") + "; truth"),
-              (_resize2d(crop_k, (x1 - x0, y1 - y0)), inner[:, :, k], "stage 2 output, pasted back"))
+              (_resize2d(crop_k, (x1 - x0, y1 - y0)), inner[:, :, k], "the cascade's labels in the box"))
     for ax, (img, lab, name) in zip(axes, panels):
         ax.imshow(show_slice(img), cmap="gray", vmin=0, vmax=1)
         ax.contour(show_slice(lab >= 1), levels=[0.5], colors="lime", linewidths=1)

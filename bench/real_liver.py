@@ -13,7 +13,9 @@ recipes are also scored with one part of the cascade changed at inference (the p
 - ``box from all of stage 1's liver``: the box around every liver component stage 1 found, not its largest;
 - ``no liver-core rule``: stage 2's background calls deep inside stage 1's liver are not overruled;
 - ``no post-processing``: the largest-component step left out (stage 1's box still comes from its largest
-  component).
+  component);
+- ``both stages' liver`` (with and without the liver-core rule): liver-or-not in the box from the mean of stage 1's
+  and stage 2's probabilities (``uh.Stage2.average_liver``); ``stage 2's liver alone``: without that mean.
 
     python bench/real_liver.py --seconds 90 --seeds 0 1 2
 
@@ -31,9 +33,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from common import ROOT, WORK, hierarchical_bootstrap, md_table, stamp, write_table
-from recipe_study import load, save
-from tumour_study import REAL_RECIPE, cached, fit, stage_config, steps_for
+from recipe_study import _ms, load, save
+from tumour_study import REAL_RECIPE, cached, fit, stage_config, stage_init, steps_for
 
 import unet_helpers as uh
 
@@ -45,20 +48,25 @@ IMAGE_SIZE = uh.PRESETS["quick"]["IMAGE_SIZE"]  # the notebook's input size on a
 
 ONE_STAGE = {**uh.RECIPES["default"], "cascade": False}
 NO_FLOOR = {"min_stage1_steps": 0}  # the cascade split by its share alone, as before uh.CASCADE_MIN_STAGE1_STEPS
+STAGE2_LIVER = {"average_liver": False}  # scored with stage 2's liver alone, as these recipes were measured
 RECIPES: dict[str, dict] = {  # name: recipe (uh.RECIPES keys); every one trains with 1 slice in
     "baseline": uh.RECIPES["baseline"],
     "one-stage default": ONE_STAGE,
     "default": uh.RECIPES["default"],  # stage 1 at least uh.CASCADE_MIN_STAGE1_STEPS steps, else one stage
-    "cascade, stage 1 a fifth, no floor (the default before)": {**uh.RECIPES["default"], **NO_FLOOR},
-    "cascade, stage 1 half the time": {**uh.RECIPES["default"], "stage1_share": 0.5, **NO_FLOOR},
-    "cascade, stage 2 on whole boxes": {**uh.RECIPES["default"], "stage2_patch": None, **NO_FLOOR},
+    "cascade, stage 1 a fifth, no floor (the default before)": {**uh.RECIPES["default"], **NO_FLOOR, **STAGE2_LIVER},
+    "cascade, stage 1 half the time": {**uh.RECIPES["default"], "stage1_share": 0.5, **NO_FLOOR, **STAGE2_LIVER},
+    "cascade, stage 2 on whole boxes": {**uh.RECIPES["default"], "stage2_patch": None, **NO_FLOOR, **STAGE2_LIVER},
+    # stage 2 starts from stage 1's final weights (tumour_study.py's arm of §5h): it then keeps what stage 1 learnt
+    # of the liver on whole slices while it learns the box
+    "cascade, stage 2 from stage 1's weights": {**uh.RECIPES["default"], "stage2_init": "stage1", **STAGE2_LIVER},
     # the Kaggle set's scale (tumour_study.py's arms of the same names): one stage at the slices' native 256²; one
     # network on whole slices at 128² for stage 1's share of the budget, then at native 256² for the rest
     "one-stage default, native 256²": {**ONE_STAGE, "image_size": 256},
     "one network, 128² then native 256²": {**ONE_STAGE, "image_size": 256, "coarse_size": 128},
 }
 PROBES = ("stage 1 alone", "box from the true liver", "box from all of stage 1's liver", "no liver-core rule",
-          "no post-processing")
+          "no post-processing", "both stages' liver", "both stages' liver, no core rule", "stage 2's liver alone")
+AVERAGED = ("both stages' liver", "both stages' liver, no core rule")  # probes with uh.Stage2.average_liver on
 
 
 def split(data_dir: Path = REAL_SLICES) -> tuple[list, list]:
@@ -114,7 +122,10 @@ def train_recipe(name: str, seed: int, seconds: float, batch: int, train_files: 
     stages = [("stage1", tr)] + ([("stage2", uh.roi_cases(tr))] if roi else [])
     conf = {stage: stage_config(cfg, stage) for stage, _ in stages}
     t0 = time.perf_counter()
-    models = {stage: fit(cases, conf[stage], seed, batch, base, steps[stage], out / stage) for stage, cases in stages}
+    models: dict = {}
+    for stage, cases in stages:
+        models[stage] = fit(cases, conf[stage], seed, batch, base, steps[stage], out / stage,
+                            stage_init(cfg, stage, models))
     return cfg, models, roi, time.perf_counter() - t0, steps
 
 
@@ -136,14 +147,19 @@ def train_coarse_to_fine(recipe: dict, cfg: dict, seed: int, seconds: float, bat
 
 
 def cascade_with_box(stage1_pred: np.ndarray, box_mask: np.ndarray, full: np.ndarray, spacing, stage2: uh.Stage2,
-                     context: int) -> np.ndarray:
+                     context: int, stage1_fg: np.ndarray) -> np.ndarray:
     """``uh.predict_cascade`` with the liver box taken from ``box_mask`` instead of stage 1's liver; everything
-    else (stage 2, the liver-core rule on stage 1's own liver) as there."""
+    else (stage 2, the two stages' liver averaged where ``stage2.average_liver``, the liver-core rule on stage 1's
+    own liver) as there."""
     box, crop = uh.cascade_input(box_mask.astype(np.uint8), full, spacing, stage2, box_mask)
     out = np.zeros_like(stage1_pred)
     if box is not None:
         x0, x1, y0, y1, z0, z1 = box
-        out[x0:x1, y0:y1, z0:z1] = uh.predict_slices(stage2.net(), crop, (x1 - x0, y1 - y0), context, "cpu")
+        for start, probs in uh.slice_probabilities(stage2.net(), crop, (x1 - x0, y1 - y0), context, "cpu"):
+            z = slice(z0 + start, z0 + start + len(probs))
+            fg1 = torch.from_numpy(np.asarray(stage1_fg[x0:x1, y0:y1, z], np.float32)).permute(2, 0, 1)
+            labels = uh.combine_stages(probs, fg1) if stage2.average_liver else probs.argmax(1).to(torch.uint8)
+            out[x0:x1, y0:y1, z] = labels.permute(1, 2, 0).numpy()
     return uh.keep_liver_core(out, uh.postprocess(stage1_pred) >= 1, spacing, stage2.core_mm)
 
 
@@ -153,32 +169,39 @@ def liver_dice_per_case(cfg: dict, models: dict, roi: int | None, cases: list, p
     Stage 1, stage 2 and post-processing run as in ``uh.evaluate``; a probe changes one part of that.
     """
     out = {}
-    stage2 = uh.Stage2(models["stage2"], roi, mirror=cfg["stage2_mirror"],
-                       core_mm=None if probe == "no liver-core rule" else uh.CASCADE_CORE_MM) if roi else None
+    average = (cfg.get("average_liver", False) or probe in AVERAGED) and probe != "stage 2's liver alone"
+    core = None if probe in ("no liver-core rule", "both stages' liver, no core rule") else uh.CASCADE_CORE_MM
+    stage2 = uh.Stage2(models["stage2"], roi, mirror=cfg["stage2_mirror"], core_mm=core,
+                       average_liver=average) if roi else None
     for c in cases:
         truth = c.label_full
-        pred = uh.predict_slices(models["stage1"], c.image, truth.shape[:2], cfg["context"], "cpu")
+        pred, fg = uh.predict_slices(models["stage1"], c.image, truth.shape[:2], cfg["context"], "cpu",
+                                     foreground=True)
         if stage2 is not None and probe != "stage 1 alone":
             full = uh.window_hu(uh.load_case(c.meta["image_path"]).image, c.meta["hu_window"])
             if probe == "box from the true liver":
-                pred = cascade_with_box(pred, truth >= 1, full, c.meta["spacing"], stage2, cfg["context"])
+                pred = cascade_with_box(pred, truth >= 1, full, c.meta["spacing"], stage2, cfg["context"], fg)
             elif probe == "box from all of stage 1's liver":
-                pred = cascade_with_box(pred, pred >= 1, full, c.meta["spacing"], stage2, cfg["context"])
+                pred = cascade_with_box(pred, pred >= 1, full, c.meta["spacing"], stage2, cfg["context"], fg)
             else:
-                pred = uh.predict_cascade(pred, full, c.meta["spacing"], stage2, cfg["context"], "cpu")
+                pred = uh.predict_cascade(pred, full, c.meta["spacing"], stage2, cfg["context"], "cpu", stage1_fg=fg)
         if cfg["postprocess"] and probe != "no post-processing":
             pred = uh.postprocess(pred)
         out[c.case_id] = uh.dice(pred >= 1, truth >= 1)
     return out
 
 
-def load_models(name: str, seed: int, work: Path, base: int = 16) -> dict:
-    """The final networks of a finished recipe × seed, from their ``last.pt``."""
+def load_models(name: str, seed: int, work: Path, base: int = 16, steps: dict | None = None) -> dict:
+    """The final networks of a finished recipe × seed, from their ``last.pt``; with the row's ``steps``, refused
+    where they were trained for other steps (the run folders do not name the budget: a later run overwrites)."""
     models = {}
     for stage in ("stage1", "stage2") if RECIPES[name]["cascade"] else ("stage1",):
+        ck = uh.load_checkpoint(work / f"{name.replace(' ', '_')}_{seed}" / stage / "last.pt")
+        if steps and ck["train_config"]["steps_per_epoch"] != max(1, steps[stage] // 4):
+            raise ValueError(f"{name} seed {seed}: its {stage} on disk was trained for other steps than the row's "
+                             f"{steps[stage]}; retrain it")
         models[stage] = uh.UNet(1, 3, base, 4)
-        models[stage].load_state_dict(uh.load_checkpoint(work / f"{name.replace(' ', '_')}_{seed}" / stage /
-                                                         "last.pt")["model"])
+        models[stage].load_state_dict(ck["model"])
     return models
 
 
@@ -219,7 +242,7 @@ def steps_table(rows: list[dict]) -> str:
         rs = [r for r in rows if r["steps"] == steps]
         means = [_per_case_mean(r["per_case"]) for r in rs]
         body.append([steps, len(rs), f"{statistics.mean(r['train_seconds'] for r in rs):.0f}",
-                     f"{statistics.mean(means):.3f} ± {statistics.pstdev(means):.3f}",
+                     _ms(means),
                      f"{min(v for r in rs for v in r['per_case'].values()):.3f}"])
     return md_table(["optimizer steps (batch 16)", "seeds", "train s", "liver Dice per case", "worst case"], body)
 
@@ -228,23 +251,24 @@ def _per_case_mean(per_case: dict) -> float:
     return statistics.mean(per_case.values())
 
 
-SYNTHETIC = ROOT / "bench" / "results" / "tumour_study_native.json"  # the synthetic study: the default, native arms
+SYNTHETIC = (ROOT / "bench" / "results" / "tumour_study_native.json",  # the synthetic study: the native arms,
+             ROOT / "bench" / "results" / "tumour_study_test.json")  # and the default retrained with its variants
 # recipe here: the arm of the synthetic study that trained the same recipe (tumour_study.REAL_RECIPE read backwards);
 # the default trains that arm's recipe where its stage-1 floor does not bind (checked in synthetic_tumour)
 SYNTHETIC_ARM = {recipe: arm for arm, recipe in REAL_RECIPE.items()}
-SYNTHETIC_ARM["default"] = SYNTHETIC_ARM["cascade, stage 1 a fifth, no floor (the default before)"]
 
 
-def synthetic_tumour(name: str, path: Path = SYNTHETIC) -> str:
+def synthetic_tumour(name: str, paths: tuple[Path, ...] = SYNTHETIC) -> str:
     """The recipe's per-case tumour Dice (over cases with tumour) in the synthetic study, mean ± sd over seeds, or
     "not measured". The default counts as its synthetic arm only where the stage-1 floor did not bind there (every
     seed's stage 1 trained at least ``uh.CASCADE_MIN_STAGE1_STEPS`` steps): then it trained exactly that arm."""
-    rows = [r for r in load(path) if r["arm"] == SYNTHETIC_ARM.get(name) and r["set"] == "validation"]
+    rows = [r for path in paths for r in load(path) if r["arm"] == SYNTHETIC_ARM.get(name)
+            and r["set"] == "validation"]
     if not rows or (name == "default" and any(r["steps"].get("stage2") and r["steps"]["stage1"] <
                                                 uh.CASCADE_MIN_STAGE1_STEPS for r in rows)):
         return "not measured"
     vals = [r["summary"]["dice_tumor"] for r in rows]
-    return f"{statistics.mean(vals):.3f} ± {statistics.pstdev(vals):.3f}"
+    return _ms(vals)
 
 
 def table(rows: list[dict], reference: str = "one-stage default") -> str:
@@ -264,7 +288,7 @@ def table(rows: list[dict], reference: str = "one-stage default") -> str:
             diff = f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
         body.append([name, f"{rs[0]['seconds_budget']:.0f}",
                      f"{statistics.mean(r['train_seconds'] for r in rs):.0f}", len(rs),
-                     f"{statistics.mean(means):.3f} ± {statistics.pstdev(means):.3f}",
+                     _ms(means),
                      f"{statistics.median(pooled):.3f}", f"{min(pooled):.3f}", diff, synthetic_tumour(name)])
     return md_table(["recipe", "budget s", "train s (measured)", "seeds", "liver Dice per case (mean ± sd over seeds)",
                      "median case", "worst case", f"vs {reference} [95 % CI, cases × seeds]",
@@ -280,6 +304,9 @@ def probe_table(rows: list[dict]) -> str:
             continue
         cells = []
         for probe in PROBES:
+            if not all(probe in r["probes"] for r in rs):  # a probe added after these rows were scored
+                cells.append("-")
+                continue
             d = hierarchical_bootstrap([[r["probes"][probe][c] - v for c, v in r["per_case"].items()] for r in rs])
             mean = statistics.mean(_per_case_mean(r["probes"][probe]) for r in rs)
             cells.append(f"{mean:.3f} ({d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])")
@@ -298,8 +325,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--data", type=Path, default=REAL_SLICES)
     ap.add_argument("--steps-curve", type=int, nargs="*", default=[],
                     help="instead: the one-stage default trained for these numbers of steps")
-    ap.add_argument("--probes", action="store_true", help="rescore the probes of the trained cascade models")
+    ap.add_argument("--probes", action="store_true",
+                    help="score the trained cascades of --recipes at --seconds again, with their probes")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--tables-only", action="store_true", help="train nothing: the tables of the stored rows")
     a = ap.parse_args(argv)
     train_files, val_files = split(a.data)
     if a.steps_curve:
@@ -314,7 +343,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         + steps_table(curve))
         return curve
     rows = load(a.results)
-    for seed in a.seeds:
+    for seed in a.seeds if not a.tables_only else []:
         for name in a.recipes:
             if any((r["recipe"], r["seed"], r["seconds_budget"]) == (name, seed, a.seconds) for r in rows):
                 continue
@@ -323,14 +352,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             save(rows, a.results)
             print(f"{name} seed {seed}: liver {_per_case_mean(new['per_case']):.3f} "
                   f"({new['train_seconds']:.0f} s training)", flush=True)
-    if a.probes:  # the probes again, on the trained models (the training rows stay as they are)
+    if a.probes:  # the cascades scored again with today's inference, and their probes (training rows unchanged)
         for r in rows:
-            if r["seconds_budget"] == a.seconds and r["roi_size"]:
+            if r["seconds_budget"] == a.seconds and r["roi_size"] and r["recipe"] in a.recipes:
                 roi = r["roi_size"]
                 cfg = study_config(RECIPES[r["recipe"]], roi)
                 va = cached(val_files, cfg, None)
-                models = load_models(r["recipe"], r["seed"], WORK / "real_liver_runs", a.base)
+                models = load_models(r["recipe"], r["seed"], WORK / "real_liver_runs", a.base, r["steps"])
+                r["per_case"] = liver_dice_per_case(cfg, models, roi, va)
                 r["probes"] = {p: liver_dice_per_case(cfg, models, roi, va, p) for p in PROBES}
+                r["rescored"] = time.strftime("%Y-%m-%d")
+                print(f"rescored {r['recipe']} seed {r['seed']}: liver {_per_case_mean(r['per_case']):.3f}", flush=True)
         save(rows, a.results)
     rows = [r for r in rows if r["seconds_budget"] == a.seconds]
     if not a.no_write:

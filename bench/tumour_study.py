@@ -108,10 +108,28 @@ ARMS: dict[str, dict] = {
     "one stage at native 256²": {**DEFAULT_NOW, "cascade": False, "stage2_mirror": False, "image_size": 256},
     "one network, 128² then native 256²": {**DEFAULT_NOW, "cascade": False, "stage2_mirror": False,
                                            "image_size": 256, "coarse_size": 128},
+    # the recipe default exactly as uh.RECIPES["default"] trains and post-processes it (its 0.1 mL tumour floor
+    # too), retrained with the baseline for the fresh test set (--test)
+    "the default": {**DEFAULT_NOW, "min_tumor_ml": 0.1},
+    # the same trained networks (``models_of``: not trained again) with the liver-or-not call in the liver box
+    # averaged over both stages' probabilities (uh.Stage2.average_liver), with and without the liver-core rule
+    "the default, both stages' liver": {**DEFAULT_NOW, "min_tumor_ml": 0.1, "average_liver": True,
+                                        "models_of": "the default"},
+    "the default, both stages' liver, no core rule": {**DEFAULT_NOW, "min_tumor_ml": 0.1, "average_liver": True,
+                                                      "core_mm": None, "models_of": "the default"},
+    # stage 2 starts from stage 1's final weights, so that what stage 1 learnt of the liver on whole slices is not
+    # thrown away (real_liver.py's recipe of the same idea); scored as trained and with both stages' liver
+    "the default, stage 2 from stage 1": {**DEFAULT_NOW, "min_tumor_ml": 0.1, "stage2_init": "stage1"},
+    "the default, stage 2 from stage 1, both stages' liver": {**DEFAULT_NOW, "min_tumor_ml": 0.1,
+                                                              "stage2_init": "stage1", "average_liver": True,
+                                                              "models_of": "the default, stage 2 from stage 1"},
 }
 CALIBRATION_STEPS = 30  # steps per timed epoch in steps_for (10 before 2026-11-30)
 SETS = {  # name: (generator seed, lesion size scale, lesion contrast scale)
-    "train": (100, 1.0, 1.0), "validation": (200, 1.0, 1.0), "kept-aside": (300, 0.6, 0.6)}
+    "train": (100, 1.0, 1.0), "validation": (200, 1.0, 1.0), "kept-aside": (300, 0.6, 0.6),
+    # the study's test sets (--test): generator seeds no earlier set used, lesions as in validation and as in the
+    # kept-aside set; scored once, for the final default and the baseline, after every choice was made
+    "test": (400, 1.0, 1.0), "test, hard lesions": (410, 0.6, 0.6)}
 
 
 def dataset(name: str, n: int, shape) -> list:
@@ -133,7 +151,9 @@ RUNS = "tumour_runs"  # the folder under WORK that holds the trained networks; m
 
 
 def run_folder(arm: str, seed: int) -> Path:
-    """Where an arm × seed keeps its networks (``stage1/``, ``stage2/``, ``calibration/``), under ``WORK/RUNS``."""
+    """Where an arm × seed keeps its networks (``stage1/``, ``stage2/``, ``calibration/``), under ``WORK/RUNS``; an
+    arm that differs from another only at inference (``models_of``) uses that arm's."""
+    arm = ARMS.get(arm, {}).get("models_of", arm)
     return WORK / RUNS / f"{arm.replace(' ', '_')}_{seed}"
 
 
@@ -255,8 +275,10 @@ def stage2_of(arm: str, models: dict, roi: int | None, mirror: bool | None = Non
     on mirrored windows (``stage2_mirror``, as the recipe does), or as ``mirror`` says where not None."""
     if "stage2" not in models:
         return None
-    mirror = ARMS[arm].get("stage2_mirror", False) if mirror is None else mirror
-    return uh.Stage2(models["stage2"], roi, mirror=mirror)
+    cfg = ARMS[arm]
+    mirror = cfg.get("stage2_mirror", False) if mirror is None else mirror
+    return uh.Stage2(models["stage2"], roi, mirror=mirror, average_liver=cfg.get("average_liver", False),
+                     core_mm=cfg.get("core_mm", uh.CASCADE_CORE_MM))
 
 
 def evaluate_arm(arm: str, models: dict, roi: int | None, cases: list, keep_predictions: bool = False,
@@ -332,17 +354,30 @@ REAL_RECIPE = {  # arm here: the same recipe in bench/real_liver.py (one slice i
     "baseline": "baseline",
     "lesion contrast, mirrored stage 2": "cascade, stage 1 a fifth, no floor (the default before)",
     "one stage at native 256²": "one-stage default, native 256²",
-    "one network, 128² then native 256²": "one network, 128² then native 256²"}
+    "one network, 128² then native 256²": "one network, 128² then native 256²",
+    "the default": "default",
+    "the default, stage 2 from stage 1": "cascade, stage 2 from stage 1's weights"}
+REAL_PROBE = {  # arm here scored another way than its recipe in bench/real_liver.py: (that recipe, its probe)
+    "the default": ("default", "stage 2's liver alone"),
+    "the default, both stages' liver": ("default", "both stages' liver"),
+    "the default, both stages' liver, no core rule": ("default", "both stages' liver, no core rule"),
+    "the default, stage 2 from stage 1, both stages' liver": ("cascade, stage 2 from stage 1's weights",
+                                                              "both stages' liver")}
 
 
 def real_slice_liver(arm: str, seconds: float = 60.0) -> str:
     """The arm's recipe trained and scored on the real liver slices (``bench/real_liver.py``, ``seconds`` of
-    training): per-case liver Dice, mean ± sd over seeds; "-" where it was not run there."""
-    rows = [r for r in load(REAL_LIVER) if r["recipe"] == REAL_RECIPE.get(arm) and r["seconds_budget"] == seconds]
-    means = [statistics.mean(r["per_case"].values()) for r in rows]
+    training; an arm that changes inference only: the probe of that change): per-case liver Dice, mean ± sd over
+    seeds; "-" where it was not run there."""
+    recipe, probe = REAL_PROBE.get(arm, (REAL_RECIPE.get(arm), None))
+    rows = [r for r in load(REAL_LIVER) if r["recipe"] == recipe and r["seconds_budget"] == seconds]
+    # a probe where the row has it; a row that trained one stage (no probes) is scored as it is
+    scores = [r["probes"][probe] if probe and r["roi_size"] else r["per_case"] for r in rows
+              if not (probe and r["roi_size"]) or probe in r.get("probes", {})]
+    means = [statistics.mean(v.values()) for v in scores]
     if len(means) == 1:
         return f"{means[0]:.3f} (1 seed)"
-    return f"{statistics.mean(means):.3f} ± {statistics.pstdev(means):.3f}" if means else "-"
+    return _ms(means)
 
 
 def vs_baseline(rs: list[dict], base: list[dict]) -> str:
@@ -386,14 +421,15 @@ def table(rows: list[dict], set_name: str) -> str:
                          "dice_tumor", "dice_tumor_all_cases", "dice_tumor_global", "median_tumor_volume_ratio")),
                      *(_ms([any_overlap(r["summary"], k) for r in rs]) for k in ("lesion_recall", "lesion_precision")),
                      _ms([r["summary"]["fp_tumor_ml_tumor_free_cases"] for r in rs]),
-                     vs_baseline(rs, by_arm.get("baseline", [])), real_slice_liver(arm)])
+                     vs_baseline(rs, by_arm.get("baseline", [])),
+                     f"{real_slice_liver(arm)} / {real_slice_liver(arm, 240.0)}"])
     return md_table(["arm", "budget s", "train s (measured)", "steps", "seeds", "liver Dice (label ≥ 1)",
                      "tumour Dice per case, LiTS (every case)", "tumour Dice per case (cases with tumour)",
                      "tumour Dice, nnU-Net (empty/empty left out)", "tumour Dice global",
                      "tumour volume pred/true (median)", "lesion recall (any overlap)",
                      "lesion precision (any overlap)", "FP tumour mL (tumour-free)",
                      "tumour per case vs baseline [95 % CI]",
-                     "REAL CT slices: liver Dice per case (real_liver.py, 60 s)"], body)
+                     "REAL CT slices: liver Dice per case (real_liver.py), 60 s / 240 s of training"], body)
 
 
 def paired_rows(rows: list[dict]) -> str:
@@ -446,7 +482,13 @@ def paired_rows(rows: list[dict]) -> str:
                  ("one stage at native 256²", "lesion contrast, mirrored stage 2"),
                  ("one network, 128² then native 256²", "lesion contrast, mirrored stage 2"),
                  ("one network, 128² then native 256²", "one stage at native 256²"),
-                 ("one stage at native 256²", "baseline"), ("one network, 128² then native 256²", "baseline")):
+                 ("one stage at native 256²", "baseline"), ("one network, 128² then native 256²", "baseline"),
+                 ("the default", "baseline"), ("the default, both stages' liver", "the default"),
+                 ("the default, both stages' liver, no core rule", "the default"),
+                 ("the default, both stages' liver", "baseline"),
+                 ("the default, stage 2 from stage 1", "the default"),
+                 ("the default, stage 2 from stage 1, both stages' liver", "the default"),
+                 ("the default, stage 2 from stage 1, both stages' liver", "the default, both stages' liver")):
         t, liv = paired(val, a, b), paired(val, a, b, "dice_liver_lits")
         if t is None or liv is None:
             continue
@@ -504,6 +546,23 @@ def contrast_table(rows: list[dict]) -> str:
     return md_table(["set", "arm", "seeds", *(f"{g}: found, voxel recall" for g in GROUPS)], body)
 
 
+def arms_tried(results: Path = ROOT / "bench" / "results") -> int:
+    """How many arms the tumour studies compared on their validation sets (every tumour_study*.json)."""
+    return len({r["arm"] for path in results.glob("tumour_study*.json") for r in load(path)
+                if r["set"] == "validation"})
+
+
+def test_tables(rows: list[dict]) -> str:
+    """The test sets' tables (empty where no arm was scored on them)."""
+    if not any(r["set"] in TEST_SETS for r in rows):
+        return ""
+    names = ", ".join(f"{n}: seed {SETS[n][0]}, lesions {SETS[n][1]}× the size and {SETS[n][2]}× the contrast"
+                      for n in TEST_SETS)
+    return (f"\n\n**Test sets** ({names}; generated after every choice and scored once, for the final default and "
+            f"the baseline; {arms_tried()} arms had been compared on the validation set before):"
+            + "".join(f"\n\n_{n}_:\n\n" + table(rows, n) for n in TEST_SETS))
+
+
 def write_tables(rows: list[dict], a: argparse.Namespace, command: str) -> None:
     """The study's tables in BENCHMARKS.md §5."""
     setup = (f"Synthetic CT only (no real tumours). Train: {a.train_cases} cases (generator seed 100); validation: "
@@ -519,8 +578,10 @@ def write_tables(rows: list[dict], a: argparse.Namespace, command: str) -> None:
              "only where a liver box is larger); "
              "final checkpoint, 3D per-case Dice, mean ± std over training seeds.")
     write_table(a.tables, stamp(command) + "\n\n" + setup + "\n\n**Validation set** (the study chooses "
-                "on this):\n\n" + table(rows, "validation") + "\n\n**Kept-aside set** (smaller, fainter lesions; "
-                "scored once, after the choice):\n\n" + table(rows, "kept-aside")
+                "on this):\n\n" + table(rows, "validation")
+                + ("\n\n**Kept-aside set** (smaller, fainter lesions; scored once, after the choice):\n\n"
+                   + table(rows, "kept-aside") if any(r["set"] == "kept-aside" for r in rows) else "")
+                + test_tables(rows)
                 + ("\n\n**Eight of the training cases** (the same final models on lesions they were trained on):\n\n"
                    + table(rows, "training cases") if any(r["set"] == "training cases" for r in rows) else ""))
     write_table(f"{a.tables}_paired", paired_rows(rows))
@@ -562,10 +623,30 @@ def rescore(rows: list[dict], a: argparse.Namespace, val_files: list) -> list:
     return rows
 
 
+def rescore_as(arm: str, seed: int, rows: list[dict], a: argparse.Namespace, val_files: list) -> dict:
+    """The validation row of an arm that only changes inference (``models_of``): the trained arm's networks scored
+    the arm's way; the training fields are the trained arm's."""
+    source = ARMS[arm]["models_of"]
+    trained = [r for r in rows if (r["arm"], r["seed"], r["set"]) == (source, seed, "validation")]
+    if not trained:
+        raise ValueError(f"arm {arm!r} scores the networks of {source!r}, seed {seed}: train that arm first")
+    check_trained(source, trained[0], a.batch)
+    models = load_models(arm, seed, a.base)
+    roi = trained[0]["roi_size"]
+    row = score(arm, seed, "validation", models, roi, cached(val_files, {**BASE, **ARMS[arm]}, None))
+    keep = ("seconds_budget", "train_seconds", "steps", "batch", "roi_size", "calibration_steps", "lesion_settings")
+    return {**row, **{k: trained[0][k] for k in keep}, "models_of": source,
+            "real_ct_liver_dice": real_ct_liver_dice(arm, models, roi)}
+
+
+TEST_SETS = ("test", "test, hard lesions")
+
+
 def score_trained(rows: list[dict], a: argparse.Namespace, setup: dict, train_files: list, val_files: list) -> list:
     """The extra scorings of trained arms (kept-aside set, training cases, lesions by contrast), each done once."""
     kept_files = dataset("kept-aside", a.kept_cases, a.shape) if a.kept_aside else []
-    for set_name, arms, files in (("kept-aside", a.kept_aside, kept_files),
+    test = [(name, a.test, dataset(name, a.kept_cases, a.shape) if a.test else []) for name in TEST_SETS]
+    for set_name, arms, files in (("kept-aside", a.kept_aside, kept_files), *test,
                                   ("training cases", a.training_cases, train_files[:8])):
         for arm in arms:
             for r in [r for r in rows if r["arm"] == arm and r["set"] == "validation"]:
@@ -595,6 +676,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="*", default=list(ARMS))
     ap.add_argument("--kept-aside", nargs="*", default=[], help="arms to score once on the kept-aside set")
+    ap.add_argument("--test", nargs="*", default=[],
+                    help="arms to score once on the two test sets (the final default and the baseline, last)")
     ap.add_argument("--training-cases", nargs="*", default=[],
                     help="arms to score on 8 of their own training cases (how well they fit what they saw)")
     ap.add_argument("--by-contrast", nargs="*", default=[],
@@ -625,12 +708,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "use another --results file")
     train_files, val_files = dataset("train", a.train_cases, a.shape), dataset("validation", a.val_cases, a.shape)
     rows = rescore(rows, a, val_files)
-    for seed in a.seeds if not (a.kept_aside or a.training_cases or a.by_contrast or a.rescore) else []:
+    for seed in a.seeds if not (a.kept_aside or a.test or a.training_cases or a.by_contrast or a.rescore) else []:
         for arm in a.arms:
             if any((r["arm"], r["seed"], r["set"]) == (arm, seed, "validation") for r in rows):
                 continue
             t0 = time.perf_counter()
-            new = {**run_arm(arm, seed, a.seconds, a.batch, train_files, val_files, a.base), "setup": setup}
+            if ARMS[arm].get("models_of"):
+                new = {**rescore_as(arm, seed, rows, a, val_files), "setup": setup}
+            else:
+                new = {**run_arm(arm, seed, a.seconds, a.batch, train_files, val_files, a.base), "setup": setup}
             rows = [*load(a.results), new]
             save(rows, a.results)
             s = new["summary"]

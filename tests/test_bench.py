@@ -185,6 +185,22 @@ def test_tiny_tumour_study_budget_fair_and_kept_aside(work, tmp_path, monkeypatc
         assert all(0 <= g["found"] <= g["lesions"] and 0 <= g["hit_voxels"] <= g["voxels"]
                    for g in r["by_contrast"].values())
     assert tables["tumour_study_contrast"].count("default + liver-box cascade") == 2
+    # an arm that changes only inference scores the trained arm's networks, with that arm's training fields
+    monkeypatch.setitem(tumour_study.ARMS, "cascade, both stages' liver",
+                        {**tumour_study.ARMS["default + liver-box cascade"], "average_liver": True,
+                         "models_of": "default + liver-box cascade"})
+    rows = tumour_study.main(["--arms", "cascade, both stages' liver", "--no-write", *common_args])
+    both = next(r for r in rows if r["arm"] == "cascade, both stages' liver")
+    source = by_arm["default + liver-box cascade"]
+    assert both["models_of"] == source["arm"] and both["steps"] == source["steps"]
+    assert both["train_seconds"] == source["train_seconds"] and len(both["per_case"]) == 2
+    assert not (tmp_path / "runs_3s" / "cascade,_both_stages'_liver_0").exists()  # nothing trained for it
+    # the test sets: generated from their own seeds, scored once per arm and seed
+    rows = tumour_study.main(["--test", "baseline", *common_args])
+    rows = tumour_study.main(["--test", "baseline", *common_args])
+    assert sorted(r["set"] for r in rows if r["arm"] == "baseline" and r["set"].startswith("test")) == [
+        "test", "test, hard lesions"]
+    assert "**Test sets**" in tables["tumour_study"]
     with pytest.raises(ValueError, match="other settings"):  # resuming never mixes runs of another budget
         tumour_study.main([*common_args[:1], "7", *common_args[2:], "--no-write"])
     # the inference probe, with no view and no floor, scores the cascade's final models as the study did
@@ -425,7 +441,10 @@ def test_tiny_real_liver_study_trains_scores_and_probes(work, synthetic_dir, tmp
     monkeypatch.setattr(real_liver, "write_table", lambda name, text: tables.__setitem__(name, text))
     # a floor no 2 s run reaches on any machine, so the default's switch to one stage does not depend on speed
     monkeypatch.setattr(uh, "CASCADE_MIN_STAGE1_STEPS", 10**6)
-    rows = real_liver.main(["--recipes", "one-stage default", "default", "cascade, stage 1 half the time", *args])
+    init_name = "cascade, stage 2 from stage 1's weights"
+    monkeypatch.setitem(real_liver.RECIPES, init_name, {**real_liver.RECIPES[init_name], **real_liver.NO_FLOOR})
+    rows = real_liver.main(["--recipes", "one-stage default", "default", "cascade, stage 1 half the time", init_name,
+                            *args])
     by = {r["recipe"]: r for r in rows}
     assert by["one-stage default"]["roi_size"] is None and "probes" not in by["one-stage default"]
     # stage 1 cannot reach the floor: the default trains one stage
@@ -438,5 +457,11 @@ def test_tiny_real_liver_study_trains_scores_and_probes(work, synthetic_dir, tmp
     for r in rows:
         assert all(0 <= v <= 1 for v in r["per_case"].values()) and r["train_seconds"] > 0
     assert tables["real_liver_2s"].count("| cascade, stage 1 half the time |") == 2  # the table and the probes
+    init = by[init_name]
+    assert init["roi_size"] == 64 and set(init["steps"]) == {"stage1", "stage2"}
+    rescored = real_liver.main(["--probes", "--recipes", "cascade, stage 1 half the time", *args])
+    again = next(r for r in rescored if r["recipe"] == "cascade, stage 1 half the time")
+    assert again["per_case"] == half["per_case"] and "rescored" in again  # the same models, the same inference
+    assert "rescored" not in next(r for r in rescored if r["recipe"] == init_name)
     curve = real_liver.main(["--steps-curve", "4", "8", *args])
     assert [r["steps"] for r in curve] == [4, 8] and "| 8 | 1 |" in tables["real_liver_steps"]

@@ -982,3 +982,56 @@ def test_data_placement_counts_memory_the_allocator_holds_free(monkeypatch):
     assert uh.choose_data_device(int(3.5 * gib), cuda) == cuda
     assert uh.choose_data_device(int(3.7 * gib), cuda).type == "cpu"
     assert uh.choose_data_device(1, torch.device("cpu")).type == "cpu"
+
+
+class _ConstantLogits(torch.nn.Module):
+    """A stand-in network with the same logits (0, ln 3, 0) everywhere: softmax (1/5, 3/5, 1/5)."""
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], 3, *x.shape[-2:])
+        out[:, 1] = math.log(3.0)
+        return out
+
+
+def test_predict_slices_foreground_probability_by_hand():
+    """Softmax (1/5, 3/5, 1/5): label 1 everywhere, foreground 1 - 1/5 = 0.8 on the output grid (float16)."""
+    labels, fg = uh.predict_slices(_ConstantLogits(), np.zeros((5, 8, 8), np.float32), (12, 10), 1, "cpu",
+                                   foreground=True)
+    assert labels.shape == fg.shape == (12, 10, 5) and fg.dtype == np.float16
+    assert (labels == 1).all()
+    np.testing.assert_allclose(fg.astype(np.float32), 0.8, atol=1e-3)
+    np.testing.assert_array_equal(uh.predict_slices(_ConstantLogits(), np.zeros((5, 8, 8), np.float32), (12, 10), 1,
+                                                    "cpu"), labels)
+
+
+def test_combine_stages_by_hand():
+    """Foreground where (1 - p2_background + p1_foreground) / 2 ≥ 0.5; tumour where stage 2's p_tumour > p_liver.
+    Pixels: stage 2 (bg, liver, tumour) and stage 1's foreground:
+    a (0.6, 0.3, 0.1), 0.9 → (0.4 + 0.9) / 2 = 0.65 → liver (stage 1 keeps the liver stage 2 doubts);
+    b (0.4, 0.5, 0.1), 0.1 → (0.6 + 0.1) / 2 = 0.35 → background (stage 1 outvotes stage 2);
+    c (0.2, 0.3, 0.5), 0.5 → (0.8 + 0.5) / 2 = 0.65 → tumour; d (0.5, 0.2, 0.3), 0.5 → exactly 0.5 → tumour."""
+    p2 = torch.tensor([[0.6, 0.3, 0.1], [0.4, 0.5, 0.1], [0.2, 0.3, 0.5], [0.5, 0.2, 0.3]]).T.reshape(1, 3, 2, 2)
+    fg1 = torch.tensor([[0.9, 0.1], [0.5, 0.5]])[None]
+    np.testing.assert_array_equal(uh.combine_stages(p2, fg1).numpy(), [[[1, 0], [2, 2]]])
+
+
+def test_predict_cascade_averages_both_stages_liver():
+    """Stage 2 (_ConstantLogits: liver 3/5, background 1/5) against stage 1's foreground: where stage 1 says 0.1
+    the mean (0.8 + 0.1) / 2 = 0.45 is background, where it says 0.3 (0.8 + 0.3) / 2 = 0.55 is liver; outside the
+    box background, as without averaging; without stage 1's probability it refuses."""
+    stage1 = np.zeros((40, 40, 3), np.uint8)
+    stage1[10:20, 10:20, :] = 1
+    fg = np.full(stage1.shape, 0.3, np.float16)
+    fg[:, :15, :] = 0.1
+    stage2 = uh.Stage2(_ConstantLogits(), 16, 0.0, None, average_liver=True)
+    out = uh.predict_cascade(stage1, np.zeros(stage1.shape, np.float32), (1.0, 1.0, 1.0), stage2, 1, "cpu",
+                             stage1_fg=fg)
+    box = np.zeros(stage1.shape, bool)
+    box[7:23, 7:23, :] = True  # the 10-pixel liver grown to the 16-pixel window, centred
+    expected = (box & (np.arange(40)[None, :, None] >= 15)).astype(np.uint8)
+    np.testing.assert_array_equal(out, expected)
+    plain = uh.predict_cascade(stage1, np.zeros(stage1.shape, np.float32), (1.0, 1.0, 1.0),
+                               uh.Stage2(_ConstantLogits(), 16, 0.0, None), 1, "cpu")
+    np.testing.assert_array_equal(plain, box.astype(np.uint8))  # stage 2 alone: liver in the whole box
+    with pytest.raises(ValueError, match="stage1_fg"):
+        uh.predict_cascade(stage1, np.zeros(stage1.shape, np.float32), (1.0, 1.0, 1.0), stage2, 1, "cpu")

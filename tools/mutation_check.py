@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_data.py", "tests/test_evaluation.py", "tests/test_model.py", "tests/test_hand_computed.py"]
+# test_core.py first: it is fast and catches most of the core mutations, and pytest -x stops at the first failure
+TESTS = ["tests/test_core.py", "tests/test_data.py", "tests/test_evaluation.py", "tests/test_model.py",
+         "tests/test_hand_computed.py"]
 
 # name: (exact text in unet_helpers.py, its mutated replacement)
 MUTATIONS: dict[str, tuple[str, str]] = {
@@ -89,6 +91,51 @@ MUTATIONS: dict[str, tuple[str, str]] = {
     "the liver core counts the image border as liver": (
         "        inside = np.pad(liver[:, :, z], 1)",
         "        inside = np.pad(liver[:, :, z], 1, mode=\"edge\")"),
+    # the core: loss, U-Net, inference, schedule, 2.5D input, lesion matching, HU window, the two stages' average
+    "the soft Dice's smoothing left out of its denominator": (
+        "score = (tp + self.smooth) / (tp + a * fp + b * fn + self.smooth)",
+        "score = (tp + self.smooth) / (tp + a * fp + b * fn)"),
+    "cross-entropy ignores the class weights": (
+        "ce = F.cross_entropy(logits, target, weight=self.class_weights)",
+        "ce = F.cross_entropy(logits, target)"),
+    "Tversky's false-positive and miss weights swapped": (
+        "a, b = self.tversky if self.tversky else (0.5, 0.5)",
+        "b, a = self.tversky if self.tversky else (0.5, 0.5)"),
+    "the U-Net's skip connection carries zeros": (
+        "return self.conv(torch.cat([skip, x], dim=1))",
+        "return self.conv(torch.cat([torch.zeros_like(skip), x], dim=1))"),
+    "inference resizes the logits by nearest neighbour": (
+        'logits = F.interpolate(logits.float(), size=out_shape, mode="bilinear", align_corners=False)',
+        'logits = F.interpolate(logits.float(), size=out_shape, mode="nearest")'),
+    "inference resizes the softmax, not the logits": (
+        'logits = F.interpolate(logits.float(), size=out_shape, mode="bilinear", align_corners=False)\n'
+        "        yield start, torch.softmax(logits, 1)",
+        "probs = torch.softmax(logits.float(), 1)\n"
+        '        yield start, F.interpolate(probs, size=out_shape, mode="bilinear", align_corners=False)'),
+    "no learning-rate warm-up": (
+        "            return (step + 1) / warm\n",
+        "            return 1.0\n"),
+    "the cosine schedule stops short of 0": (
+        "max(1, total - warm)",
+        "max(1, total)"),
+    "2.5D neighbours wrap around the volume's ends": (
+        "    return np.clip(idx, 0, n_slices - 1)\n",
+        "    return idx % n_slices\n"),
+    "lesion IoU divides by both sizes (the union counts the overlap twice)": (
+        "        iou = common / (sizes - common)\n",
+        "        iou = common / sizes\n"),
+    "a lesion overlapped by exactly half counts as detected": (
+        "        detected = iou > iou_threshold  # LiTS: more than half",
+        "        detected = iou >= iou_threshold  # LiTS: more than half"),
+    "inference windows with the default HU window, not its own": (
+        "    windowed = window_hu(case.image, hu_window)\n",
+        "    windowed = window_hu(case.image)\n"),
+    "the cascade's liver average ignores stage 1": (
+        "foreground = (1 - stage2_probs[:, 0] + stage1_fg) / 2 >= 0.5",
+        "foreground = (1 - stage2_probs[:, 0]) >= 0.5"),
+    "the cascade's liver average needs more than half": (
+        "foreground = (1 - stage2_probs[:, 0] + stage1_fg) / 2 >= 0.5",
+        "foreground = (1 - stage2_probs[:, 0] + stage1_fg) / 2 > 0.5"),
 }
 
 
