@@ -2904,8 +2904,8 @@ def cascade_input(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing: S
 def combine_stages(stage2_probs: torch.Tensor, stage1_fg: torch.Tensor) -> torch.Tensor:
     """Labels from stage 2's (B, 3, X, Y) softmax with its liver-or-not call averaged with stage 1's (B, X, Y)
     foreground probability: foreground where the mean of the two is at least 0.5, there tumour where stage 2
-    finds tumour likelier than liver. Stage 2 alone decides the tumour; stage 1, trained on whole slices,
-    keeps a say in where the liver ends (BENCHMARKS.md, "Real CT livers")."""
+    finds tumour likelier than liver (also where stage 2 alone would have called background). Stage 1, trained on
+    whole slices, keeps a say in where the liver ends (BENCHMARKS.md, "Real CT livers")."""
     foreground = (1 - stage2_probs[:, 0] + stage1_fg) / 2 >= 0.5
     tumour = stage2_probs[:, 2] > stage2_probs[:, 1]
     return (foreground.to(torch.uint8) * (1 + tumour.to(torch.uint8))).to(torch.uint8)
@@ -2936,6 +2936,9 @@ def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing:
     if stage2.average_liver and stage1_fg is None:
         raise ValueError("Stage2(average_liver=True) averages stage 1's liver probability with stage 2's: pass "
                          "stage1_fg from predict_slices(stage1, ..., foreground=True)")
+    if stage1_fg is not None and stage1_fg.shape != stage1_pred.shape:
+        raise ValueError(f"stage1_fg has shape {stage1_fg.shape}, stage 1's labels {stage1_pred.shape}: pass the "
+                         "foreground that predict_slices returned with those labels")
     liver = postprocess(stage1_pred) >= 1  # once: the box and the kept interior both come from it
     box, crop = cascade_input(stage1_pred, windowed_full, spacing, stage2, liver)
     if box is None:
@@ -3557,7 +3560,7 @@ def plot_cascade(case: CachedCase, stage1: torch.nn.Module, stage2: Stage2, cont
     note = ""
     if box is None:  # an untrained stage 1: show stage 2 on the true liver's box instead, and say so
         coarse = (truth >= 1).astype(np.uint8)
-        fg = coarse.astype(np.float16)
+        fg = np.full(coarse.shape, 0.5, np.float16)  # neutral: stage 2's own call decides
         box, crop = cascade_input(coarse, full, case.meta["spacing"], stage2)
         note = " (stage 1 found no liver: box from the ground truth)"
     if box is None:

@@ -559,7 +559,8 @@ def test_tables(rows: list[dict]) -> str:
     names = ", ".join(f"{n}: seed {SETS[n][0]}, lesions {SETS[n][1]}× the size and {SETS[n][2]}× the contrast"
                       for n in TEST_SETS)
     return (f"\n\n**Test sets** ({names}; generated after every choice and scored once, for the final default and "
-            f"the baseline; {arms_tried()} arms had been compared on the validation set before):"
+            f"the baseline; {arms_tried()} arm names compared on the validation set by then, variants of the default "
+            "scored from its networks included):"
             + "".join(f"\n\n_{n}_:\n\n" + table(rows, n) for n in TEST_SETS))
 
 

@@ -1016,22 +1016,27 @@ def test_combine_stages_by_hand():
 
 
 def test_predict_cascade_averages_both_stages_liver():
-    """Stage 2 (_ConstantLogits: liver 3/5, background 1/5) against stage 1's foreground: where stage 1 says 0.1
-    the mean (0.8 + 0.1) / 2 = 0.45 is background, where it says 0.3 (0.8 + 0.3) / 2 = 0.55 is liver; outside the
-    box background, as without averaging; without stage 1's probability it refuses."""
-    stage1 = np.zeros((40, 40, 3), np.uint8)
-    stage1[10:20, 10:20, :] = 1
+    """Stage 2 (_ConstantLogits: liver 3/5, background 1/5) against stage 1's foreground, one slice per batch and
+    the liver in slices 1-2 of 4: in slice 1 stage 1 says 0.1 (mean (0.8 + 0.1) / 2 = 0.45: background) left of
+    column 15 and 0.3 (0.55: liver) right of it; in slice 2 it says 0.3 everywhere (liver in the whole box);
+    outside the box background, as without averaging; without stage 1's probability it refuses."""
+    stage1 = np.zeros((40, 40, 4), np.uint8)
+    stage1[10:20, 10:20, 1:3] = 1
     fg = np.full(stage1.shape, 0.3, np.float16)
-    fg[:, :15, :] = 0.1
+    fg[:, :15, 1] = 0.1
     stage2 = uh.Stage2(_ConstantLogits(), 16, 0.0, None, average_liver=True)
     out = uh.predict_cascade(stage1, np.zeros(stage1.shape, np.float32), (1.0, 1.0, 1.0), stage2, 1, "cpu",
-                             stage1_fg=fg)
+                             batch_size=1, stage1_fg=fg)
     box = np.zeros(stage1.shape, bool)
-    box[7:23, 7:23, :] = True  # the 10-pixel liver grown to the 16-pixel window, centred
-    expected = (box & (np.arange(40)[None, :, None] >= 15)).astype(np.uint8)
-    np.testing.assert_array_equal(out, expected)
+    box[7:23, 7:23, 1:3] = True  # the 10-pixel liver grown to the 16-pixel window, centred; z 1-2
+    expected = box.copy()
+    expected[:, :15, 1] = False
+    np.testing.assert_array_equal(out, expected.astype(np.uint8))
     plain = uh.predict_cascade(stage1, np.zeros(stage1.shape, np.float32), (1.0, 1.0, 1.0),
                                uh.Stage2(_ConstantLogits(), 16, 0.0, None), 1, "cpu")
     np.testing.assert_array_equal(plain, box.astype(np.uint8))  # stage 2 alone: liver in the whole box
     with pytest.raises(ValueError, match="stage1_fg"):
         uh.predict_cascade(stage1, np.zeros(stage1.shape, np.float32), (1.0, 1.0, 1.0), stage2, 1, "cpu")
+    with pytest.raises(ValueError, match="shape"):
+        uh.predict_cascade(stage1, np.zeros(stage1.shape, np.float32), (1.0, 1.0, 1.0), stage2, 1, "cpu",
+                           stage1_fg=fg[:, :, :2])
