@@ -2911,6 +2911,21 @@ def combine_stages(stage2_probs: torch.Tensor, stage1_fg: torch.Tensor) -> torch
     return (foreground.to(torch.uint8) * (1 + tumour.to(torch.uint8))).to(torch.uint8)
 
 
+def label_box(stage2: Stage2, crop: np.ndarray, box: Sequence[int], context: int, device: torch.device | str,
+              batch_size: int | None = None, amp: bool = True, stage1_fg: np.ndarray | None = None) -> np.ndarray:
+    """Stage 2's (X1-X0, Y1-Y0, Z1-Z0) labels of a liver box (:func:`cascade_input`'s crop), with its liver call
+    averaged with stage 1's foreground probability (:func:`combine_stages`) where ``stage2.average_liver``."""
+    x0, x1, y0, y1, z0, z1 = box
+    if not stage2.average_liver:
+        return predict_slices(stage2.net(), crop, (x1 - x0, y1 - y0), context, device, batch_size, amp)
+    inner = np.zeros((x1 - x0, y1 - y0, z1 - z0), np.uint8)
+    for start, probs in slice_probabilities(stage2.net(), crop, (x1 - x0, y1 - y0), context, device, batch_size, amp):
+        fg1 = torch.from_numpy(np.asarray(stage1_fg[x0:x1, y0:y1, z0 + start:z0 + start + len(probs)], np.float32))
+        labels = combine_stages(probs, fg1.permute(2, 0, 1).to(probs.device))  # on the device: only labels move
+        inner[:, :, start:start + len(probs)] = labels.permute(1, 2, 0).cpu().numpy()
+    return inner
+
+
 def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing: Sequence[float], stage2: Stage2,
                     context: int, device: torch.device | str, batch_size: int | None = None,
                     amp: bool = True, stage1_fg: np.ndarray | None = None) -> np.ndarray:
@@ -2944,15 +2959,7 @@ def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing:
     if box is None:
         return stage1_pred
     x0, x1, y0, y1, z0, z1 = box
-    if stage2.average_liver:
-        inner = np.zeros((x1 - x0, y1 - y0, z1 - z0), np.uint8)
-        for start, probs in slice_probabilities(stage2.net(), crop, (x1 - x0, y1 - y0), context, device,
-                                                batch_size, amp):
-            z = slice(z0 + start, z0 + start + len(probs))
-            fg1 = torch.from_numpy(np.asarray(stage1_fg[x0:x1, y0:y1, z], np.float32)).permute(2, 0, 1)
-            inner[:, :, start:start + len(probs)] = combine_stages(probs.cpu(), fg1).permute(1, 2, 0).numpy()
-    else:
-        inner = predict_slices(stage2.net(), crop, (x1 - x0, y1 - y0), context, device, batch_size, amp)
+    inner = label_box(stage2, crop, box, context, device, batch_size, amp, stage1_fg)
     out = np.zeros_like(stage1_pred)
     out[x0:x1, y0:y1, z0:z1] = inner
     return keep_liver_core(out, liver, spacing, stage2.core_mm)

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from common import ROOT, WORK, hierarchical_bootstrap, md_table, stamp, write_table
 from recipe_study import _ms, load, save
 from tumour_study import REAL_RECIPE, cached, fit, stage_config, stage_init, steps_for
@@ -155,11 +154,7 @@ def cascade_with_box(stage1_pred: np.ndarray, box_mask: np.ndarray, full: np.nda
     out = np.zeros_like(stage1_pred)
     if box is not None:
         x0, x1, y0, y1, z0, z1 = box
-        for start, probs in uh.slice_probabilities(stage2.net(), crop, (x1 - x0, y1 - y0), context, "cpu"):
-            z = slice(z0 + start, z0 + start + len(probs))
-            fg1 = torch.from_numpy(np.asarray(stage1_fg[x0:x1, y0:y1, z], np.float32)).permute(2, 0, 1)
-            labels = uh.combine_stages(probs, fg1) if stage2.average_liver else probs.argmax(1).to(torch.uint8)
-            out[x0:x1, y0:y1, z] = labels.permute(1, 2, 0).numpy()
+        out[x0:x1, y0:y1, z0:z1] = uh.label_box(stage2, crop, box, context, "cpu", stage1_fg=stage1_fg)
     return uh.keep_liver_core(out, uh.postprocess(stage1_pred) >= 1, spacing, stage2.core_mm)
 
 
