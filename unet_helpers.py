@@ -35,9 +35,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ PRESETS: dict[str, dict] = {
 
 
 RECIPES: dict[str, dict] = {
-    # the seed notebook's setup: plain 2D, one slice in, uniform sampling over all slices, no post-processing
+    # the plain 2D U-Net this project replaces: one slice in, uniform sampling over all slices, no post-processing
     "baseline": {"context": 1, "tumor_share": 0.0, "liver_share": 0.0, "empty_fraction": 1.0,
                  "loss": "dice_ce", "postprocess": False, "cascade": False, "hu_window": (-100.0, 400.0),
                  "strong_augment": False, "lesion_augment": False, "lesion_balance": False, "stage2_patch": None,
@@ -205,6 +205,33 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
         (completed settings, lines saying what was chosen and why).
     """
     s = dict(settings)
+    notes = _resolve_preset(s, device, synthetic)
+    rec = recipe(s["RECIPE"])
+    if s.get("CASCADE") is not False and settings.get("IMAGE_SIZE") is None:
+        below = _stage1_below_native(s, native_shape, rec, forced=s.get("CASCADE") is True)
+        notes = [n for n in notes if not (below and n.startswith("IMAGE_SIZE = "))] + below
+    notes += _resolve_from_recipe(s, rec, native_shape)
+    if s.get("EVAL_CHECKPOINT", "last") not in ("last", "best"):
+        raise ValueError(f"EVAL_CHECKPOINT must be 'last' or 'best', got {s['EVAL_CHECKPOINT']!r}")
+    check_fold(s.get("FOLD"))
+    s["GPUS"], gpu_note = resolve_gpus(s.get("GPUS"), device, s["BATCH_SIZE"])
+    notes.append(gpu_note)
+    notes += _resolve_cascade(s, native_shape, rec) if s["CASCADE"] else []
+    if s.get("PATCH_SIZE") and not s["CASCADE"]:
+        notes.append(f"PATCH_SIZE = None (yours, {s['PATCH_SIZE']}, is unused: no stage 2 without the cascade)")
+    s["PATCH_SIZE"] = (s.get("PATCH_SIZE") or None) if s["CASCADE"] else None  # None: whole boxes, or no stage 2
+    rec.update(context=s["CONTEXT_SLICES"], cascade=bool(s["CASCADE"]),
+               stage2_patch=round(s["PATCH_SIZE"] / s["ROI_SIZE"], 3) if s["PATCH_SIZE"] else None,
+               stage1_share=rec["stage1_share"] if s["CASCADE"] else None,
+               stage2_mirror=bool(rec["stage2_mirror"] and s["CASCADE"]),
+               average_liver=bool(rec.get("average_liver") and s["CASCADE"]))
+    s["RECIPE_SETTINGS"] = rec
+    return s, notes
+
+
+def _resolve_preset(s: dict, device: torch.device, synthetic: bool) -> list[str]:
+    """:func:`resolve_settings`' preset: "full" on a CUDA GPU with real data, else "quick" (unless set); its values
+    fill the settings left at None (in place). Returns the notes."""
     preset = s.get("PRESET") or ("full" if device.type == "cuda" and not synthetic else "quick")
     if preset not in PRESETS:
         raise ValueError(f"PRESET must be one of {sorted(PRESETS)} or None, got {preset!r}")
@@ -216,10 +243,13 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
         if s.get(key) is None:
             s[key] = value
             notes.append(f"{key} = {value!r} (preset)")
-    rec = recipe(s["RECIPE"])
-    if s.get("CASCADE") is not False and settings.get("IMAGE_SIZE") is None:
-        below = _stage1_below_native(s, native_shape, rec, forced=s.get("CASCADE") is True)
-        notes = [n for n in notes if not (below and n.startswith("IMAGE_SIZE = "))] + below
+    return notes
+
+
+def _resolve_from_recipe(s: dict, rec: dict, native_shape: Sequence[int] | None) -> list[str]:
+    """:func:`resolve_settings`' recipe part: ``CONTEXT_SLICES``, ``CASCADE``, ``HU_WINDOW`` and ``LOSS`` left at None
+    come from ``rec``; yours are written into ``rec`` (both in place). Returns the notes."""
+    notes = []
     if s.get("CONTEXT_SLICES") is None:
         s["CONTEXT_SLICES"] = rec["context"]
         notes.append(f"CONTEXT_SLICES = {rec['context']} (recipe {s['RECIPE']!r})")
@@ -239,22 +269,7 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
     elif s["LOSS"] not in LOSSES:
         raise ValueError(f"LOSS must be one of {sorted(LOSSES)} or None, got {s['LOSS']!r}")
     rec["loss"] = s["LOSS"]
-    if s.get("EVAL_CHECKPOINT", "last") not in ("last", "best"):
-        raise ValueError(f"EVAL_CHECKPOINT must be 'last' or 'best', got {s['EVAL_CHECKPOINT']!r}")
-    check_fold(s.get("FOLD"))
-    s["GPUS"], gpu_note = resolve_gpus(s.get("GPUS"), device, s["BATCH_SIZE"])
-    notes.append(gpu_note)
-    notes += _resolve_cascade(s, native_shape, rec) if s["CASCADE"] else []
-    if s.get("PATCH_SIZE") and not s["CASCADE"]:
-        notes.append(f"PATCH_SIZE = None (yours, {s['PATCH_SIZE']}, is unused: no stage 2 without the cascade)")
-    s["PATCH_SIZE"] = (s.get("PATCH_SIZE") or None) if s["CASCADE"] else None  # None: whole boxes, or no stage 2
-    rec.update(context=s["CONTEXT_SLICES"], cascade=bool(s["CASCADE"]),
-               stage2_patch=round(s["PATCH_SIZE"] / s["ROI_SIZE"], 3) if s["PATCH_SIZE"] else None,
-               stage1_share=rec["stage1_share"] if s["CASCADE"] else None,
-               stage2_mirror=bool(rec["stage2_mirror"] and s["CASCADE"]),
-               average_liver=bool(rec.get("average_liver") and s["CASCADE"]))
-    s["RECIPE_SETTINGS"] = rec
-    return s, notes
+    return notes
 
 
 def _stage1_below_native(s: dict, native_shape: Sequence[int] | None, rec: dict, forced: bool = False) -> list[str]:
@@ -757,7 +772,7 @@ def cascade_epochs(epochs: int, stage1_share: float = CASCADE_STAGE1_SHARE) -> t
     return first, max(1, epochs - first)
 
 
-CASCADE_MIN_STAGE1_STEPS = 120  # cascade: optimizer steps stage 1 needs before it finds the liver on real CT
+CASCADE_MIN_STAGE1_STEPS = 240  # cascade: optimizer steps stage 1 gets at least (its real-CT liver still rises to 240)
 
 
 def cascade_plan(epochs: int, stage1_share: float, steps_per_epoch: int,
@@ -765,10 +780,10 @@ def cascade_plan(epochs: int, stage1_share: float, steps_per_epoch: int,
     """How the cascade splits a budget of ``epochs``: (stage-1 epochs, stage-2 epochs, a line saying why).
 
     Stage 1 gets its ``stage1_share`` of the epochs (:func:`cascade_epochs`), but at least ``min_stage1_steps``
-    optimizer steps: on real CT slices a U-Net trained for fewer does not yet find the liver, stage 2 then works on
-    a box that misses it, and the cascade ends far below one stage in liver Dice (BENCHMARKS.md, "Real CT
-    livers"). When that many steps would take more than half the budget, two stages do not fit it: the result
-    is (epochs, 0, why), and one stage trains all the epochs.
+    optimizer steps: on real CT slices a U-Net's liver Dice rises steeply to about 120 steps and still rises to 240;
+    a stage 1 stopped earlier gives stage 2 a box that misses liver, and both stages' liver stays below one
+    stage's (BENCHMARKS.md, "Real CT livers"). When that many steps would take more than half the budget, two
+    stages do not fit it: the result is (epochs, 0, why), and one stage trains all the epochs.
 
     Args:
         epochs: the whole budget (``EPOCHS``).
@@ -1129,6 +1144,15 @@ def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike,
         check_cache_space(cache_dir, *cache_bytes_needed([c for c, _ in todo], image_size, roi[0] if roi else None))
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if len(todo) >= 4 else 0
+    _decode_into_cache(cache_dir, todo, image_size, hu_window, roi, workers, progress)
+    done = {e for _, e in todo}
+    return [_open_entry(e, from_cache=e not in done) for e in entries]
+
+
+def _decode_into_cache(cache_dir: Path, todo: list, image_size: int, hu_window: tuple[float, float],
+                       roi: tuple | None, workers: int, progress: bool) -> None:
+    """Decode the ``todo`` (case, entry) pairs into the cache, with a progress bar; a full disk raises
+    :class:`CacheSpaceError` saying where to put the cache instead (finished entries are kept)."""
     bar = tqdm(total=len(todo), desc="preprocess volumes", unit="vol", disable=not progress or not todo)
     try:
         _decode_all(todo, image_size, hu_window, roi, workers, bar)
@@ -1140,8 +1164,6 @@ def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike,
                               "/content) or lower IMAGE_SIZE, then run again.") from err
     finally:
         bar.close()
-    done = {e for _, e in todo}
-    return [_open_entry(e, from_cache=e not in done) for e in entries]
 
 
 def roi_cases(cases: Sequence[CachedCase]) -> list[CachedCase]:
@@ -1549,11 +1571,40 @@ class TumorAwareSampler:
         return np.array([rng.choice(self.tumor_by_group[g]) for g in groups], dtype=self.tumor.dtype)
 
 
-STRONG_AUGMENT = {"contrast": 0.25, "gamma": 0.4}  # nnU-Net-like ranges: contrast x0.75-1.25, gamma 0.67-1.49
-# lesion contrast: in half the slices with tumour, the lesions' mean difference from the liver is multiplied by
-# 0.5-1.5, with its sign flipped half the time (hypodense <-> hyperdense); texture and rim are kept
-LESION_AUGMENT = {"p": 0.5, "magnitude": (0.5, 1.5), "flip": 0.5}
-MIRROR_P = 0.5  # stage 2's mirroring: each window flipped left-right, and independently up-down, with this chance
+@dataclass(frozen=True)
+class Augmentation:
+    """What :func:`augment_batch` draws for each training sample, on the device.
+
+    The defaults are the whole-slice augmentation both recipes train with; :func:`recipe_augmentation` adds a
+    recipe's extras (the lesions' contrast, stage 2's mirroring).
+    """
+
+    p: float = 0.8                              # chance that a sample is augmented at all
+    rotate_deg: float = 12.0                    # rotation, uniform in +-rotate_deg
+    scale: tuple[float, float] = (0.85, 1.15)   # zoom factor range
+    translate: float = 0.04                     # shift, up to this share of the side
+    intensity: float = 0.1                      # gain 1 +- intensity and offset +- intensity
+    noise: float = 0.03                         # Gaussian noise, standard deviation up to this
+    contrast: float = 0.0                       # deviations from the image mean scaled by 1 +- contrast; 0: off
+    gamma: float = 0.0                          # image raised to a power in exp(+-gamma); 0: off
+    lesion_p: float = 0.0                       # share of tumour slices whose lesion contrast changes; 0: off
+    lesion_magnitude: tuple[float, float] = (0.5, 1.5)  # factor on the lesions' difference from the liver
+    lesion_flip: float = 0.5                    # chance that the difference changes sign (dark <-> bright)
+    mirror: float = 0.0                         # chance of a left-right flip, and independently an up-down one
+
+
+def recipe_augmentation(rec: dict, stage2: bool = False) -> Augmentation:
+    """A recipe's augmentation for stage 1 (whole slices) or stage 2 (windows inside the liver box).
+
+    ``lesion_augment``: in half the tumour slices the lesions' mean difference from the liver is scaled by
+    0.5-1.5, its sign flipped half the time (:func:`lesion_contrast`). ``stage2_mirror``: stage 2's windows are
+    flipped left-right and up-down, each with chance 1/2 (inside the box no side is special; whole slices are
+    never mirrored: the liver lies on the patient's right). ``strong_augment``: nnU-Net-like contrast (x0.75-1.25)
+    and gamma (0.67-1.49) ranges.
+    """
+    strong = {"contrast": 0.25, "gamma": 0.4} if rec.get("strong_augment") else {}
+    return Augmentation(**strong, lesion_p=0.5 if rec.get("lesion_augment") else 0.0,
+                        mirror=0.5 if stage2 and rec.get("stage2_mirror") else 0.0)
 
 
 def _affine_grid(rand: Any, on: torch.Tensor, shape: Sequence[int], rotate_deg: float,
@@ -1573,33 +1624,23 @@ def _affine_grid(rand: Any, on: torch.Tensor, shape: Sequence[int], rotate_deg: 
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
-                  rotate_deg: float = 12.0, scale: tuple[float, float] = (0.85, 1.15), translate: float = 0.04,
-                  intensity: float = 0.1, noise: float = 0.03, p: float = 0.8, contrast: float = 0.0,
-                  gamma: float = 0.0, lesion: dict | None = None, window: int | None = None,
-                  mirror: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random rotation/scaling/shift, intensity shift/scale and Gaussian noise, on x's device.
+                  aug: Augmentation = Augmentation(), window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random rotation/scaling/shift, intensity shift/scale and Gaussian noise, on x's device (:class:`Augmentation`).
 
     No mirroring by default: on whole slices it would break the prior that the liver lies on the patient's
-    right. Stage 2 of the cascade sees windows inside the liver box, where no such prior holds (``mirror``).
+    right. Stage 2 of the cascade sees windows inside the liver box, where no such prior holds (``aug.mirror``).
+    Draws that are off (contrast, gamma, lesion contrast, mirror at 0) draw nothing, so the other draws are those
+    of a run without them.
 
     Args:
         x: (B, C, S, S) float images in [0, 1]; y: (B, S, S) long labels.
         generator: torch generator on x's device, for reproducibility.
-        p: probability that a sample is augmented.
-        contrast: > 0 also scales each image's deviations from its mean by a factor in [1 - c, 1 + c]
-            (lesion-to-liver contrast changes with it).
-        gamma: > 0 also raises each image to a power in [exp(-g), exp(g)] (a non-linear contrast change).
-            Both off by default; :data:`STRONG_AUGMENT` turns them on (``TrainConfig.strong_augment``).
-        lesion: settings of :func:`lesion_contrast` (e.g. :data:`LESION_AUGMENT`, ``TrainConfig.lesion_augment``);
-            None = off. Drawn last, so the other draws are those of a run without it.
+        aug: what to draw.
         window: a side below S returns a ``window`` × ``window`` window of each augmented sample, placed as
             :func:`random_patches` places it on the warped labels; only the window's pixels are computed (the
-            image is warped there alone). Without noise, contrast, gamma and lesion, the same pixels as
+            image is warped there alone). Without noise, contrast, gamma and lesion contrast, the same pixels as
             :func:`random_patches` applied to this function's whole-slice output; those four are then drawn
             and measured on the window.
-        mirror: > 0 flips each sample left-right with this probability, and independently up-down (image
-            and labels alike; :data:`MIRROR_P`, ``TrainConfig.mirror``); 0 draws nothing, so the other draws
-            are those of a run without it.
 
     Returns:
         (augmented x, y): (B, C, S, S) and (B, S, S), or (B, C, window, window) and (B, window, window).
@@ -1609,27 +1650,35 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
     def rand(*shape):
         return torch.rand(*shape, device=dev, generator=generator)
 
-    on = (rand(b) < p).float()
-    grid = _affine_grid(rand, on, x.shape, rotate_deg, scale, translate, mirror)
+    on = (rand(b) < aug.p).float()
+    grid = _affine_grid(rand, on, x.shape, aug.rotate_deg, aug.scale, aug.translate, aug.mirror)
     y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="border",
                       align_corners=False)[:, 0].long()
-    gain = 1 + (rand(b, 1, 1, 1) * 2 - 1) * intensity * on.view(b, 1, 1, 1)
-    shift = (rand(b, 1, 1, 1) * 2 - 1) * intensity * on.view(b, 1, 1, 1)
+    gain = 1 + (rand(b, 1, 1, 1) * 2 - 1) * aug.intensity * on.view(b, 1, 1, 1)
+    shift = (rand(b, 1, 1, 1) * 2 - 1) * aug.intensity * on.view(b, 1, 1, 1)
     if window and (window < x.shape[-1] or x.shape[-2] != x.shape[-1]):  # warp the image only in the window
         top, left = patch_origins(y, window, generator)
         grid, y = take_windows(grid, top, left, window), take_windows(y, top, left, window)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     x = x * gain + shift
-    if noise > 0:
-        x = x + torch.randn(x.shape, device=dev, generator=generator) * noise * rand(b, 1, 1, 1) * on.view(b, 1, 1, 1)
-    if contrast > 0:  # drawn after the basic augmentation: without it, the same draws as before
+    if aug.noise > 0:
+        gauss = torch.randn(x.shape, device=dev, generator=generator)  # drawn before the per-sample scale
+        x = x + gauss * aug.noise * rand(b, 1, 1, 1) * on.view(b, 1, 1, 1)
+    return _intensity_extras(x, y, rand, on, aug)
+
+
+def _intensity_extras(x: torch.Tensor, y: torch.Tensor, rand: Any, on: torch.Tensor,
+                      aug: Augmentation) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`augment_batch`'s optional draws, after the basic ones: contrast, gamma, the lesions' contrast."""
+    b = x.shape[0]
+    if aug.contrast > 0:
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = mean + (x - mean) * (1 + (rand(b, 1, 1, 1) * 2 - 1) * contrast * on.view(b, 1, 1, 1))
-    if gamma > 0:
-        power = torch.exp((rand(b, 1, 1, 1) * 2 - 1) * gamma * on.view(b, 1, 1, 1))
+        x = mean + (x - mean) * (1 + (rand(b, 1, 1, 1) * 2 - 1) * aug.contrast * on.view(b, 1, 1, 1))
+    if aug.gamma > 0:
+        power = torch.exp((rand(b, 1, 1, 1) * 2 - 1) * aug.gamma * on.view(b, 1, 1, 1))
         x = x.clamp(0, 1) ** power
-    if lesion:
-        x = lesion_contrast(x, y, rand(3, b), **lesion)
+    if aug.lesion_p > 0:
+        x = lesion_contrast(x, y, rand(3, b), aug.lesion_p, aug.lesion_magnitude, aug.lesion_flip)
     return x, y
 
 
@@ -1917,6 +1966,16 @@ def choose_data_device(n_bytes: int, device: torch.device, share: float = 0.4) -
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """What each training batch is drawn from (:class:`TumorAwareSampler`) and which part of each slice it trains on."""
+
+    tumor_share: float = 0.0            # share of each batch drawn from slices with tumour
+    liver_share: float = 0.0            # share drawn from slices with liver
+    lesion_balance: bool = False        # tumour draws balanced over lesion contrast groups (lesion_contrast_groups)
+    window: int | None = None           # random windows this wide (stage 2; augment_batch's window); None: whole slices
+
+
 @dataclass
 class TrainConfig:
     """Training settings (the notebook's configuration cell fills these)."""
@@ -1928,19 +1987,30 @@ class TrainConfig:
     warmup_epochs: float = 1.0          # linear warm-up, then cosine decay to 0
     grad_clip: float = 1.0              # max gradient norm
     steps_per_epoch: int | None = None  # None = len(selected slices) // batch_size
-    tumor_share: float = 0.0            # share of each batch drawn from tumour slices
-    liver_share: float = 0.0            # share of each batch drawn from liver slices
-    loss: str = "dice_ce"               # 'dice_ce' | 'focal_dice' | 'tversky_ce'
-    augment: bool = True                # rotation/scale/intensity/noise on the device
-    strong_augment: bool = False        # also contrast and gamma (STRONG_AUGMENT), against memorised lesion looks
-    lesion_augment: bool = False        # also the lesions' contrast to the liver (LESION_AUGMENT, lesion_contrast)
-    mirror: bool = False                # also flip left-right and up-down (MIRROR_P each); stage 2's windows only
-    lesion_balance: bool = False        # tumour draws balanced over lesion contrast groups (lesion_contrast_groups)
-    patch_size: int | None = None       # train on random windows this wide (augment_batch's window); None: whole slices
+    loss: str = "dice_ce"               # make_loss: 'dice_ce' | 'dice_ce_per_slice' | 'focal_dice' | 'tversky_ce'
+    sampling: Sampling = field(default_factory=Sampling)  # which slices each batch draws, whole or as windows
+    augment: Augmentation | None = field(default_factory=Augmentation)  # drawn on the device; None: off
     amp: bool = True                    # mixed precision on CUDA (bf16 where supported, else fp16)
-    channels_last: bool = True          # memory format (faster convs on GPU and CPU)
     seed: int = 0                       # fixes sampling and augmentation per epoch
-    val_batch_size: int = 64            # slices per validation forward pass
+
+
+VAL_BATCH_SIZE = 64  # slices per validation forward pass
+
+
+def recipe_train_config(rec: dict, epochs: int, batch_size: int, lr: float, seed: int = 0,
+                        steps_per_epoch: int | None = None, stage: int = 1, window: int | None = None) -> TrainConfig:
+    """A recipe's training settings for one stage of it.
+
+    Args:
+        rec: the recipe (:data:`RECIPES`): its loss, sampling and augmentation keys.
+        epochs, batch_size, lr, seed, steps_per_epoch: as :class:`TrainConfig`.
+        stage: 1 (whole slices) or 2 (the liver boxes; :func:`recipe_augmentation` mirrors them where the
+            recipe says so).
+        window: train on random windows this wide (stage 2's ``PATCH_SIZE``); None or 0: whole slices.
+    """
+    sampling = Sampling(rec["tumor_share"], rec["liver_share"], rec.get("lesion_balance", False), window or None)
+    return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, steps_per_epoch=steps_per_epoch, loss=rec["loss"],
+                       sampling=sampling, augment=recipe_augmentation(rec, stage2=stage == 2), seed=seed)
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> Path:
@@ -1990,7 +2060,7 @@ def mixed_precision(device: torch.device | str) -> str:
     return "bf16" if _native_bf16() else "fp16 + GradScaler"
 
 
-def _autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool):
     """Mixed-precision context on CUDA (bf16 where native, else fp16 with a grad scaler); a no-op elsewhere.
 
     The no-op is a plain ``nullcontext``: older torch releases refuse ``torch.autocast("mps", ...)`` even
@@ -2011,7 +2081,7 @@ def _grad_scaler(enabled: bool):
 
 @torch.no_grad()
 def validate_slices(model: torch.nn.Module, data: SliceSet, index: np.ndarray, loss_fn: DiceCELoss,
-                    device: torch.device, batch_size: int = 64, amp: bool = True) -> dict:
+                    device: torch.device, batch_size: int = VAL_BATCH_SIZE, amp: bool = True) -> dict:
     """Cheap per-epoch validation: CE, Dice loss and 2D Dice pooled over the given slices.
 
     This is an approximation for monitoring (2D, on the resized slices); the final numbers come
@@ -2023,7 +2093,7 @@ def validate_slices(model: torch.nn.Module, data: SliceSet, index: np.ndarray, l
     counts, ce, dl, n = np.zeros((3, 3), np.int64), 0.0, 0.0, 0  # (tp, fp, fn) per class
     for start in range(0, len(index), batch_size):
         x, y = data.batch(index[start:start + batch_size], device)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(x.contiguous(memory_format=torch.channels_last))
         _, parts = loss_fn(logits, y)
         pred = logits.argmax(1)
@@ -2065,7 +2135,7 @@ class TrainState:
 def make_train_state(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int,
                      device: torch.device) -> TrainState:
     """Model on ``device``, the loss, AdamW, linear warm-up then cosine decay to 0, and the fp16 grad scaler."""
-    memfmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memfmt = torch.channels_last  # faster convolutions on GPUs and CPUs
     model.to(device, memory_format=memfmt)
     total = steps_per_epoch * cfg.epochs
     warm = max(1, min(int(cfg.warmup_epochs * steps_per_epoch), total // 2))  # a 1-epoch stage also decays
@@ -2092,12 +2162,13 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) 
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, grad_clip: float = 1.0) -> tuple:
-    """One optimizer step: forward, loss, backward, clip, step (the notebook's "Train" section prints it).
+    """One optimizer step: forward, loss, backward, clip, step (the notebook's "Train" section defines the same
+    function on the page and passes it to :func:`train`; this one is the default).
 
     Returns:
         (loss, {"ce", "dice"}) as tensors on the device (reading them would wait for the GPU).
     """
-    with _autocast(state.device, state.use_amp):  # bf16/fp16 on CUDA, plain fp32 elsewhere
+    with autocast(state.device, state.use_amp):  # bf16/fp16 on CUDA, plain fp32 elsewhere
         logits = state.model(x)
     loss, parts = state.loss_fn(logits, y)  # CE + soft Dice
     state.opt.zero_grad(set_to_none=True)
@@ -2124,8 +2195,10 @@ def shard_batches(batches: list[np.ndarray], rank: int, world: int) -> list[np.n
 
 
 def train_epoch(state: TrainState, data: SliceSet, batches: list[np.ndarray], cfg: TrainConfig, epoch: int,
-                progress: bool = True) -> tuple[float, float]:
-    """Run :func:`train_step` over one epoch's batches (augmented on the device); mean CE and Dice loss."""
+                progress: bool = True, step: Callable | None = None) -> tuple[float, float]:
+    """Run ``step`` (None: :func:`train_step`) over one epoch's batches (augmented on the device); mean CE and
+    Dice loss."""
+    step_fn = step or train_step
     rank, world = dist_rank_world()
     gen = torch.Generator(device=state.device)  # rank 0 draws as a single process does; the others their own
     gen.manual_seed(hash_seed(cfg.seed, epoch, 7) if rank == 0 else hash_seed(cfg.seed, epoch, 7, rank))
@@ -2135,16 +2208,15 @@ def train_epoch(state: TrainState, data: SliceSet, batches: list[np.ndarray], cf
     sums = torch.zeros(2, device=state.device)
     bar = tqdm(iter_batches(data, batches, state.device), desc=f"epoch {epoch + 1}", total=len(batches),
                leave=False, unit="batch", disable=not progress, mininterval=2.0)
-    for step, (x, y) in enumerate(bar):
-        if cfg.augment:  # with stage 2's windows: cut inside the augmentation, which then warps only them
-            x, y = augment_batch(x, y, generator=gen, lesion=LESION_AUGMENT if cfg.lesion_augment else None,
-                                 window=cfg.patch_size, mirror=MIRROR_P if cfg.mirror else 0.0,
-                                 **(STRONG_AUGMENT if cfg.strong_augment else {}))
-        elif cfg.patch_size:
-            x, y = random_patches(x, y, cfg.patch_size, generator=gen)
-        loss, parts = train_step(state, x.contiguous(memory_format=state.memory_format), y, cfg.grad_clip)
+    for i, (x, y) in enumerate(bar):
+        window = cfg.sampling.window
+        if cfg.augment is not None:  # with stage 2's windows: cut inside the augmentation, which warps only them
+            x, y = augment_batch(x, y, gen, cfg.augment, window)
+        elif window:
+            x, y = random_patches(x, y, window, generator=gen)
+        loss, parts = step_fn(state, x.contiguous(memory_format=state.memory_format), y, cfg.grad_clip)
         sums += torch.stack([parts["ce"], parts["dice"]])
-        if progress and step % 10 == 0:  # live loss, synced every 10th step only
+        if progress and i % 10 == 0:  # live loss, synced every 10th step only
             bar.set_postfix(loss=f"{loss.item():.3f}")
     if world > 1:  # the mean over all processes
         torch.distributed.all_reduce(sums)
@@ -2171,6 +2243,23 @@ def run_identity(settings: dict, train_ids: Sequence[str], data_root: str | os.P
     if isinstance(body["RECIPE_SETTINGS"], dict):
         body["RECIPE_SETTINGS"] = {k: v for k, v in body["RECIPE_SETTINGS"].items() if k not in INFERENCE_ONLY}
     return json.loads(json.dumps(body, default=str))
+
+
+def _with_defaults(stored: dict) -> dict:
+    """A stored :class:`TrainConfig` with the settings added since it was written (also inside ``sampling`` and
+    ``augment``) filled in with their defaults: what that run used."""
+    out = asdict_plain(TrainConfig())
+    for k, v in stored.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested settings as one level: {"sampling": {"window": 64}} -> {"sampling.window": 64}."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -2205,8 +2294,13 @@ def resume_state(path: Path, state: TrainState, cfg: TrainConfig,
         (:func:`run_identity`) are not today's: continuing would train old weights on other data.
     """
     ck = load_checkpoint(path, map_location=state.device)
-    # a setting added since the checkpoint was written counts as its default (what that run used)
-    diff = _differences({**asdict_plain(TrainConfig()), **ck["train_config"]}, asdict_plain(cfg))
+    known = _flat(asdict_plain(TrainConfig()))
+    gone = sorted(k for k in _flat(ck["train_config"]) if k not in known
+                  and not any(j.startswith(k + ".") for j in known))  # e.g. "augment": None stands for augment.*
+    if gone:
+        raise ValueError(f"{path} was written by an older unet_helpers (its settings {gone} no longer exist). To "
+                         "start afresh, use another OUTPUT_DIR or delete that file.")
+    diff = _differences(_flat(_with_defaults(ck["train_config"])), _flat(asdict_plain(cfg)))
     if run is not None:
         diff = "; ".join(d for d in (diff, _differences(_with_added_recipe_keys(ck.get("run") or {}), run)) if d)
     if diff:
@@ -2239,6 +2333,15 @@ def save_checkpoints(out: Path, state: TrainState, cfg: TrainConfig, epoch: int,
     return max(best, score)
 
 
+def make_sampler(data: SliceSet, index: np.ndarray, cfg: TrainConfig) -> TumorAwareSampler:
+    """The sampler :func:`train` draws its batches from: ``cfg.sampling``'s shares, and with ``lesion_balance`` the
+    tumour draws spread over the lesion contrast groups of ``data``'s cases."""
+    s = cfg.sampling
+    groups = slice_contrast_groups(data.cases) if s.lesion_balance and s.tumor_share else None
+    return TumorAwareSampler(index, data.has_liver, data.has_tumor, cfg.batch_size, s.tumor_share, s.liver_share,
+                             cfg.seed, groups)
+
+
 def _start_or_resume(out: Path, state: TrainState, cfg: TrainConfig, run: dict | None, resume: bool,
                      progress: bool) -> tuple[int, list[dict], float]:
     """(first epoch, history, best score): from ``out/last.pt`` when resuming one, else a fresh start."""
@@ -2250,31 +2353,41 @@ def _start_or_resume(out: Path, state: TrainState, cfg: TrainConfig, run: dict |
     return start_epoch, history, best
 
 
+def _epoch_row(state: TrainState, data: SliceSet, batches: list[np.ndarray], cfg: TrainConfig, epoch: int,
+               progress: bool, step: Callable | None) -> dict:
+    """One timed :func:`train_epoch`: its history row (losses, learning rate, seconds, slices per second)."""
+    t0 = time.perf_counter()
+    ce, dice_loss = train_epoch(state, data, batches, cfg, epoch, progress, step)
+    secs = time.perf_counter() - t0
+    return {"epoch": epoch + 1, "train_ce": ce, "train_dice_loss": dice_loss, "lr": state.opt.param_groups[0]["lr"],
+            "epoch_seconds": secs, "slices_per_second": len(batches) * cfg.batch_size / secs,
+            "processes": dist_rank_world()[1]}
+
+
 def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray, cfg: TrainConfig,
           output_dir: str | os.PathLike, val_data: SliceSet | None = None, val_index: np.ndarray | None = None,
           device: torch.device | str | None = None, resume: bool = True, progress: bool = True,
-          extra_state: dict | None = None, run: dict | None = None, replicas: int = 1) -> list[dict]:
+          extra_state: dict | None = None, run: dict | None = None, replicas: int = 1,
+          step: Callable | None = None) -> list[dict]:
     """Train with CE + Dice, AdamW, warm-up + cosine, clipping; checkpoint and log every epoch.
 
-    Used in the notebook section "Train".  Writes ``history.csv`` / ``history.json`` (one row
-    per epoch), ``last.pt`` (every epoch) and ``best.pt`` (best validation mean Dice) into
-    ``output_dir``, all atomically.  With ``resume=True`` a run finds ``last.pt`` and goes on
-    from the next epoch: a run killed mid-epoch loses at most that epoch, and on CPU with a
-    fixed seed ends with the same weights as an uninterrupted run.
+    Writes ``history.csv`` / ``.json``, ``last.pt`` (every epoch) and ``best.pt`` (best validation mean Dice) into
+    ``output_dir``, atomically; resumed from ``last.pt``, a run killed mid-epoch loses at most that epoch.
 
     Args:
         model: the network (moved to ``device``).
-        train_data: training slices; ``train_index`` selects which are sampled.
+        train_data, train_index: training slices and which of them are sampled.
         cfg: :class:`TrainConfig`.
         output_dir: where logs and checkpoints go.
         val_data, val_index: validation slices for the per-epoch 2D check (optional).
-        device: None = ``train_data``'s device.
+        device, progress: None = ``train_data``'s device; tqdm bars.
         resume: continue from ``output_dir/last.pt`` when present.
-        progress: tqdm bars.
         extra_state: plain data saved in the checkpoints (e.g. the notebook's config).
         run: the run's identity (:func:`run_identity`): saved, and compared before resuming.
         replicas: data-parallel processes (:func:`train_replicated`): one per GPU on CUDA; on the CPU,
             processes that talk through gloo (for tests). 1 = this process alone.
+        step: ``step(state, x, y, grad_clip)`` on every batch; None: :func:`train_step`, which several
+            processes always run (a function defined in a notebook cannot be sent to them).
 
     Returns:
         The history: one dict per epoch.
@@ -2282,12 +2395,9 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
     rank, world = dist_rank_world()
     if replicas > 1 and world == 1:
         return train_replicated(replicas, model, train_data, train_index, cfg, output_dir, val_data, val_index,
-                                device, resume, progress, extra_state, run)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    groups = slice_contrast_groups(train_data.cases) if cfg.lesion_balance and cfg.tumor_share else None  # tumour draws
-    sampler = TumorAwareSampler(train_index, train_data.has_liver, train_data.has_tumor, cfg.batch_size,
-                                cfg.tumor_share, cfg.liver_share, cfg.seed, groups)
+                                device, resume, progress, extra_state, run, step=step)
+    (out := Path(output_dir)).mkdir(parents=True, exist_ok=True)
+    sampler = make_sampler(train_data, train_index, cfg)
     steps = cfg.steps_per_epoch or len(sampler)
     state = make_train_state(model, cfg, steps, torch.device(device) if device is not None else train_data.device)
     start_epoch, history, best = _start_or_resume(out, state, cfg, run, resume, progress)
@@ -2296,20 +2406,17 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
     model.train()
     bar = tqdm(range(start_epoch, cfg.epochs), desc="epochs", unit="ep", disable=not progress)
     for epoch in bar:
-        t0 = time.perf_counter()
-        ce, dice_loss = train_epoch(state, train_data, epoch_batches(sampler, epoch, steps), cfg, epoch, progress)
-        secs = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_ce": ce, "train_dice_loss": dice_loss, "lr": state.opt.param_groups[0]["lr"],
-               "epoch_seconds": secs, "slices_per_second": steps * cfg.batch_size / secs, "processes": world}
+        row = _epoch_row(state, train_data, epoch_batches(sampler, epoch, steps), cfg, epoch, progress, step)
         if rank == 0 and val_data is not None and val_index is not None and len(val_index):
-            row.update(validate_slices(model, val_data, val_index, state.loss_fn, state.device, cfg.val_batch_size,
-                                       state.use_amp))
+            row.update(validate_slices(model, val_data, val_index, state.loss_fn, state.device, amp=state.use_amp))
         history.append({k: float(v) if k != "epoch" else v for k, v in row.items()})
         if rank == 0:  # one writer; the other processes wait at their next gradient exchange
             best = save_checkpoints(out, state, cfg, epoch, history, best, extra_state, run)
-        bar.set_postfix({k: f"{history[-1][k]:.3f}" for k in ("train_ce", "val_dice_liver_2d", "val_dice_tumor_2d")
-                         if k in history[-1]})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items() if k in _SHOWN})
     return history
+
+
+_SHOWN = ("train_ce", "val_dice_liver_2d", "val_dice_tumor_2d")  # train's progress bar
 
 
 # --- Several GPUs: DistributedDataParallel, one process per GPU, launched from the notebook ---------------
@@ -2475,7 +2582,7 @@ def train_replicated(replicas: int, model: torch.nn.Module, train_data: SliceSet
                      cfg: TrainConfig, output_dir: str | os.PathLike, val_data: SliceSet | None = None,
                      val_index: np.ndarray | None = None, device: torch.device | str | None = None,
                      resume: bool = True, progress: bool = True, extra_state: dict | None = None,
-                     run: dict | None = None, poll_s: float = 30.0) -> list[dict]:
+                     run: dict | None = None, poll_s: float = 30.0, step: Callable | None = None) -> list[dict]:
     """:func:`train` on ``replicas`` GPUs with DistributedDataParallel, started from a notebook cell.
 
     One process per GPU (``torch.multiprocessing`` with "spawn", which works in Jupyter because the
@@ -2491,11 +2598,13 @@ def train_replicated(replicas: int, model: torch.nn.Module, train_data: SliceSet
     Returns:
         The history: one dict per epoch.
     """
+    if step not in (None, train_step):  # a function defined in a notebook cannot be sent to spawned processes
+        warnings.warn("GPUS > 1: the processes run uh.train_step, not the step given", stacklevel=2)
     target = torch.device(device) if device is not None else train_data.device
     if target.type == "cuda" and torch.cuda.device_count() < replicas:
         warnings.warn(f"{replicas} processes share {torch.cuda.device_count()} GPU(s) through gloo: a check of the "
                       "multi-GPU code path, slower than one process.", stacklevel=2)
-    memfmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memfmt = torch.channels_last
     unwrap(model).cpu()  # GPU 0 must hold as much free memory as GPU 1 while the workers train
     if target.type == "cuda":
         torch.cuda.empty_cache()
@@ -2507,24 +2616,30 @@ def train_replicated(replicas: int, model: torch.nn.Module, train_data: SliceSet
            "flags": (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
                      torch.are_deterministic_algorithms_enabled())}
     try:
-        log = Path(output_dir) / "history.json"
-        shown = len(json.loads(log.read_text())) if log.exists() else 0  # rows of an earlier call are not news
-        ctx = torch.multiprocessing.start_processes(_ddp_worker, args=(replicas, _free_port(), job),
-                                                    nprocs=replicas, join=False, start_method="spawn")
-        try:
-            while not ctx.join(timeout=poll_s):
-                shown = _print_new_epochs(log, shown, progress)
-        except BaseException as err:  # an interrupt or a failed worker: stop them all, so none goes on writing
-            _stop(ctx)
-            failure = _worker_failure(err)
-            if failure is err:
-                raise
-            raise failure from err
+        _run_workers(replicas, job, Path(output_dir), progress, poll_s)
         ck = load_checkpoint(Path(output_dir) / "last.pt")
         unwrap(model).load_state_dict(ck["model"])
         return ck["history"]
     finally:  # on success and failure alike, the notebook's model is back on its device
         unwrap(model).to(target, memory_format=memfmt)
+
+
+def _run_workers(replicas: int, job: dict, out: Path, progress: bool, poll_s: float) -> None:
+    """Start :func:`_ddp_worker` ``replicas`` times and wait, printing epoch rows as they are written; an interrupt
+    or a failed worker stops them all, so none goes on writing, and raises what went wrong."""
+    log = out / "history.json"
+    shown = len(json.loads(log.read_text())) if log.exists() else 0  # rows of an earlier call are not news
+    ctx = torch.multiprocessing.start_processes(_ddp_worker, args=(replicas, _free_port(), job),
+                                                nprocs=replicas, join=False, start_method="spawn")
+    try:
+        while not ctx.join(timeout=poll_s):
+            shown = _print_new_epochs(log, shown, progress)
+    except BaseException as err:
+        _stop(ctx)
+        failure = _worker_failure(err)
+        if failure is err:
+            raise
+        raise failure from err
 
 
 def asdict_plain(obj: Any) -> dict:
@@ -2537,9 +2652,7 @@ def write_history(history: list[dict], output_dir: str | os.PathLike) -> None:
     """Write ``history.json`` and ``history.csv`` (one row per epoch) atomically."""
     out = Path(output_dir)
     _atomic_write_text(out / "history.json", json.dumps(json_safe(history), indent=1))
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    lines = [",".join(keys)] + [",".join(f"{row.get(k, '')}" for k in keys) for row in history]
-    _atomic_write_text(out / "history.csv", "\n".join(lines) + "\n")
+    _write_csv(out / "history.csv", history)
 
 
 # =============================================================================================
@@ -2829,7 +2942,7 @@ def slice_probabilities(model: torch.nn.Module, slices: np.ndarray, out_shape: t
     stack = torch.from_numpy(np.asarray(slices, np.float32))
     for start in range(0, slices.shape[0], batch_size):
         x = stack[torch.from_numpy(neigh[start:start + batch_size])].to(device)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(x.contiguous(memory_format=torch.channels_last))
         logits = F.interpolate(logits.float(), size=out_shape, mode="bilinear", align_corners=False)
         yield start, torch.softmax(logits, 1)
@@ -2856,7 +2969,7 @@ def predict_slices(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[
 class MirrorAverage(torch.nn.Module):
     """Test-time mirroring (nnU-Net's): the log of ``model``'s softmax averaged over the input and its mirrors
     left-right, up-down and both, each flipped back. For a network trained on mirrored inputs
-    (``TrainConfig.mirror``); one trained without mirrors scores worse with it (BENCHMARKS.md)."""
+    (``Augmentation.mirror``); one trained without mirrors scores worse with it (BENCHMARKS.md)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -3222,6 +3335,117 @@ def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_
     return from_canonical(pred, case.source_affine)
 
 
+@dataclass
+class Run:
+    """A trained run rebuilt from its folder by :func:`load_run`: both stages, the settings and the device."""
+
+    model: torch.nn.Module
+    stage2: Stage2 | None
+    settings: dict
+    device: torch.device
+
+    def predict(self, ct_path: str | os.PathLike, out_path: str | os.PathLike | None = None) -> np.ndarray:
+        """Labels (0 background, 1 liver, 2 tumour) of one CT file in its own voxel grid, post-processed as the
+        run's recipe says; with ``out_path``, also written there as an aligned NIfTI (:func:`predict_volume`)."""
+        s, rec = self.settings, self.settings["RECIPE_SETTINGS"]
+        return predict_volume(self.model, ct_path, s["IMAGE_SIZE"], s["CONTEXT_SLICES"], s["HU_WINDOW"],
+                              self.device, postprocess_pred=rec["postprocess"], out_path=out_path,
+                              stage2=self.stage2, min_tumor_ml=rec["min_tumor_ml"])
+
+
+def _network_from(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The U-Net stored in a checkpoint, in eval mode on ``device``, and the checkpoint."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: is {path.parent} the OUTPUT_DIR of a finished run (or, with "
+                                "FOLD, its fold_k folder)?")
+    ck = load_checkpoint(path, map_location="cpu")
+    model = UNet(**ck["model_hparams"])
+    model.load_state_dict(ck["model"])
+    return model.to(device, memory_format=torch.channels_last).eval(), ck
+
+
+def load_run(output_dir: str | os.PathLike, device: str = "auto", checkpoint: str | None = None) -> Run:
+    """Everything a prediction needs, rebuilt from a run's folder (the notebook's ``OUTPUT_DIR``, or its
+    ``fold_k``): stage 1, stage 2 where the run trained one, the settings and the post-processing.
+
+    Args:
+        output_dir: the run's folder (holds ``last.pt``, and ``stage2/`` for a cascade).
+        device: "auto", "cuda", "mps" or "cpu" (:func:`pick_device`).
+        checkpoint: "last" or "best"; None: the one the run scored (its ``EVAL_CHECKPOINT``).
+    """
+    out, dev = Path(output_dir), pick_device(device)
+    model, ck = _network_from(out / "last.pt", dev)
+    # the settings of the notebook run that last scored this folder (metrics.json, with its EVAL_CHECKPOINT and
+    # post-processing), else those the training saved (the same run: resuming refuses another)
+    metrics = out / "metrics.json"
+    s = json.loads(metrics.read_text())["config"] if metrics.exists() else ck["extra"].get("settings")
+    if not s:
+        raise ValueError(f"{out / 'last.pt'} holds no notebook settings: load_run needs a run of the notebook")
+    name = checkpoint or s.get("EVAL_CHECKPOINT", "last")
+    if name != "last":
+        model, _ = _network_from(out / f"{name}.pt", dev)
+    stage2 = None
+    if s["CASCADE"]:
+        rec = s["RECIPE_SETTINGS"]
+        stage2 = Stage2(_network_from(out / "stage2" / f"{name}.pt", dev)[0], s["ROI_SIZE"],
+                        core_mm=s.get("CASCADE_CORE_MM"), mirror=rec["stage2_mirror"],
+                        average_liver=rec.get("average_liver", False))
+    return Run(model, stage2, {**s, "HU_WINDOW": tuple(s["HU_WINDOW"])}, dev)
+
+
+LABEL_COLOURS = ((0, "background", (0, 0, 0)), (1, "liver", (221, 130, 101)), (2, "tumour", (144, 238, 144)))
+
+
+def write_colour_tables(folder: str | os.PathLike) -> list[Path]:
+    """Colour tables for the label files in ``folder``: ``labels.ctbl`` (3D Slicer: load it, then pick it as the
+    segmentation's colour table) and ``labels_itksnap.txt`` (ITK-SNAP: Segmentation > Import Label Descriptions)."""
+    folder = Path(folder)
+    slicer = "".join(f"{i} {name} {r} {g} {b} {255 if i else 0}\n" for i, name, (r, g, b) in LABEL_COLOURS)
+    snap = "".join(f'{i} {r} {g} {b} {1 if i else 0} {1 if i else 0} {1 if i else 0} "{name}"\n'
+                   for i, name, (r, g, b) in LABEL_COLOURS)
+    paths = [folder / "labels.ctbl", folder / "labels_itksnap.txt"]
+    for path, text in zip(paths, (slicer, snap)):
+        _atomic_write_text(path, text)
+    return paths
+
+
+def _prediction_name(ct: Path) -> str:
+    """``liver_7.nii.gz`` -> ``liver_7_pred.nii.gz``."""
+    stem = ct.name[:-7] if ct.name.endswith(".nii.gz") else ct.stem
+    return f"{stem}_pred.nii.gz"
+
+
+def predict_files(run_folder: str | os.PathLike, cts: Sequence[str | os.PathLike], out: str | os.PathLike,
+                  device: str = "auto", progress: bool = True) -> list[Path]:
+    """Segment CT files with a trained run: one ``NAME_pred.nii.gz`` per input in ``out`` (never beside the
+    inputs), and the colour tables (:func:`write_colour_tables`).
+
+    Raises:
+        ValueError: ``out`` is the folder of an input (data folders may be read-only, and are never written),
+            or an input is not a NIfTI file.
+        CTDataError: an input is not a readable CT volume (the message names it).
+    """
+    cts, out = [Path(c) for c in cts], Path(out)
+    names = [_prediction_name(ct) for ct in cts]
+    if len(set(names)) < len(names):
+        raise ValueError("two inputs share a file name (their predictions would overwrite each other): "
+                         "predict them into different --out folders")
+    for ct in cts:
+        if not ct.name.endswith((".nii", ".nii.gz")):
+            raise ValueError(f"{ct}: not a NIfTI file (.nii or .nii.gz); convert DICOM series first (e.g. dcm2niix)")
+        if ct.parent.resolve() == out.resolve():
+            raise ValueError(f"--out {out} is the folder of {ct.name}: choose another, nothing is written beside "
+                             "the CT files")
+    run = load_run(run_folder, device)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ct in tqdm(cts, desc="predict", unit="CT", disable=not progress):
+        run.predict(ct, out / _prediction_name(ct))
+        written.append(out / _prediction_name(ct))
+    write_colour_tables(out)
+    return written
+
+
 def gather_folds(paths: Sequence[str | os.PathLike]) -> dict:
     """Cross-validation results pooled as nnU-Net pools them, with the spread over folds beside them.
 
@@ -3264,17 +3488,19 @@ def gather_folds(paths: Sequence[str | os.PathLike]) -> dict:
     return {"pooled": summarize(rows), "by_fold": by_fold}
 
 
-def format_table(rows: Sequence[dict], columns: Sequence[str], fmt: str = ".3f") -> str:
-    """Plain-text table of ``rows`` (NaN shown as '-') for short notebook output."""
+def format_table(rows: Sequence[dict], columns: Sequence[str], fmt: str = ".3f", left: Sequence[str] = ()) -> str:
+    """Plain-text table of ``rows`` (NaN shown as '-') for short notebook output; the ``left`` columns are
+    left-aligned, the others right-aligned."""
     def cell(v):
         if isinstance(v, float):
             return "-" if math.isnan(v) else format(v, fmt)
         return str(v)
     body = [[cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)
+
+    def line(values):
+        return "  ".join(v.ljust(w) if c in left else v.rjust(w) for v, w, c in zip(values, widths, columns)).rstrip()
+    return "\n".join([line(columns)] + [line(b) for b in body])
 
 
 def _with_ci(summary: dict, key: str, fmt: str = ".3f") -> str:
@@ -3284,57 +3510,74 @@ def _with_ci(summary: dict, key: str, fmt: str = ".3f") -> str:
     return f"{summary[key]:{fmt}}{ci}"
 
 
+RESULT_ROWS = (  # (metric, summary key, convention, which to report); the evaluation cell's table
+    ("liver Dice per case", "dice_liver_lits", "label >= 1 vs >= 1 (LiTS, nnU-Net liver)", "report"),
+    ("liver tissue Dice per case", "dice_liver", "label 1 alone", ""),
+    ("tumour Dice per case", "dice_tumor_lits", "LiTS: every case; tumour-free = 1 if none predicted, else 0",
+     "report"),
+    ("tumour Dice global", "dice_tumor_global", "LiTS 'Dice global': all cases' voxels pooled", "report"),
+    ("tumour Dice per case", "dice_tumor", "cases with tumour only", ""),
+    ("tumour Dice per case", "dice_tumor_all_cases", "nnU-Net convention: tumour-free cases without "
+     "predicted tumour left out", ""),
+    ("lesion recall / precision", ("lesion_recall", "lesion_precision"), "LiTS detection: IoU > 0.5 after "
+     "merges and splits", ""),
+    ("tumour volume predicted / true", "median_tumor_volume_ratio", "median over cases with tumour", ""),
+    ("false tumour, tumour-free cases", "fp_tumor_ml_tumor_free_cases", "mL per case, mean", ""),
+    ("liver HD95 (mm)", "hd95_liver_lits_mm", "MONAI; label >= 1", ""),
+)
+
+
+def _result_value(s: dict, key: str | tuple) -> str:
+    """A summary value with its interval ('-' where absent or undefined)."""
+    if isinstance(key, tuple):
+        return " / ".join(f"{s[k]:.2f}" if s.get(k) is not None else "-" for k in key)
+    if s.get(key) is None or (isinstance(s[key], float) and math.isnan(s[key])):
+        return "-"
+    return _with_ci(s, key, ".1f" if key.endswith("_mm") else ".3f")
+
+
 def describe_results(summary: dict, synthetic: bool, checkpoint: str = "last") -> str:
-    """A plain-words reading of the evaluation summary, each number with its convention (notebook: "Evaluate")."""
+    """The evaluation summary as one table: metric, value [95 % bootstrap CI over cases], convention, and which
+    numbers to report (notebook: "Evaluate")."""
     s = summary
     src = "SYNTHETIC CT (not real patients)" if synthetic else "the validation CT volumes"
-    byvol = ", ".join(f"{k} {v:.2f} (n={s['lesion_count_by_volume'][k]})" if not math.isnan(v) else f"{k} -"
-                      for k, v in s.get("lesion_recall_by_volume", {}).items())
     which = ("the final model ('last' checkpoint)" if checkpoint == "last" else
              f"the {checkpoint!r} checkpoint, chosen on these same cases (optimistic)")
-    lines = [f"On {s['n_cases']} validation cases of {src}, {which}; [95 % bootstrap CI over cases]:",
-             f"- liver, LiTS convention (label >= 1 vs >= 1, as LiTS/nnU-Net liver figures): per-case 3D Dice "
-             f"{_with_ci(s, 'dice_liver_lits')}; liver tissue alone (label 1): {_with_ci(s, 'dice_liver')}.",
-             f"- tumour per case, LiTS convention (every case; a tumour-free case scores 1 without predicted "
-             f"tumour, 0 with any): {_with_ci(s, 'dice_tumor_lits')}; over the {s['n_cases_with_tumor']} cases with "
-             f"tumour only: {_with_ci(s, 'dice_tumor')}; nnU-Net convention (tumour-free cases without predicted "
-             f"tumour left out): {_with_ci(s, 'dice_tumor_all_cases')}; global, pooled over cases (LiTS 'Dice "
-             f"global'): {s['dice_tumor_global']:.3f}.",
-             f"- tumour volume predicted / true, median over cases with tumour: {s['median_tumor_volume_ratio']:.2f}"
-             f" (1 = right size, below 1 = under-called); LiTS tumour burden error: RMSE "
-             f"{s['tumor_burden_rmse']:.3f}, max {s['tumor_burden_max_error']:.3f}.",
-             f"- mean Dice (liver and tumour, cases with tumour): {_with_ci(s, 'dice_mean')}."]
-    if "lesion_recall" in s:
-        lines.append(f"- lesions, LiTS detection (IoU > 0.5 after merges and splits): recall {s['lesion_recall']:.2f}, "
-                     f"precision {s['lesion_precision']:.2f}, F1 {s['lesion_f1']:.2f}, Dice of detected lesions "
-                     f"{s['lesion_dice']:.2f}; any overlap: recall {s['lesion_recall_any_overlap']:.2f}, precision "
-                     f"{s['lesion_precision_any_overlap']:.2f}; recall by volume: {byvol}.")
-    lines.append(f"- liver surface (label >= 1, MONAI definitions): HD95 {_with_ci(s, 'hd95_liver_lits_mm', '.1f')} mm,"
-                 f" ASSD {_with_ci(s, 'assd_liver_lits_mm', '.1f')} mm; undefined (empty prediction) in "
-                 f"{s['n_hd95_liver_lits_mm_undefined']} case(s)"
-                 + (f"; tumour HD95 {_with_ci(s, 'hd95_tumor_mm', '.1f')} mm, undefined (tumour missed) in "
-                    f"{s['n_hd95_tumor_mm_undefined']} case(s)." if "n_hd95_tumor_mm_undefined" in s else "."))
-    if not math.isnan(s.get("fp_tumor_ml_tumor_free_cases", float("nan"))):
-        lines.append(f"- tumour-free cases: on average {s['fp_tumor_ml_tumor_free_cases']:.2f} mL "
-                     "predicted as tumour (false positives).")
-    lines.append(f"- post-processing changed liver Dice {s['dice_liver_raw']:.3f} -> {s['dice_liver']:.3f}"
-                 f" and tumour Dice {s['dice_tumor_raw']:.3f} -> {s['dice_tumor']:.3f}.")
-    lines.append("For scale (per-case Dice on real CT): the seed notebook's plain 2D U-Net reported liver 0.92 / "
-                 "tumour 0.12; nnU-Net reaches about 0.96 liver (label >= 1, as our LiTS-convention figure) and "
-                 "0.56-0.74 tumour per case on LiTS (set it beside our tumour per case in the LiTS convention)."
-                 + (" Synthetic numbers are not comparable to those." if synthetic else ""))
-    lines.append("For a paper, report LiTS's own measures with their intervals: tumour Dice per case (LiTS "
-                 "convention) and global, liver Dice per case (label >= 1).")
-    return "\n".join(lines)
+    rows = [{"metric": m, "value [95 % CI]": _result_value(s, k), "convention": c, "report": r}
+            for m, k, c, r in RESULT_ROWS if all(kk in s for kk in (k if isinstance(k, tuple) else (k,)))]
+    notes = [f"post-processing: liver Dice {s['dice_liver_raw']:.3f} -> {s['dice_liver']:.3f}, tumour "
+             f"{s['dice_tumor_raw']:.3f} -> {s['dice_tumor']:.3f}; undefined HD95 (empty prediction): "
+             f"{s['n_hd95_liver_lits_mm_undefined']} case(s).",
+             "For a paper, report the rows marked 'report' with their intervals. For scale, on real CT: the plain "
+             "2D U-Net this project replaces reported liver 0.92 / tumour 0.12 per case; nnU-Net about 0.96 liver "
+             "and 0.56-0.74 tumour per case on LiTS, in the conventions of the rows marked 'report'."
+             + (" Synthetic numbers are not comparable to those." if synthetic else "")]
+    return "\n".join([f"{s['n_cases']} validation cases ({s['n_cases_with_tumor']} with tumour) of {src}, {which}:",
+                      format_table(rows, ["metric", "value [95 % CI]", "convention", "report"],
+                                   left=("metric", "convention", "report")), *notes])
 
 
 def write_metrics(output_dir: str | os.PathLike, config: dict, env: dict, timing: dict, per_case: list[dict],
                   summary: dict, **extra: Any) -> Path:
-    """Write ``metrics.json`` (config, env, timing, per_case, summary) atomically; NaN becomes null."""
+    """Write ``metrics.json`` (config, env, timing, per_case, summary; NaN becomes null) and ``per_case.csv`` (one
+    row per validation case, for a spreadsheet), both atomically."""
     path = Path(output_dir) / "metrics.json"
     body = {"config": config, "env": env, "timing": timing, "per_case": per_case, "summary": summary, **extra}
     _atomic_write_text(path, json.dumps(json_safe(body), indent=1))
+    _write_csv(Path(output_dir) / "per_case.csv", json_safe(per_case))
     return path
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows of plain values as CSV (the union of their keys, in first-seen order; empty where a row lacks one)."""
+    import csv
+    import io
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if r.get(k) is None else r[k]) for k in columns} for r in rows)
+    _atomic_write_text(path, buf.getvalue())
 
 
 def json_safe(value: Any) -> Any:
@@ -3918,6 +4161,16 @@ def _save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path) -> Non
     atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
 
 
+def _write_synthetic_case(out: Path, name: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray,
+                          lps: bool) -> None:
+    """``images/name.nii.gz`` and ``labels/name.nii.gz``, stored with an LPS header where ``lps`` (as LiTS)."""
+    if lps:
+        (image, lps_affine), (label, _) = _to_lps(image, affine), _to_lps(label, affine)
+        affine = lps_affine
+    _save_nifti_atomic(image, affine, out / "images" / f"{name}.nii.gz")
+    _save_nifti_atomic(label, affine, out / "labels" / f"{name}.nii.gz")
+
+
 def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape: tuple[int, int, int] = (256, 256, 64),
                            seed: int = 0, lps_fraction: float = 0.3, progress: bool = True,
                            lesion_size: float = 1.0, lesion_contrast: float = 1.0) -> dict:
@@ -3958,12 +4211,7 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape:
         image, label, affine, facts = synthetic_ct_volume(shape, hash_seed(seed, i), lesion_size, lesion_contrast)
         labels.append(label)
         lps = np.random.default_rng(hash_seed(seed, i, 1)).random() < lps_fraction
-        img_store, lab_store, aff = image, label, affine
-        if lps:
-            img_store, aff = _to_lps(image, affine)
-            lab_store, _ = _to_lps(label, affine)
-        _save_nifti_atomic(img_store, aff, out / "images" / f"liver_{i}.nii.gz")
-        _save_nifti_atomic(lab_store, aff, out / "labels" / f"liver_{i}.nii.gz")
+        _write_synthetic_case(out, f"liver_{i}", image, label, affine, lps)
         facts.update(case=f"liver_{i}", orientation="LPS" if lps else "RAS", n_lesions=len(facts["lesions"]))
         per_case.append(facts)
     summary = class_statistics(labels)
@@ -3973,3 +4221,28 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape:
                                    default=float))
     _atomic_write_text(manifest, json.dumps(result, indent=1))
     return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python unet_helpers.py predict OUTPUT_DIR CT.nii.gz [CT2 ...] --out FOLDER``."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python unet_helpers.py", description="Liver and tumour labels for CT files "
+                                 "with a run trained by liver_segmentation.ipynb.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="segment CT files (NIfTI) with a trained run")
+    p.add_argument("run", help="the run's folder (the notebook's OUTPUT_DIR)")
+    p.add_argument("cts", nargs="+", help="CT volumes (.nii / .nii.gz)")
+    p.add_argument("--out", required=True, help="folder for NAME_pred.nii.gz and the colour tables")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    a = ap.parse_args(argv)
+    try:
+        written = predict_files(a.run, a.cts, a.out, a.device)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # CTDataError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(written)} prediction(s) in {a.out} (labels 0 background, 1 liver, 2 tumour; colour tables there)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

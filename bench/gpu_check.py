@@ -94,11 +94,8 @@ class Check:
         self.rec = uh.recipe("default")
         self.index = uh.select_slices(self.cases, self.rec["empty_fraction"], 0)
 
-    def cfg(self, **kw) -> uh.TrainConfig:
-        r = self.rec
-        base = uh.TrainConfig(epochs=2, batch_size=self.batch, lr=1e-3, steps_per_epoch=self.steps,
-                              tumor_share=r["tumor_share"], liver_share=r["liver_share"], loss=r["loss"],
-                              lesion_augment=r["lesion_augment"], lesion_balance=r["lesion_balance"])
+    def cfg(self, stage: int = 1, window: int | None = None, **kw) -> uh.TrainConfig:
+        base = uh.recipe_train_config(self.rec, 2, self.batch, 1e-3, 0, self.steps, stage, window)
         return replace(base, **kw)
 
     def model(self) -> uh.UNet:
@@ -109,9 +106,7 @@ class Check:
 def _timed_epoch(ck: Check, data: uh.SliceSet, index: np.ndarray, cfg: uh.TrainConfig, amp: bool) -> dict:
     """One timed ``uh.train_epoch`` after an untimed one (cuDNN autotuning, allocator warm-up)."""
     state = uh.make_train_state(ck.model(), replace(cfg, amp=amp), cfg.steps_per_epoch, ck.device)
-    groups = uh.slice_contrast_groups(data.cases) if cfg.lesion_balance else None
-    sampler = uh.TumorAwareSampler(index, data.has_liver,
-                                   data.has_tumor, cfg.batch_size, cfg.tumor_share, cfg.liver_share, 0, groups)
+    sampler = uh.make_sampler(data, index, cfg)
     uh.train_epoch(state, data, uh.epoch_batches(sampler, 99, cfg.steps_per_epoch), cfg, 99, progress=False)
     scale0 = state.scaler.get_scale() if state.scaler.is_enabled() else None
     _sync(ck.device)
@@ -195,7 +190,7 @@ def section_stage2(ck: Check) -> dict:
     """Stage 2's step: mirrored windows of PATCH_SIZE cut from the liver boxes, resident on the device."""
     roi = uh.roi_cases(ck.cases)
     data = uh.SliceSet(roi, ck.rec["context"], ck.device)
-    cfg = ck.cfg(patch_size=ck.patch, mirror=True)
+    cfg = ck.cfg(stage=2, window=ck.patch)  # the default recipe mirrors stage 2
     row = _timed_epoch(ck, data, uh.select_slices(roi, ck.rec["empty_fraction"], 0), cfg, ck.device.type == "cuda")
     return {"roi_size": ck.roi, "patch_size": ck.patch, "batch": ck.batch, **row}
 

@@ -90,7 +90,7 @@ def run_arm(arm: str, cfg: dict, seed: int, steps: int, batch: int, train_files,
         data = uh.SliceSet(cases, cfg["context"])
         index = uh.select_slices(cases, cfg["empty_fraction"], seed)
         tc = uh.TrainConfig(epochs=4, batch_size=batch, lr=lr, steps_per_epoch=stage_steps // 4, seed=seed,
-                            tumor_share=cfg["tumor_share"], liver_share=cfg["liver_share"], loss=cfg["loss"])
+                            sampling=uh.Sampling(cfg["tumor_share"], cfg["liver_share"]), loss=cfg["loss"])
         uh.train(model, data, index, tc, out / subdir, resume=False, progress=False)
         return model
 

@@ -22,8 +22,8 @@ import argparse
 import shlex
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
-from unittest import mock
 
 import nibabel as nib
 import numpy as np
@@ -89,12 +89,13 @@ ARMS: dict[str, dict] = {
     # liver scaled by 0.5-1.5 and inverted half the time): §5g's misses are faint lesions, one 22 mL lesion drawn
     # 12 HU brighter than its liver missed by every model, and the training set holds 18 faint bright lesions
     "64² patches, a fifth, lesion contrast": {**DEFAULT_5G, "lesion_augment": True},
-    # the same with every tumour slice's contrast changed (uh.LESION_AUGMENT's p 1.0, not 0.5: twice the bright
+    # the same with every tumour slice's contrast changed (lesion_p 1.0, not the recipe's 0.5: twice the bright
     # lesions made from dark ones), and with the Tversky loss (misses weigh 0.7, false calls 0.3) against the
     # under-called hyperdense lesions
     "lesion contrast on every tumour slice": {**DEFAULT_5G, "lesion_augment": True, "lesion_settings": {"p": 1.0}},
     "lesion contrast, Tversky loss": {**DEFAULT_5G, "lesion_augment": True, "loss": "tversky_ce"},
-    # the default with nnU-Net-like intensity augmentation (uh.STRONG_AUGMENT: contrast x0.75-1.25, gamma 0.67-1.49):
+    # the default with nnU-Net-like intensity augmentation (strong_augment in uh.recipe_augmentation: contrast
+    # x0.75-1.25, gamma 0.67-1.49):
     # §5j found its models fitting their training cases far better than new ones and not helped by more steps
     "64² patches, a fifth, strong intensity augmentation": {**DEFAULT_5G, "strong_augment": True},
     # §5k: stage 2's windows mirrored left-right and up-down (nnU-Net mirrors on every axis); the liver-on-the-right
@@ -123,6 +124,14 @@ ARMS: dict[str, dict] = {
     "the default, stage 2 from stage 1, both stages' liver": {**DEFAULT_NOW, "min_tumor_ml": 0.1,
                                                               "stage2_init": "stage1", "average_liver": True,
                                                               "models_of": "the default, stage 2 from stage 1"},
+    # the default as it ships (both stages' liver) with stage 1's floor of optimizer steps (uh.cascade_plan) at 120
+    # and at 240 or 320: at budgets where the floor binds, stage 1 takes more of the time and stage 2 less
+    "the default, stage 1 at least 120 steps": {**DEFAULT_NOW, "min_tumor_ml": 0.1, "average_liver": True,
+                                                "min_stage1_steps": 120},
+    "the default, stage 1 at least 240 steps": {**DEFAULT_NOW, "min_tumor_ml": 0.1, "average_liver": True,
+                                                "min_stage1_steps": 240},
+    "the default, stage 1 at least 320 steps": {**DEFAULT_NOW, "min_tumor_ml": 0.1, "average_liver": True,
+                                                "min_stage1_steps": 320},
 }
 CALIBRATION_STEPS = 30  # steps per timed epoch in steps_for (10 before 2026-11-30)
 SETS = {  # name: (generator seed, lesion size scale, lesion contrast scale)
@@ -159,11 +168,10 @@ def run_folder(arm: str, seed: int) -> Path:
 
 def train_config(cfg: dict, seed: int, batch: int, steps: int, lr: float = 2e-3) -> uh.TrainConfig:
     """The arm's training settings for ``steps`` optimizer steps (4 epochs, warm-up + cosine)."""
-    return uh.TrainConfig(epochs=4, batch_size=batch, lr=lr, steps_per_epoch=max(1, steps // 4), seed=seed,
-                          tumor_share=cfg["tumor_share"], liver_share=cfg["liver_share"], loss=cfg["loss"],
-                          strong_augment=cfg.get("strong_augment", False),
-                          lesion_augment=cfg.get("lesion_augment", False), mirror=cfg.get("mirror", False),
-                          lesion_balance=cfg.get("lesion_balance", False), patch_size=cfg.get("patch"))
+    tc = uh.recipe_train_config(cfg, 4, batch, lr, seed, max(1, steps // 4), cfg.get("stage", 1), cfg.get("patch"))
+    # the arm's own lesion-contrast settings ({"p": 1.0}: every tumour slice) over the recipe's
+    lesion = {f"lesion_{k}": v for k, v in cfg.get("lesion_settings", {}).items()}
+    return replace(tc, augment=replace(tc.augment, **lesion)) if lesion else tc
 
 
 def new_model(cfg: dict, seed: int, base: int, init: uh.UNet | None = None) -> uh.UNet:
@@ -198,7 +206,7 @@ def steps_for(seconds: float, cases: list, cfg: dict, seed: int, batch: int, bas
     data = uh.SliceSet(cases, cfg["context"])
     index = uh.select_slices(cases, cfg["empty_fraction"], seed)
     n = CALIBRATION_STEPS
-    tc = uh.TrainConfig(**{**uh.asdict_plain(train_config(cfg, seed, batch, 4 * n)), "epochs": 3, "steps_per_epoch": n})
+    tc = replace(train_config(cfg, seed, batch, 4 * n), epochs=3, steps_per_epoch=n)
     hist = uh.train(new_model(cfg, seed, base), data, index, tc, out, resume=False, progress=False)
     per_step = min(h["epoch_seconds"] for h in hist[1:]) / n
     return max(8, int(seconds / per_step))
@@ -218,7 +226,25 @@ def stage_config(cfg: dict, name: str) -> dict:
     """An arm's settings for one stage: stage 2 takes the arm's window (``stage2_patch``) and depth."""
     stage2 = name == "stage2"
     return {**cfg, "patch": cfg.get("stage2_patch") if stage2 else None,
-            "depth": cfg.get("stage2_depth") if stage2 else None, "mirror": stage2 and cfg.get("stage2_mirror", False)}
+            "depth": cfg.get("stage2_depth") if stage2 else None, "stage": 2 if stage2 else 1}
+
+
+def stage1_floor(steps: dict, share: float, floor: int) -> dict:
+    """The product's split of a cascade's budget (``uh.cascade_plan``) in calibrated steps: stage 1 at least
+    ``floor`` steps, stage 2 the time left (its calibrated steps scaled by it). Unchanged where the floor does not
+    bind, as at every budget the study ran before the floor existed.
+
+    Raises:
+        ValueError: the floor takes more than half the budget, where the product trains one stage instead.
+    """
+    total = steps["stage1"] / share  # the whole budget in stage-1 steps
+    first, second, _ = uh.cascade_plan(round(total), share, 1, floor)
+    if not second:
+        raise ValueError(f"a stage-1 floor of {floor} steps takes more than half this budget ({total:.0f} stage-1 "
+                         "steps): the product would train one stage; give the arm more seconds")
+    if first <= steps["stage1"]:
+        return steps
+    return {"stage1": first, "stage2": max(1, round(steps["stage2"] * (total - first) / (total - steps["stage1"])))}
 
 
 def run_arm(arm: str, seed: int, seconds: float, batch: int, train_files: list, val_files: list,
@@ -239,17 +265,16 @@ def run_arm(arm: str, seed: int, seconds: float, batch: int, train_files: list, 
         coarse = {**cfg, "image_size": cfg["coarse_size"]}
         stages = [("coarse", cached(train_files, coarse, None), seconds * share), ("stage1", tr, seconds * (1 - share))]
         conf["coarse"] = stage_config(coarse, "coarse")
-    # the arm's lesion-contrast settings, in this process only (uh.train_replicated's spawned workers would not
-    # see them; the study trains with uh.train)
-    with mock.patch.dict(uh.LESION_AUGMENT, cfg.get("lesion_settings", {})):
-        steps = {name: steps_for(sec, cases, conf[name], seed, batch, base, out / "calibration")
-                 for name, cases, sec in stages}
-        t0 = time.perf_counter()
-        models = {}
-        for name, cases, _ in stages:
-            models[name] = fit(cases, conf[name], seed, batch, base, steps[name], out / name,
-                               stage_init(cfg, name, models))
-        train_s = time.perf_counter() - t0
+    steps = {name: steps_for(sec, cases, conf[name], seed, batch, base, out / "calibration")
+             for name, cases, sec in stages}
+    if roi and not cfg.get("coarse_size"):
+        steps = stage1_floor(steps, share, cfg.get("min_stage1_steps", uh.CASCADE_MIN_STAGE1_STEPS))
+    t0 = time.perf_counter()
+    models = {}
+    for name, cases, _ in stages:
+        models[name] = fit(cases, conf[name], seed, batch, base, steps[name], out / name,
+                           stage_init(cfg, name, models))
+    train_s = time.perf_counter() - t0
     row = score(arm, seed, "validation", models, roi, va)
     row.update(seconds_budget=seconds, train_seconds=train_s, steps=steps, batch=batch, roi_size=roi,
                real_ct_liver_dice=real_ct_liver_dice(arm, models, roi), calibration_steps=CALIBRATION_STEPS,
@@ -356,11 +381,15 @@ REAL_RECIPE = {  # arm here: the same recipe in bench/real_liver.py (one slice i
     "one stage at native 256²": "one-stage default, native 256²",
     "one network, 128² then native 256²": "one network, 128² then native 256²",
     "the default": "default",
-    "the default, stage 2 from stage 1": "cascade, stage 2 from stage 1's weights"}
+    "the default, stage 2 from stage 1": "cascade, stage 2 from stage 1's weights",
+    "the default, stage 1 at least 120 steps": "default, stage 1 at least 120 steps (before)",
+    "the default, stage 1 at least 240 steps": "default",
+    "the default, stage 1 at least 320 steps": "default, stage 1 at least 320 steps"}
 REAL_PROBE = {  # arm here scored another way than its recipe in bench/real_liver.py: (that recipe, its probe)
-    "the default": ("default", "stage 2's liver alone"),
-    "the default, both stages' liver": ("default", "both stages' liver"),
-    "the default, both stages' liver, no core rule": ("default", "both stages' liver, no core rule"),
+    "the default": ("default, stage 1 at least 120 steps (before)", "stage 2's liver alone"),
+    "the default, both stages' liver": ("default, stage 1 at least 120 steps (before)", "both stages' liver"),
+    "the default, both stages' liver, no core rule": ("default, stage 1 at least 120 steps (before)",
+                                                      "both stages' liver, no core rule"),
     "the default, stage 2 from stage 1, both stages' liver": ("cascade, stage 2 from stage 1's weights",
                                                               "both stages' liver")}
 
@@ -488,7 +517,9 @@ def paired_rows(rows: list[dict]) -> str:
                  ("the default, both stages' liver", "baseline"),
                  ("the default, stage 2 from stage 1", "the default"),
                  ("the default, stage 2 from stage 1, both stages' liver", "the default"),
-                 ("the default, stage 2 from stage 1, both stages' liver", "the default, both stages' liver")):
+                 ("the default, stage 2 from stage 1, both stages' liver", "the default, both stages' liver"),
+                 ("the default, stage 1 at least 240 steps", "the default, stage 1 at least 120 steps"),
+                 ("the default, stage 1 at least 320 steps", "the default, stage 1 at least 120 steps")):
         t, liv = paired(val, a, b), paired(val, a, b, "dice_liver_lits")
         if t is None or liv is None:
             continue

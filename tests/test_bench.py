@@ -149,6 +149,7 @@ def test_lits_conventions_rescore_saved_rows_by_hand(tmp_path, monkeypatch):
 
 
 def test_tiny_tumour_study_budget_fair_and_kept_aside(work, tmp_path, monkeypatch):
+    monkeypatch.setattr(uh, "CASCADE_MIN_STAGE1_STEPS", 0)  # a budget of a few steps: the stage-1 floor would bind
     out = tmp_path / "tumour.json"
     common_args = ["--seconds", "3", "--seeds", "0", "--batch", "2", "--train-cases", "3", "--val-cases", "2",
                    "--kept-cases", "2", "--shape", "48", "48", "12", "--base", "4", "--results", str(out),
@@ -328,9 +329,11 @@ def test_mirrored_arms_mirror_stage_2_only_and_are_scored_mirrored():
     cfg = {**tumour_study.BASE, **tumour_study.ARMS[arm]}
     tc = {name: tumour_study.train_config(tumour_study.stage_config(cfg, name), 0, 8, 40)
           for name in ("stage1", "stage2")}
-    assert tc["stage2"].mirror and not tc["stage1"].mirror and tc["stage2"].lesion_augment
+    assert tc["stage2"].augment.mirror == 0.5 and tc["stage1"].augment.mirror == 0.0
+    assert tc["stage2"].augment.lesion_p == tc["stage1"].augment.lesion_p == 0.5
+    assert tc["stage2"].sampling.window == 64 and tc["stage1"].sampling.window is None
     plain = {**tumour_study.BASE, **tumour_study.ARMS["stage 2 on 64² patches, stage 1 a fifth"]}
-    assert not tumour_study.train_config(tumour_study.stage_config(plain, "stage2"), 0, 8, 40).mirror
+    assert tumour_study.train_config(tumour_study.stage_config(plain, "stage2"), 0, 8, 40).augment.mirror == 0.0
     models = {"stage1": torch.nn.Identity(), "stage2": torch.nn.Identity()}
     assert tumour_study.stage2_of(arm, models, 160).mirror
     assert not tumour_study.stage2_of(arm, models, 160, mirror=False).mirror
@@ -355,18 +358,19 @@ def test_probe_views_are_its_own_even_for_a_mirrored_arm(monkeypatch):
     assert seen == [(2, False), ("flip", False)]
 
 
-def test_arm_lesion_settings_hold_only_while_the_arm_trains(work, tmp_path, monkeypatch):
+def test_arm_lesion_settings_reach_only_that_arms_training(work, tmp_path, monkeypatch):
+    """An arm's ``lesion_settings`` change its own training configs (calibration and fit), no other arm's."""
+    monkeypatch.setattr(uh, "CASCADE_MIN_STAGE1_STEPS", 0)  # 8 fake steps: the stage-1 floor would bind
     seen = []
 
     def fake_fit(cases, cfg, seed, batch, base, steps, out, init=None):
-        seen.append(("fit", tumour_study.uh.LESION_AUGMENT["p"]))
+        seen.append(("fit", tumour_study.train_config(cfg, seed, batch, steps).augment.lesion_p))
         return tumour_study.new_model(cfg, seed, base)
 
-    def fake_steps(*args, **kwargs):
-        seen.append(("calibrate", tumour_study.uh.LESION_AUGMENT["p"]))
+    def fake_steps(seconds, cases, cfg, seed, batch, base, out):
+        seen.append(("calibrate", tumour_study.train_config(cfg, seed, batch, 8).augment.lesion_p))
         return 8
 
-    monkeypatch.setattr(tumour_study.uh, "LESION_AUGMENT", dict(tumour_study.uh.LESION_AUGMENT))  # a failure leaks not
     monkeypatch.setattr(tumour_study, "fit", fake_fit)
     monkeypatch.setattr(tumour_study, "steps_for", fake_steps)
     monkeypatch.setitem(tumour_study.BASE, "image_size", 32)
@@ -376,7 +380,6 @@ def test_arm_lesion_settings_hold_only_while_the_arm_trains(work, tmp_path, monk
                               "--results", str(tmp_path / "t.json")])
     # both stages of the first arm with its p, then both of the next arm with the library's 0.5
     assert seen == [("calibrate", 1.0)] * 2 + [("fit", 1.0)] * 2 + [("calibrate", 0.5)] * 2 + [("fit", 0.5)] * 2
-    assert tumour_study.uh.LESION_AUGMENT["p"] == 0.5  # the library's own setting is back afterwards
     assert [r.get("lesion_settings") for r in rows] == [{"p": 1.0}, {}]  # each row records its arm's settings
 
 
@@ -465,3 +468,13 @@ def test_tiny_real_liver_study_trains_scores_and_probes(work, synthetic_dir, tmp
     assert "rescored" not in next(r for r in rescored if r["recipe"] == init_name)
     curve = real_liver.main(["--steps-curve", "4", "8", *args])
     assert [r["steps"] for r in curve] == [4, 8] and "| 8 | 1 |" in tables["real_liver_steps"]
+
+
+def test_study_stage1_floor_by_hand():
+    """The study splits a cascade's budget as the product does: 100 calibrated stage-1 steps at a fifth are a budget
+    of 500; a floor of 240 gives stage 1 240 and stage 2 the time of 260 of those 500 instead of 400 of them
+    (900 * 260 / 400 = 585 steps); a floor below the share changes nothing; one above half the budget is refused."""
+    assert tumour_study.stage1_floor({"stage1": 100, "stage2": 900}, 0.2, 240) == {"stage1": 240, "stage2": 585}
+    assert tumour_study.stage1_floor({"stage1": 100, "stage2": 900}, 0.2, 80) == {"stage1": 100, "stage2": 900}
+    with pytest.raises(ValueError, match="one stage"):
+        tumour_study.stage1_floor({"stage1": 100, "stage2": 900}, 0.2, 260)

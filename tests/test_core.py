@@ -121,7 +121,7 @@ def test_learning_rate_warm_up_then_cosine_to_zero_by_hand():
     steps 0, 1 (linear warm-up, (step + 1) / 2): 1/2, 1;
     steps 2 .. 8 (cosine over the 6 steps left, 0.5 * (1 + cos(pi * (step - 2) / 6))): 1, 0.9330, 0.75, 0.5,
     0.25, 0.0670 and, after the last step, 0."""
-    cfg = uh.TrainConfig(epochs=2, lr=0.1, warmup_epochs=0.5, amp=False, channels_last=False)
+    cfg = uh.TrainConfig(epochs=2, lr=0.1, warmup_epochs=0.5, amp=False)
     state = uh.make_train_state(torch.nn.Conv2d(1, 1, 1), cfg, 4, torch.device("cpu"))
     seen = []
     for _ in range(8):
@@ -137,8 +137,8 @@ def test_learning_rate_warm_up_then_cosine_to_zero_by_hand():
 def test_a_one_epoch_stage_warms_up_for_half_its_steps_then_decays():
     """1 epoch of 4 steps with the default 1-epoch warm-up: the warm-up is cut to half the steps (2), so the
     learning rate decays too: factors 1/2, 1, then 0.5 * (1 + cos(pi * k / 2)) for k = 0, 1, 2: 1, 0.5, 0."""
-    state = uh.make_train_state(torch.nn.Conv2d(1, 1, 1), uh.TrainConfig(epochs=1, lr=0.1, amp=False,
-                                                                         channels_last=False), 4, torch.device("cpu"))
+    state = uh.make_train_state(torch.nn.Conv2d(1, 1, 1), uh.TrainConfig(epochs=1, lr=0.1, amp=False), 4,
+                                   torch.device("cpu"))
     seen = []
     for _ in range(4):
         seen.append(state.opt.param_groups[0]["lr"])

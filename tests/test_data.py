@@ -457,8 +457,8 @@ def test_windows_cut_inside_the_augmentation_are_those_cut_after_it():
     y[2, 30:33, 8:11] = 2
     for seed in range(10):
         gen = torch.Generator().manual_seed(seed)
-        xc, yc = uh.random_patches(*uh.augment_batch(x, y, gen, noise=0.0), 16, generator=gen)
-        xw, yw = uh.augment_batch(x, y, torch.Generator().manual_seed(seed), noise=0.0, window=16)
+        xc, yc = uh.random_patches(*uh.augment_batch(x, y, gen, uh.Augmentation(noise=0.0)), 16, generator=gen)
+        xw, yw = uh.augment_batch(x, y, torch.Generator().manual_seed(seed), uh.Augmentation(noise=0.0), window=16)
         assert xw.shape == (4, 3, 16, 16) and yw.shape == (4, 16, 16)
         assert torch.equal(xw, xc) and torch.equal(yw, yc)
         # noise is drawn after the window, on the window alone: the same windows, other pixels
@@ -605,14 +605,21 @@ def test_format_table_and_describe_results():
                "n_hd95_liver_lits_mm_undefined": 1, "ci95": {"dice_tumor": [0.25, 0.55]}, "dice_tumor_lits": 0.45,
                "tumor_burden_rmse": 0.02, "tumor_burden_max_error": 0.05}
     words = uh.describe_results(summary, synthetic=True)
-    assert "SYNTHETIC" in words and "0.950" in words and "not comparable" in words
-    assert "0.400 [0.250, 0.550]" in words  # a mean with its interval
-    assert "(every case; a tumour-free case scores 1 without predicted tumour, 0 with any): 0.450" in words
-    assert "nnU-Net convention (tumour-free cases without predicted tumour left out): 0.300" in words
-    assert "burden error: RMSE 0.020, max 0.050" in words and "For a paper" in words
-    assert "'last' checkpoint" in words and "undefined (empty prediction) in 1 case" in words
-    assert "lesions" not in words  # no lesion keys, no lesion line
+    lines = words.splitlines()
+    assert lines[0].startswith("3 validation cases (2 with tumour) of SYNTHETIC") and "'last' checkpoint" in lines[0]
+    assert "not comparable" in words and "For a paper" in words
+    row = next(ln for ln in lines if ln.startswith("tumour Dice per case") and "cases with tumour only" in ln)
+    assert "0.400 [0.250, 0.550]" in row  # a mean with its interval
+    lits = next(ln for ln in lines if ln.startswith("tumour Dice per case") and "LiTS: every case" in ln)
+    assert "0.450" in lits and lits.rstrip().endswith("report")
+    nnunet = next(ln for ln in lines if "nnU-Net convention" in ln)
+    assert "0.300" in nnunet and not nnunet.rstrip().endswith("report")
+    assert "liver Dice 0.940 -> 0.950" in words and "undefined HD95 (empty prediction): 1 case" in words
+    assert not any(ln.startswith("lesion recall") for ln in lines)  # no lesion keys, no lesion row
+    rows = [ln for ln in lines[2:] if not ln.startswith(("post-processing", "For a paper"))]
+    assert len(rows) == 9  # every row whose keys the summary holds
     assert "SYNTHETIC" not in uh.describe_results(summary, synthetic=False)
+    assert sum(ln.rstrip().endswith("report") for ln in rows) == 3  # liver per case, tumour per case and global
 
 
 def test_synthetic_lesion_size_and_contrast_knobs():

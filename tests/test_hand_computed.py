@@ -36,7 +36,7 @@ def test_augmentation_keeps_labels_and_moves_image_with_label():
     y[:, 12:18, 10:15] = 2
     x = (y.float() / 2)[:, None]  # the image encodes its label: 0, 0.5, 1
     gen = torch.Generator().manual_seed(0)
-    xa, ya = uh.augment_batch(x, y, generator=gen, intensity=0.0, noise=0.0, p=1.0)
+    xa, ya = uh.augment_batch(x, y, gen, uh.Augmentation(intensity=0.0, noise=0.0, p=1.0))
     assert set(torch.unique(ya).tolist()) <= {0, 1, 2}
     assert not torch.equal(ya, y)  # something moved
     agree = (torch.round(xa[:, 0] * 2).long() == ya).float().mean().item()
@@ -61,31 +61,32 @@ def test_contrast_and_gamma_augmentation_by_their_definitions():
     x = torch.linspace(0.1, 0.9, 2 * 16 * 16).reshape(2, 1, 16, 16)
     y = torch.zeros(2, 16, 16, dtype=torch.long)
     still = {"rotate_deg": 0.0, "scale": (1.0, 1.0), "translate": 0.0, "intensity": 0.0, "noise": 0.0, "p": 1.0}
-    xc, yc = uh.augment_batch(x, y, torch.Generator().manual_seed(1), contrast=0.25, **still)
+    xc, yc = uh.augment_batch(x, y, torch.Generator().manual_seed(1), uh.Augmentation(contrast=0.25, **still))
     assert torch.equal(yc, y)
     for i in range(2):  # deviations from the image mean scaled by one factor k in [0.75, 1.25]
         m, d = x[i].mean(), x[i] - x[i].mean()
         k = ((xc[i] - m) * d).sum() / (d * d).sum()  # least-squares factor, then every pixel must fit it
         assert torch.allclose(xc[i], m + k * d, atol=1e-5)
         assert 0.75 <= k.item() <= 1.25 and abs(k.item() - 1) > 1e-3
-    xg, _ = uh.augment_batch(x, y, torch.Generator().manual_seed(2), gamma=0.4, **still)
+    xg, _ = uh.augment_batch(x, y, torch.Generator().manual_seed(2), uh.Augmentation(gamma=0.4, **still))
     for i in range(2):  # x ** g with one exponent g in [exp(-0.4), exp(0.4)]
         g = torch.log(xg[i]) / torch.log(x[i])
         assert torch.allclose(g, g.flatten()[0].expand_as(g), atol=1e-4)
         assert math.exp(-0.4) <= g.flatten()[0].item() <= math.exp(0.4)
-    plain, _ = uh.augment_batch(x, y, torch.Generator().manual_seed(1), **still)
+    plain, _ = uh.augment_batch(x, y, torch.Generator().manual_seed(1), uh.Augmentation(**still))
     assert torch.allclose(plain, x, atol=1e-6)  # everything off: the image passes unchanged
 
 
 def test_mirroring_flips_image_and_labels_exactly():
-    """``mirror=1`` with no other change: every sample flipped left-right and up-down, pixel for pixel; with a
-    chance of one half, some samples flipped on one axis only, some on both, some not at all; 0 flips nothing."""
+    """``Augmentation(mirror=1)`` with no other change: every sample flipped left-right and up-down, pixel for
+    pixel; with a chance of one half, some samples flipped on one axis only, some on both, some not at all; 0
+    flips nothing."""
     x = torch.rand(64, 2, 6, 8, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 3, (64, 6, 8), generator=torch.Generator().manual_seed(1))
     still = {"rotate_deg": 0.0, "scale": (1.0, 1.0), "translate": 0.0, "intensity": 0.0, "noise": 0.0, "p": 1.0}
-    xm, ym = uh.augment_batch(x, y, torch.Generator().manual_seed(2), mirror=1.0, **still)
+    xm, ym = uh.augment_batch(x, y, torch.Generator().manual_seed(2), uh.Augmentation(mirror=1.0, **still))
     assert torch.allclose(xm, x.flip(-1).flip(-2), atol=1e-6) and torch.equal(ym, y.flip(-1).flip(-2))
-    xh, yh = uh.augment_batch(x, y, torch.Generator().manual_seed(3), mirror=0.5, **still)
+    xh, yh = uh.augment_batch(x, y, torch.Generator().manual_seed(3), uh.Augmentation(mirror=0.5, **still))
     kinds = []
     for i in range(64):  # each sample is one of the four flips of itself, labels flipped with their image
         for name, f in {"none": lambda t: t, "lr": lambda t: t.flip(-1), "ud": lambda t: t.flip(-2),
@@ -95,7 +96,7 @@ def test_mirroring_flips_image_and_labels_exactly():
                 kinds.append(name)
                 break
     assert len(kinds) == 64 and set(kinds) == {"none", "lr", "ud", "both"}  # 64 draws: all four (1 - 4 * 0.75^64)
-    x0, y0 = uh.augment_batch(x, y, torch.Generator().manual_seed(4), mirror=0.0, **still)
+    x0, y0 = uh.augment_batch(x, y, torch.Generator().manual_seed(4), uh.Augmentation(mirror=0.0, **still))
     assert torch.allclose(x0, x, atol=1e-6) and torch.equal(y0, y)  # off: nothing flipped
 
 
@@ -138,9 +139,9 @@ def test_lesion_contrast_is_drawn_after_every_other_augmentation():
     y[:, 6:10, 6:10] = 2
     x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     plain, yp = uh.augment_batch(x, y, torch.Generator().manual_seed(4))
-    never, yn = uh.augment_batch(x, y, torch.Generator().manual_seed(4), lesion={**uh.LESION_AUGMENT, "p": 0.0})
+    never, yn = uh.augment_batch(x, y, torch.Generator().manual_seed(4), uh.Augmentation(lesion_p=0.0))
     assert torch.equal(plain, never) and torch.equal(yp, yn)  # off, it changes no other draw
-    always, ya = uh.augment_batch(x, y, torch.Generator().manual_seed(4), lesion={**uh.LESION_AUGMENT, "p": 1.0})
+    always, ya = uh.augment_batch(x, y, torch.Generator().manual_seed(4), uh.Augmentation(lesion_p=1.0))
     assert torch.equal(ya, yp)
     moved = (always - plain).abs() > 1e-6
     assert moved.any() and not moved[:, 0][yp == 0].any()  # only the lesion and its rim change, never far away

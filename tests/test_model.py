@@ -194,7 +194,7 @@ def tiny_data(synthetic_dir, tmp_path_factory):
 def _run(data, out, epochs=2, seed=0, **kw):
     uh.set_determinism(seed)
     m = uh.UNet(3, 3, base_channels=4, depth=2)
-    cfg = uh.TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, steps_per_epoch=3, tumor_share=0.25, seed=seed)
+    cfg = uh.TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, steps_per_epoch=3, sampling=uh.Sampling(0.25), seed=seed)
     h = uh.train(m, data["train"], data["ti"], cfg, out, data["val"], data["vi"], progress=False, **kw)
     return m, h
 
@@ -225,7 +225,8 @@ def test_training_on_patches_with_contrast_balanced_sampling(tiny_data, tmp_path
     real = uh.train_step
     monkeypatch.setattr(uh, "train_step", lambda state, x, y, *a: seen.append(x.shape) or real(state, x, y, *a))
     uh.set_determinism(0)
-    cfg = uh.TrainConfig(epochs=1, batch_size=8, steps_per_epoch=2, tumor_share=0.5, patch_size=24, lesion_balance=True)
+    cfg = uh.TrainConfig(epochs=1, batch_size=8, steps_per_epoch=2,
+                         sampling=uh.Sampling(tumor_share=0.5, lesion_balance=True, window=24))
     h = uh.train(uh.UNet(3, 3, base_channels=4, depth=2), tiny_data["train"], tiny_data["ti"], cfg, tmp_path,
                  progress=False)
     assert seen == [(8, 3, 24, 24)] * 2 and np.isfinite(h[-1]["train_ce"])  # 24² windows of the 32² slices
@@ -262,13 +263,17 @@ def test_resume_refuses_other_settings(tiny_data, tmp_path):
 def test_resume_accepts_a_checkpoint_written_before_a_setting_existed(tiny_data, tmp_path):
     _run(tiny_data, tmp_path / "x", epochs=1)
     ck = uh.load_checkpoint(tmp_path / "x" / "last.pt")
-    for key in ("lesion_balance", "patch_size"):  # settings added later: an older checkpoint lacks them
-        del ck["train_config"][key]
+    del ck["train_config"]["amp"]  # settings added later: an older checkpoint lacks them
+    del ck["train_config"]["augment"]["mirror"]
     torch.save(ck, tmp_path / "x" / "last.pt")
     _run(tiny_data, tmp_path / "x", epochs=1)  # their defaults are what that run used: resumes
-    ck["train_config"]["lesion_balance"] = True  # but a stored value that differs is still refused
+    ck["train_config"]["sampling"]["lesion_balance"] = True  # but a stored value that differs is still refused
     torch.save(ck, tmp_path / "x" / "last.pt")
-    with pytest.raises(ValueError, match="lesion_balance: True -> False"):
+    with pytest.raises(ValueError, match="sampling.lesion_balance: True -> False"):
+        _run(tiny_data, tmp_path / "x", epochs=1)
+    ck["train_config"]["patch_size"] = None  # a setting that no longer exists: written by an older version
+    torch.save(ck, tmp_path / "x" / "last.pt")
+    with pytest.raises(ValueError, match=r"older unet_helpers.*\['patch_size'\]"):
         _run(tiny_data, tmp_path / "x", epochs=1)
 
 
@@ -311,16 +316,72 @@ def test_resume_fills_the_stage2_mirror_an_older_run_used(tiny_data, tmp_path):
              run=uh.run_identity({"RECIPE_SETTINGS": {**rec, "stage2_mirror": True}}, ["liver_0"], "data"))
 
 
-def test_training_mirrors_only_when_its_config_says_so(tiny_data, tmp_path, monkeypatch):
-    """``TrainConfig.mirror`` reaches the augmentation of every step as ``MIRROR_P``; off, as 0."""
+def test_training_augments_every_step_as_its_config_says(tiny_data, tmp_path, monkeypatch):
+    """``TrainConfig.augment`` reaches the augmentation of every step; None augments nothing."""
     seen, augment = [], uh.augment_batch
-    monkeypatch.setattr(uh, "augment_batch", lambda *a, **k: seen.append(k["mirror"]) or augment(*a, **k))
-    for mirror in (False, True):
+    monkeypatch.setattr(uh, "augment_batch", lambda x, y, gen, aug, window: seen.append(aug.mirror)
+                        or augment(x, y, gen, aug, window))
+    for aug in (uh.Augmentation(), uh.Augmentation(mirror=0.5), None):
         uh.set_determinism(0)
-        cfg = uh.TrainConfig(epochs=1, batch_size=8, lr=3e-3, steps_per_epoch=2, seed=0, mirror=mirror)
+        cfg = uh.TrainConfig(epochs=1, batch_size=8, lr=3e-3, steps_per_epoch=2, seed=0, augment=aug)
         uh.train(uh.UNet(3, 3, base_channels=4, depth=2), tiny_data["train"], tiny_data["ti"], cfg,
-                 tmp_path / str(mirror), progress=False)
-    assert seen == [0.0, 0.0, 0.5, 0.5] and uh.MIRROR_P == 0.5
+                 tmp_path / str(aug), progress=False)
+    assert seen == [0.0, 0.0, 0.5, 0.5]
+
+
+def test_load_run_rebuilds_both_stages(synthetic_dir, tmp_path):
+    """``uh.load_run`` rebuilds stage 1, stage 2 and the settings from a run folder alone: its prediction equals
+    ``predict_volume`` with the same networks in memory, voxel for voxel, and differs without stage 2."""
+    torch.manual_seed(0)
+    nets = {"": uh.UNet(3, 3, base_channels=4, depth=2), "stage2": uh.UNet(3, 3, base_channels=4, depth=2)}
+    # stage 1 calls liver everywhere (its output bias) and stage 2 never background, so the labels show whether
+    # stage 2 was loaded: its random weights call tumour where stage 1 alone has liver
+    for net, bias in ((nets[""], [0.0, 3.0, 0.0]), (nets["stage2"], [-3.0, 0.0, 0.0])):
+        [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1].bias.data = torch.tensor(bias)
+    rec = {**uh.recipe("default"), "postprocess": False}
+    settings = {"IMAGE_SIZE": 32, "CONTEXT_SLICES": 3, "HU_WINDOW": [-100.0, 400.0], "CASCADE": True, "ROI_SIZE": 32,
+                "CASCADE_CORE_MM": 2.0, "EVAL_CHECKPOINT": "last", "RECIPE_SETTINGS": rec}
+    for sub, net in nets.items():
+        (tmp_path / sub).mkdir(exist_ok=True)
+        torch.save({"model": net.state_dict(), "model_hparams": net.hparams, "extra": {"settings": settings}},
+                   tmp_path / sub / "last.pt")
+    ct = synthetic_dir / "images" / "liver_4.nii.gz"
+    stage2 = uh.Stage2(nets["stage2"], 32, core_mm=2.0, mirror=True, average_liver=True)
+    expected = uh.predict_volume(nets[""], ct, 32, 3, (-100.0, 400.0), postprocess_pred=False, stage2=stage2)
+    got = uh.load_run(tmp_path, "cpu").predict(ct, tmp_path / "pred.nii.gz")
+    assert np.array_equal(got, expected) and (got == 2).any()
+    no_stage2 = uh.predict_volume(nets[""], ct, 32, 3, (-100.0, 400.0), postprocess_pred=False)
+    assert not np.array_equal(got, no_stage2)  # stage 2 was loaded and used
+    assert np.array_equal(np.asanyarray(nib.load(str(tmp_path / "pred.nii.gz")).dataobj), got)
+
+
+def test_train_runs_the_step_it_is_given(tiny_data, tmp_path):
+    """``uh.train(..., step=f)`` calls ``f`` once per optimizer step (2 epochs x 3 steps), with the config's grad
+    clip, and what it returns is the epoch's logged loss."""
+    calls = []
+
+    def step(state, x, y, grad_clip):
+        calls.append((tuple(x.shape), grad_clip))
+        return torch.tensor(0.5), {"ce": torch.tensor(0.25), "dice": torch.tensor(0.75)}
+
+    cfg = uh.TrainConfig(epochs=2, batch_size=8, steps_per_epoch=3, grad_clip=0.7)
+    h = uh.train(uh.UNet(3, 3, base_channels=4, depth=2), tiny_data["train"], tiny_data["ti"], cfg, tmp_path,
+                 progress=False, step=step)
+    assert calls == [((8, 3, 32, 32), 0.7)] * 6
+    assert [(r["train_ce"], r["train_dice_loss"]) for r in h] == [(0.25, 0.75)] * 2
+
+
+def test_recipe_augmentation_follows_the_recipe_keys():
+    """Lesion contrast on half the tumour slices where ``lesion_augment``; mirrors (chance 1/2 per axis) on stage 2
+    only, where ``stage2_mirror``; contrast and gamma where ``strong_augment``; the baseline gets the plain draws."""
+    default = uh.recipe("default")
+    assert uh.recipe_augmentation(uh.recipe("baseline")) == uh.Augmentation()
+    assert uh.recipe_augmentation(default) == uh.Augmentation(lesion_p=0.5)
+    assert uh.recipe_augmentation(default, stage2=True) == uh.Augmentation(lesion_p=0.5, mirror=0.5)
+    assert uh.recipe_augmentation({"strong_augment": True}) == uh.Augmentation(contrast=0.25, gamma=0.4)
+    cfg = uh.recipe_train_config(default, 3, 8, 1e-3, stage=2, window=64)
+    assert cfg.sampling == uh.Sampling(default["tumor_share"], default["liver_share"], True, 64)
+    assert uh.recipe_train_config(default, 3, 8, 1e-3, stage=2, window=0).sampling.window is None  # whole boxes
 
 
 def test_resume_fills_the_stage1_share_an_older_run_used(tiny_data, tmp_path):
@@ -755,7 +816,7 @@ def test_available_ram_reads_the_kernels_estimate(tmp_path):
 def test_resume_across_precision_changes(tiny_data, tmp_path):
     """A run saved without a grad scaler (bf16 GPU, CPU) resumes where one is on (fp16 GPU)."""
     _run(tiny_data, tmp_path / "a", epochs=1)  # CPU: the saved scaler state is empty
-    cfg = uh.TrainConfig(epochs=1, batch_size=8, lr=3e-3, steps_per_epoch=3, tumor_share=0.25, seed=0)
+    cfg = uh.TrainConfig(epochs=1, batch_size=8, lr=3e-3, steps_per_epoch=3, sampling=uh.Sampling(0.25), seed=0)
     state = uh.make_train_state(uh.UNet(3, 3, base_channels=4, depth=2), cfg, 3, torch.device("cpu"))
     if not hasattr(torch.amp, "GradScaler"):
         pytest.skip("torch < 2.3 has no CPU GradScaler to stand in for a GPU's")
@@ -807,7 +868,7 @@ def test_resume_keeps_todays_optimizer_kernel(tiny_data, tmp_path):
     for g in ck["optimizer"]["param_groups"]:
         g["fused"], g["foreach"] = not g.get("fused"), True  # another machine's kernels
     torch.save(ck, path)
-    cfg = uh.TrainConfig(epochs=2, batch_size=8, lr=3e-3, steps_per_epoch=3, tumor_share=0.25, seed=0)
+    cfg = uh.TrainConfig(epochs=2, batch_size=8, lr=3e-3, steps_per_epoch=3, sampling=uh.Sampling(0.25), seed=0)
     state = uh.make_train_state(uh.UNet(3, 3, base_channels=4, depth=2), cfg, 3, torch.device("cpu"))
     today = [(g["fused"], g["foreach"]) for g in state.opt.param_groups]
     assert uh.resume_state(path, state, cfg)[0] == 2
@@ -820,8 +881,8 @@ def test_resume_keeps_todays_optimizer_kernel(tiny_data, tmp_path):
 def _ddp_cfg(epochs=2):
     # no augmentation and per-slice Dice: the loss of a batch is then the mean of its halves' losses, so two
     # processes with half a batch each must follow one process with the whole batch
-    return uh.TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, steps_per_epoch=3, tumor_share=0.25, seed=0,
-                          augment=False, loss="dice_ce_per_slice")
+    return uh.TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, steps_per_epoch=3, sampling=uh.Sampling(0.25),
+                          seed=0, augment=None, loss="dice_ce_per_slice")
 
 
 def test_ddp_two_processes_follow_one_process(tiny_data, tmp_path):

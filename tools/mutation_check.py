@@ -133,6 +133,15 @@ MUTATIONS: dict[str, tuple[str, str]] = {
     "the cascade's liver average ignores stage 1": (
         "foreground = (1 - stage2_probs[:, 0] + stage1_fg) / 2 >= 0.5",
         "foreground = (1 - stage2_probs[:, 0]) >= 0.5"),
+    "the cascade's stage-1 floor of steps ignored": (
+        "    need = math.ceil(min_stage1_steps / steps_per_epoch)\n",
+        "    need = 0\n"),
+    "the recipe's stage 2 not mirrored": (
+        "mirror=0.5 if stage2 and rec.get(\"stage2_mirror\") else 0.0)",
+        "mirror=0.0)"),
+    "train ignores the step it is given": (
+        "    step_fn = step or train_step\n",
+        "    step_fn = train_step\n"),
     "the cascade's liver average needs more than half": (
         "foreground = (1 - stage2_probs[:, 0] + stage1_fg) / 2 >= 0.5",
         "foreground = (1 - stage2_probs[:, 0] + stage1_fg) / 2 > 0.5"),
