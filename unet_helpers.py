@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -126,6 +127,9 @@ def pick_device(preference: str = "auto") -> torch.device:
     """
     if preference != "auto":
         device = torch.device(preference)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"DEVICE = {preference!r}, but this machine or torch build has no CUDA GPU: choose "
+                               "'auto' or 'cpu'")
         reason = cuda_unsupported_reason(device.index or 0) if device.type == "cuda" else ""
         if reason:
             raise RuntimeError(reason)
@@ -3359,6 +3363,8 @@ def _network_from(path: Path, device: torch.device) -> tuple[torch.nn.Module, di
         raise FileNotFoundError(f"{path} is missing: is {path.parent} the OUTPUT_DIR of a finished run (or, with "
                                 "FOLD, its fold_k folder)?")
     ck = load_checkpoint(path, map_location="cpu")
+    if not isinstance(ck, dict) or not {"model", "model_hparams"} <= set(ck):
+        raise ValueError(f"{path} is not a checkpoint written by uh.train (no network and its sizes in it)")
     model = UNet(**ck["model_hparams"])
     model.load_state_dict(ck["model"])
     return model.to(device, memory_format=torch.channels_last).eval(), ck
@@ -3375,12 +3381,10 @@ def load_run(output_dir: str | os.PathLike, device: str = "auto", checkpoint: st
     """
     out, dev = Path(output_dir), pick_device(device)
     model, ck = _network_from(out / "last.pt", dev)
-    # the settings of the notebook run that last scored this folder (metrics.json, with its EVAL_CHECKPOINT and
-    # post-processing), else those the training saved (the same run: resuming refuses another)
-    metrics = out / "metrics.json"
-    s = json.loads(metrics.read_text())["config"] if metrics.exists() else ck["extra"].get("settings")
+    s = (ck.get("extra") or {}).get("settings")
     if not s:
         raise ValueError(f"{out / 'last.pt'} holds no notebook settings: load_run needs a run of the notebook")
+    s = _with_scoring_settings(s, out / "metrics.json")
     name = checkpoint or s.get("EVAL_CHECKPOINT", "last")
     if name != "last":
         model, _ = _network_from(out / f"{name}.pt", dev)
@@ -3393,7 +3397,21 @@ def load_run(output_dir: str | os.PathLike, device: str = "auto", checkpoint: st
     return Run(model, stage2, {**s, "HU_WINDOW": tuple(s["HU_WINDOW"])}, dev)
 
 
-LABEL_COLOURS = ((0, "background", (0, 0, 0)), (1, "liver", (221, 130, 101)), (2, "tumour", (144, 238, 144)))
+def _with_scoring_settings(trained: dict, metrics: Path) -> dict:
+    """The settings a run trained with, and from the notebook run that last scored it (``metrics.json``, when that
+    run trained the same networks) the choices made after training: ``EVAL_CHECKPOINT`` and the recipe's
+    :data:`INFERENCE_ONLY` keys."""
+    if not metrics.exists():
+        return trained
+    scored = json.loads(metrics.read_text()).get("config", {})
+    if any(scored.get(k) != trained.get(k) for k in RUN_KEYS if k != "RECIPE_SETTINGS"):
+        return trained  # metrics.json of another run in this folder: the checkpoint's own settings
+    rec = {**trained["RECIPE_SETTINGS"], **{k: v for k, v in (scored.get("RECIPE_SETTINGS") or {}).items()
+                                            if k in INFERENCE_ONLY}}
+    return {**trained, "EVAL_CHECKPOINT": scored.get("EVAL_CHECKPOINT", "last"), "RECIPE_SETTINGS": rec}
+
+
+LABEL_COLOURS = ((0, "background", (0, 0, 0)), (1, "liver", (0, 200, 0)), (2, "tumour", (230, 0, 0)))  # as the figures
 
 
 def write_colour_tables(folder: str | os.PathLike) -> list[Path]:
@@ -3426,6 +3444,9 @@ def predict_files(run_folder: str | os.PathLike, cts: Sequence[str | os.PathLike
         CTDataError: an input is not a readable CT volume (the message names it).
     """
     cts, out = [Path(c) for c in cts], Path(out)
+    missing = [str(c) for c in cts if not c.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such CT file: {', '.join(missing)}")
     names = [_prediction_name(ct) for ct in cts]
     if len(set(names)) < len(names):
         raise ValueError("two inputs share a file name (their predictions would overwrite each other): "
@@ -3513,11 +3534,11 @@ def _with_ci(summary: dict, key: str, fmt: str = ".3f") -> str:
 RESULT_ROWS = (  # (metric, summary key, convention, which to report); the evaluation cell's table
     ("liver Dice per case", "dice_liver_lits", "label >= 1 vs >= 1 (LiTS, nnU-Net liver)", "report"),
     ("liver tissue Dice per case", "dice_liver", "label 1 alone", ""),
-    ("tumour Dice per case", "dice_tumor_lits", "LiTS: every case; tumour-free = 1 if none predicted, else 0",
+    ("tumour Dice per case (LiTS)", "dice_tumor_lits", "every case; tumour-free = 1 if none predicted, else 0",
      "report"),
     ("tumour Dice global", "dice_tumor_global", "LiTS 'Dice global': all cases' voxels pooled", "report"),
-    ("tumour Dice per case", "dice_tumor", "cases with tumour only", ""),
-    ("tumour Dice per case", "dice_tumor_all_cases", "nnU-Net convention: tumour-free cases without "
+    ("tumour Dice, cases with tumour", "dice_tumor", "per case, over the cases with tumour only", ""),
+    ("tumour Dice per case (nnU-Net)", "dice_tumor_all_cases", "nnU-Net convention: tumour-free cases without "
      "predicted tumour left out", ""),
     ("lesion recall / precision", ("lesion_recall", "lesion_precision"), "LiTS detection: IoU > 0.5 after "
      "merges and splits", ""),
@@ -4237,7 +4258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         written = predict_files(a.run, a.cts, a.out, a.device)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:  # CTDataError is a ValueError
+    except (ValueError, OSError, KeyError, RuntimeError, pickle.UnpicklingError) as err:  # CTDataError: ValueError
+        # a bad input, an unwritable --out, a folder that is not a finished run, a device this machine lacks
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{len(written)} prediction(s) in {a.out} (labels 0 background, 1 liver, 2 tumour; colour tables there)")

@@ -62,7 +62,8 @@ RECIPES: dict[str, dict] = {  # name: recipe (uh.RECIPES keys); every one trains
     "default, stage 1 at least 320 steps": {**uh.RECIPES["default"], "min_stage1_steps": 320},
     # stage 2 starts from stage 1's final weights (tumour_study.py's arm of §5h): it then keeps what stage 1 learnt
     # of the liver on whole slices while it learns the box
-    "cascade, stage 2 from stage 1's weights": {**uh.RECIPES["default"], "stage2_init": "stage1", **STAGE2_LIVER},
+    "cascade, stage 2 from stage 1's weights": {**uh.RECIPES["default"], "stage2_init": "stage1", **STAGE2_LIVER,
+                                                "min_stage1_steps": 120},  # the floor it was measured with
     # the Kaggle set's scale (tumour_study.py's arms of the same names): one stage at the slices' native 256²; one
     # network on whole slices at 128² for stage 1's share of the budget, then at native 256² for the rest
     "one-stage default, native 256²": {**ONE_STAGE, "image_size": 256},

@@ -375,6 +375,7 @@ def _mean(rows: list[dict], key: str) -> float:
 
 
 REAL_LIVER = ROOT / "bench" / "results" / "real_liver.json"  # bench/real_liver.py: recipes on real CT slices
+BEFORE = "default, stage 1 at least 120 steps (before)"  # real_liver.py's default with the floor of that time
 REAL_RECIPE = {  # arm here: the same recipe in bench/real_liver.py (one slice in, as those slices require)
     "baseline": "baseline",
     "lesion contrast, mirrored stage 2": "cascade, stage 1 a fifth, no floor (the default before)",
@@ -382,13 +383,13 @@ REAL_RECIPE = {  # arm here: the same recipe in bench/real_liver.py (one slice i
     "one network, 128² then native 256²": "one network, 128² then native 256²",
     "the default": "default",
     "the default, stage 2 from stage 1": "cascade, stage 2 from stage 1's weights",
-    "the default, stage 1 at least 120 steps": "default, stage 1 at least 120 steps (before)",
+    "the default, stage 1 at least 120 steps": BEFORE,
     "the default, stage 1 at least 240 steps": "default",
     "the default, stage 1 at least 320 steps": "default, stage 1 at least 320 steps"}
 REAL_PROBE = {  # arm here scored another way than its recipe in bench/real_liver.py: (that recipe, its probe)
-    "the default": ("default, stage 1 at least 120 steps (before)", "stage 2's liver alone"),
-    "the default, both stages' liver": ("default, stage 1 at least 120 steps (before)", "both stages' liver"),
-    "the default, both stages' liver, no core rule": ("default, stage 1 at least 120 steps (before)",
+    "the default": (BEFORE, "stage 2's liver alone"),
+    "the default, both stages' liver": (BEFORE, "both stages' liver"),
+    "the default, both stages' liver, no core rule": (BEFORE,
                                                       "both stages' liver, no core rule"),
     "the default, stage 2 from stage 1, both stages' liver": ("cascade, stage 2 from stage 1's weights",
                                                               "both stages' liver")}
@@ -400,6 +401,9 @@ def real_slice_liver(arm: str, seconds: float = 60.0) -> str:
     seeds; "-" where it was not run there."""
     recipe, probe = REAL_PROBE.get(arm, (REAL_RECIPE.get(arm), None))
     rows = [r for r in load(REAL_LIVER) if r["recipe"] == recipe and r["seconds_budget"] == seconds]
+    if not rows and recipe == BEFORE:  # not run apart at 60 s: both floors train one stage there, so the
+        rows = [r for r in load(REAL_LIVER) if r["recipe"] == "default" and r["seconds_budget"] == seconds
+                and not r["roi_size"]]  # default's one-stage rows stand for it
     # a probe where the row has it; a row that trained one stage (no probes) is scored as it is
     scores = [r["probes"][probe] if probe and r["roi_size"] else r["per_case"] for r in rows
               if not (probe and r["roi_size"]) or probe in r.get("probes", {})]

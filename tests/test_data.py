@@ -608,9 +608,9 @@ def test_format_table_and_describe_results():
     lines = words.splitlines()
     assert lines[0].startswith("3 validation cases (2 with tumour) of SYNTHETIC") and "'last' checkpoint" in lines[0]
     assert "not comparable" in words and "For a paper" in words
-    row = next(ln for ln in lines if ln.startswith("tumour Dice per case") and "cases with tumour only" in ln)
+    row = next(ln for ln in lines if ln.startswith("tumour Dice, cases with tumour"))
     assert "0.400 [0.250, 0.550]" in row  # a mean with its interval
-    lits = next(ln for ln in lines if ln.startswith("tumour Dice per case") and "LiTS: every case" in ln)
+    lits = next(ln for ln in lines if ln.startswith("tumour Dice per case (LiTS)"))
     assert "0.450" in lits and lits.rstrip().endswith("report")
     nnunet = next(ln for ln in lines if "nnU-Net convention" in ln)
     assert "0.300" in nnunet and not nnunet.rstrip().endswith("report")

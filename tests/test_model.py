@@ -355,6 +355,30 @@ def test_load_run_rebuilds_both_stages(synthetic_dir, tmp_path):
     assert np.array_equal(np.asanyarray(nib.load(str(tmp_path / "pred.nii.gz")).dataobj), got)
 
 
+def test_load_run_takes_the_scoring_choices_of_the_same_run(synthetic_dir, tmp_path):
+    """After training, ``metrics.json`` of the same run supplies what was chosen later (``EVAL_CHECKPOINT``, the
+    tumour-speck floor); a ``metrics.json`` of another run in the folder is ignored."""
+    torch.manual_seed(1)
+    nets = {name: uh.UNet(1, 3, base_channels=4, depth=2) for name in ("last", "best")}
+    for net, bias in ((nets["last"], [0.0, 3.0, 0.0]), (nets["best"], [0.0, 0.0, 3.0])):
+        [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1].bias.data = torch.tensor(bias)
+    rec = {**uh.recipe("baseline"), "postprocess": True, "min_tumor_ml": 0.0}
+    settings = {"RECIPE": "baseline", "IMAGE_SIZE": 32, "CONTEXT_SLICES": 1, "HU_WINDOW": [-100.0, 400.0],
+                "CASCADE": False, "EVAL_CHECKPOINT": "last", "RECIPE_SETTINGS": rec}
+    for name, net in nets.items():
+        torch.save({"model": net.state_dict(), "model_hparams": net.hparams, "extra": {"settings": settings}},
+                   tmp_path / f"{name}.pt")
+    ct = synthetic_dir / "images" / "liver_4.nii.gz"
+    assert (uh.load_run(tmp_path, "cpu").predict(ct) == 1).all()  # no metrics.json: the checkpoint's choice, last
+    scored = {**settings, "EVAL_CHECKPOINT": "best", "RECIPE_SETTINGS": {**rec, "min_tumor_ml": 1e9}}
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": scored}))
+    run = uh.load_run(tmp_path, "cpu")  # "best" calls tumour everywhere; the floor removes it (no liver to join)
+    assert run.settings["EVAL_CHECKPOINT"] == "best" and (run.predict(ct) == 0).all()
+    assert (uh.predict_volume(nets["best"], ct, 32, 1, postprocess_pred=False) == 2).all()
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": {**scored, "IMAGE_SIZE": 64}}))  # another run
+    assert uh.load_run(tmp_path, "cpu").settings["EVAL_CHECKPOINT"] == "last"
+
+
 def test_train_runs_the_step_it_is_given(tiny_data, tmp_path):
     """``uh.train(..., step=f)`` calls ``f`` once per optimizer step (2 epochs x 3 steps), with the config's grad
     clip, and what it returns is the epoch's logged loss."""
@@ -689,7 +713,10 @@ def test_cascade_plan_gives_stage_one_enough_steps_or_trains_one_stage():
     assert plan(10, 0.2, 14, 120, forced=True)[:2] == (2, 8)  # CASCADE = True: the split is kept, with a warning
     assert "only 28 steps" in plan(10, 0.2, 14, 120, forced=True)[2]
     assert plan(10, 0.2, 14, 0)[:2] == (2, 8)  # no floor: the share alone (cascade_epochs)
-    assert uh.CASCADE_MIN_STAGE1_STEPS >= 1
+    # the default floor, 240 steps (where real-CT liver Dice stops rising steeply; BENCHMARKS §6): the notebook's
+    # demo (20 epochs of 31 steps) keeps its cascade with ceil(240 / 31) = 8 epochs for stage 1; the real slices at
+    # the notebook's 10 epochs of 14 steps train one stage
+    assert plan(20, 0.2, 31)[:2] == (8, 12) and plan(10, 0.2, 14)[:2] == (10, 0)
 
 
 def test_cascade_in_evaluate_and_predict_volume(tiny_data, synthetic_dir, tmp_path, monkeypatch):

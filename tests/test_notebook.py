@@ -160,6 +160,8 @@ def _check_predict_command(work: Path, case: str) -> None:
     (work / "notes.nii.gz").write_text("not a CT volume")
     bad = subprocess.run([*cli, "notes.nii.gz", "--out", "again"], cwd=work, capture_output=True, text=True)
     assert bad.returncode == 2 and "notes.nii.gz: cannot be read as NIfTI" in bad.stderr
+    gone = subprocess.run([*cli, "nowhere.nii.gz", "--out", "again"], cwd=work, capture_output=True, text=True)
+    assert gone.returncode == 2 and "no such CT file: nowhere.nii.gz" in gone.stderr and "Traceback" not in gone.stderr
 
 
 def test_committed_notebook_is_one_clean_run():
