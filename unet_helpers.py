@@ -3459,10 +3459,9 @@ def predict_files(run_folder: str | os.PathLike, cts: Sequence[str | os.PathLike
                              "the CT files")
     run = load_run(run_folder, device)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for ct in tqdm(cts, desc="predict", unit="CT", disable=not progress):
-        run.predict(ct, out / _prediction_name(ct))
-        written.append(out / _prediction_name(ct))
+    written = [out / name for name in names]
+    for ct, path in tqdm(list(zip(cts, written)), desc="predict", unit="CT", disable=not progress):
+        run.predict(ct, path)
     write_colour_tables(out)
     return written
 
