@@ -95,18 +95,17 @@ RECIPES: dict[str, dict] = {
     # the plain 2D U-Net this project replaces: one slice in, uniform sampling over all slices, no post-processing
     "baseline": {"context": 1, "tumor_share": 0.0, "liver_share": 0.0, "empty_fraction": 1.0,
                  "loss": "dice_ce", "postprocess": False, "cascade": False, "hu_window": (-100.0, 400.0),
-                 "strong_augment": False, "lesion_augment": False, "lesion_balance": False, "stage2_patch": None,
+                 "lesion_augment": False, "lesion_balance": False, "stage2_window_fraction": None,
                  "stage1_share": None, "min_tumor_ml": 0.0, "stage2_mirror": False, "average_liver": False},
-    # the default, chosen at equal training time (BENCHMARKS.md): the liver-box cascade (stage 1 below the CT's
-    # size finds the liver, stage 2 works on the liver box at native pixels, four fifths of the budget, on random
-    # windows 0.4 of the box wide, mirrored, and averaged over mirrored boxes at inference; in the box, liver or not
-    # from both stages' probabilities averaged, which keeps real liver that stage 2 alone trims); 3 adjacent slices
-    # in (2.5D); a third of each batch from tumour slices, balanced over lesion contrast, whose contrast the
-    # augmentation also varies; fewer empty slices; post-processing: the largest liver component, tumour specks
-    # under 0.1 mL made liver
+    # the liver-box cascade: stage 1 (below the CT's size) finds the liver; stage 2 segments the liver box at native
+    # pixels with the rest of the budget, on mirrored random windows 0.4 of the box wide, and is averaged over
+    # mirrored boxes at inference; in the box, liver or not from both stages' probabilities averaged. 3 adjacent
+    # slices in (2.5D); a third of each batch from tumour slices, balanced over lesion contrast, which the
+    # augmentation also varies; fewer empty slices; post-processing keeps the largest liver component and makes
+    # tumour specks under 0.1 mL liver. Each choice and its evidence: BENCHMARKS.md
     "default": {"context": 3, "tumor_share": 0.33, "liver_share": 0.17, "empty_fraction": 0.2,
                 "loss": "dice_ce", "postprocess": True, "cascade": True, "hu_window": (-100.0, 400.0),
-                "strong_augment": False, "lesion_augment": True, "lesion_balance": True, "stage2_patch": 0.4,
+                "lesion_augment": True, "lesion_balance": True, "stage2_window_fraction": 0.4,
                 "stage1_share": 0.2, "min_tumor_ml": 0.1, "stage2_mirror": True, "average_liver": True},
 }
 
@@ -197,7 +196,7 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
     """Fill settings left at None from the preset and the recipe (notebook: "Configuration").
 
     The preset is "full" on a CUDA GPU with real data, else "quick"; ``CONTEXT_SLICES``,
-    ``CASCADE``, ``HU_WINDOW``, ``LOSS``, stage 2's ``PATCH_SIZE`` (the recipe's ``stage2_patch`` of
+    ``CASCADE``, ``HU_WINDOW``, ``LOSS``, stage 2's ``PATCH_SIZE`` (the recipe's ``stage2_window_fraction`` of
     ``ROI_SIZE``) and the sampling, augmentation and post-processing options
     come from ``RECIPE`` (``RECIPE_SETTINGS`` holds them with your overrides). The recipe's cascade runs where
     ``IMAGE_SIZE`` is below the CT's in-plane size (where stage 2 gains resolution); where the preset's
@@ -225,7 +224,7 @@ def resolve_settings(settings: dict, device: torch.device, synthetic: bool,
         notes.append(f"PATCH_SIZE = None (yours, {s['PATCH_SIZE']}, is unused: no stage 2 without the cascade)")
     s["PATCH_SIZE"] = (s.get("PATCH_SIZE") or None) if s["CASCADE"] else None  # None: whole boxes, or no stage 2
     rec.update(context=s["CONTEXT_SLICES"], cascade=bool(s["CASCADE"]),
-               stage2_patch=round(s["PATCH_SIZE"] / s["ROI_SIZE"], 3) if s["PATCH_SIZE"] else None,
+               stage2_window_fraction=round(s["PATCH_SIZE"] / s["ROI_SIZE"], 3) if s["PATCH_SIZE"] else None,
                stage1_share=rec["stage1_share"] if s["CASCADE"] else None,
                stage2_mirror=bool(rec["stage2_mirror"] and s["CASCADE"]),
                average_liver=bool(rec.get("average_liver") and s["CASCADE"]))
@@ -294,14 +293,14 @@ def _stage1_below_native(s: dict, native_shape: Sequence[int] | None, rec: dict,
 
 def _resolve_cascade(s: dict, native_shape: Sequence[int] | None, rec: dict) -> list[str]:
     """The cascade's part of :func:`resolve_settings`: ``ROI_SIZE`` and ``PATCH_SIZE`` when None (in place, the
-    latter from the recipe's ``stage2_patch``), and the epoch split."""
+    latter from the recipe's ``stage2_window_fraction``), and the epoch split."""
     notes = []
     if s.get("ROI_SIZE") is None:
         s["ROI_SIZE"] = roi_size_for(native_shape) if native_shape else s["IMAGE_SIZE"]
         notes.append(f"ROI_SIZE = {s['ROI_SIZE']} (0.6 of the CT's in-plane size: the liver box at native "
                      "resolution)")
     if s.get("PATCH_SIZE") is None:
-        frac = rec.get("stage2_patch")
+        frac = rec.get("stage2_window_fraction")
         s["PATCH_SIZE"] = patch_size_for(s["ROI_SIZE"], frac, 2 ** s["DEPTH"]) if frac else None
         notes.append(f"PATCH_SIZE = {s['PATCH_SIZE']} (recipe {s['RECIPE']!r}: " + (
             f"stage 2 trains on random windows {frac} of ROI_SIZE wide, half centred on tumour)" if frac
@@ -1281,13 +1280,13 @@ def split_cases(case_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 
         (train_ids, val_ids), each in natural order.  Warns below 5 validation cases.
     """
     patient = _as_mapping(groups, list(case_ids), lambda i: i)  # aligned with the caller's order
-    tumour = _as_mapping(has_tumor, list(case_ids), False)
+    tumor = _as_mapping(has_tumor, list(case_ids), False)
     ids = sorted(case_ids, key=natural_key)
     if len(ids) < 2:
         raise ValueError(f"Need at least 2 labelled cases to split, got {len(ids)}")
     units: dict[str, bool] = {}
     for i in ids:
-        units[patient[i]] = units.get(patient[i], False) or bool(tumour[i])
+        units[patient[i]] = units.get(patient[i], False) or bool(tumor[i])
     if len(units) < 2:
         raise ValueError("Need at least 2 patients (groups) to split")
     if fold is None:
@@ -1603,11 +1602,9 @@ def recipe_augmentation(rec: dict, stage2: bool = False) -> Augmentation:
     ``lesion_augment``: in half the tumour slices the lesions' mean difference from the liver is scaled by
     0.5-1.5, its sign flipped half the time (:func:`lesion_contrast`). ``stage2_mirror``: stage 2's windows are
     flipped left-right and up-down, each with chance 1/2 (inside the box no side is special; whole slices are
-    never mirrored: the liver lies on the patient's right). ``strong_augment``: nnU-Net-like contrast (x0.75-1.25)
-    and gamma (0.67-1.49) ranges.
+    never mirrored: the liver lies on the patient's right).
     """
-    strong = {"contrast": 0.25, "gamma": 0.4} if rec.get("strong_augment") else {}
-    return Augmentation(**strong, lesion_p=0.5 if rec.get("lesion_augment") else 0.0,
+    return Augmentation(lesion_p=0.5 if rec.get("lesion_augment") else 0.0,
                         mirror=0.5 if stage2 and rec.get("stage2_mirror") else 0.0)
 
 
@@ -1700,12 +1697,12 @@ def patch_origins(y: torch.Tensor, size: int,
     s = y.shape[-1]
     if y.shape[-2] != s:
         raise ValueError(f"training windows need square slices, got {tuple(y.shape[-2:])}")
-    tumour = (y == 2).flatten(1)
-    count = tumour.sum(1)
+    tumor = (y == 2).flatten(1)
+    count = tumor.sum(1)
     u = torch.rand(3, y.shape[0], device=y.device, generator=generator)
     anywhere = (u[0] * (s * s)).long().clamp(max=s * s - 1)
     # the k-th tumour pixel, k uniform: the first index where the running count reaches k + 1 (no host sync)
-    kth = torch.searchsorted(tumour.cumsum(1), ((u[1] * count).long() + 1)[:, None])[:, 0].clamp(max=s * s - 1)
+    kth = torch.searchsorted(tumor.cumsum(1), ((u[1] * count).long() + 1)[:, None])[:, 0].clamp(max=s * s - 1)
     centre = torch.where((u[2] < 0.5) & (count > 0), kth, anywhere)
     return (centre // s - size // 2).clamp(0, s - size), (centre % s - size // 2).clamp(0, s - size)
 
@@ -1760,14 +1757,14 @@ def lesion_contrast(x: torch.Tensor, y: torch.Tensor, draws: torch.Tensor, p: fl
     Returns:
         x with the lesions' contrast changed (a new tensor).
     """
-    tumour, liver = (y == 2)[:, None].to(x.dtype), (y == 1)[:, None].to(x.dtype)
-    n_t, n_l = tumour.sum((2, 3)), liver.sum((2, 3))  # (B, 1)
+    tumor, liver = (y == 2)[:, None].to(x.dtype), (y == 1)[:, None].to(x.dtype)
+    n_t, n_l = tumor.sum((2, 3)), liver.sum((2, 3))  # (B, 1)
     mid = x[:, x.shape[1] // 2:x.shape[1] // 2 + 1]
-    d = (mid * tumour).sum((2, 3)) / n_t.clamp(min=1) - (mid * liver).sum((2, 3)) / n_l.clamp(min=1)
+    d = (mid * tumor).sum((2, 3)) / n_t.clamp(min=1) - (mid * liver).sum((2, 3)) / n_l.clamp(min=1)
     k = magnitude[0] + draws[1] * (magnitude[1] - magnitude[0])
     k = torch.where(draws[2] < flip, -k, k)[:, None]
     on = ((draws[0] < p)[:, None] & (n_t > 0) & (n_l > 0)).to(x.dtype)
-    soft = torch.maximum(tumour, F.avg_pool2d(tumour, 3, stride=1, padding=1, count_include_pad=False))
+    soft = torch.maximum(tumor, F.avg_pool2d(tumor, 3, stride=1, padding=1, count_include_pad=False))
     return x + ((k - 1) * d * on)[:, :, None, None] * soft
 
 
@@ -1933,7 +1930,7 @@ class DiceCELoss(torch.nn.Module):
         return ce + self.dice_weight * dice_loss, {"ce": ce.detach(), "dice": dice_loss.detach()}
 
 
-LOSSES: dict[str, dict] = {  # named DiceCELoss settings (the notebook's LOSS, the recipe study's loss arms)
+LOSSES: dict[str, dict] = {  # named DiceCELoss settings: the notebook's LOSS
     "dice_ce": {},
     "dice_ce_per_slice": {"batch_dice": False},
     "focal_dice": {"focal_gamma": 2.0},
@@ -1994,7 +1991,7 @@ class TrainConfig:
     loss: str = "dice_ce"               # make_loss: 'dice_ce' | 'dice_ce_per_slice' | 'focal_dice' | 'tversky_ce'
     sampling: Sampling = field(default_factory=Sampling)  # which slices each batch draws, whole or as windows
     augment: Augmentation | None = field(default_factory=Augmentation)  # drawn on the device; None: off
-    amp: bool = True                    # mixed precision on CUDA (bf16 where supported, else fp16)
+    amp: bool | str = True              # mixed precision on CUDA: True bf16 where native, else fp16; or "fp16"
     seed: int = 0                       # fixes sampling and augmentation per epoch
 
 
@@ -2056,23 +2053,33 @@ def _native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
-def mixed_precision(device: torch.device | str) -> str:
-    """The training step's arithmetic on ``device`` with ``TrainConfig.amp`` on (as in the notebook):
-    "bf16" autocast (CUDA capability 8.0+), "fp16 + GradScaler" (older CUDA GPUs) or "fp32" (CPU, MPS)."""
-    if torch.device(device).type != "cuda":
+def _amp_dtype(amp: bool | str) -> torch.dtype:
+    """The autocast type of a ``TrainConfig.amp`` that is on: "fp16" or "bf16" as named; True bf16 where the GPU
+    has it natively, else fp16."""
+    if amp in ("fp16", "bf16"):
+        return torch.float16 if amp == "fp16" else torch.bfloat16
+    if amp is not True:
+        raise ValueError(f"amp must be True, False, 'fp16' or 'bf16', got {amp!r}")
+    return torch.bfloat16 if _native_bf16() else torch.float16
+
+
+def mixed_precision(device: torch.device | str, amp: bool | str = True) -> str:
+    """The training step's arithmetic on ``device`` with ``TrainConfig.amp`` (True, as in the notebook): "bf16"
+    autocast (CUDA capability 8.0+), "fp16 + GradScaler" (older CUDA GPUs) or "fp32" (CPU, MPS, or amp off)."""
+    if torch.device(device).type != "cuda" or not amp:
         return "fp32"
-    return "bf16" if _native_bf16() else "fp16 + GradScaler"
+    return "bf16" if _amp_dtype(amp) == torch.bfloat16 else "fp16 + GradScaler"
 
 
-def autocast(device: torch.device, enabled: bool):
-    """Mixed-precision context on CUDA (bf16 where native, else fp16 with a grad scaler); a no-op elsewhere.
+def autocast(device: torch.device, enabled: bool | str):
+    """Mixed-precision context on CUDA (``enabled`` as ``TrainConfig.amp``: True bf16 where native, else fp16 with
+    a grad scaler; "fp16" or "bf16" as named); a no-op elsewhere.
 
     The no-op is a plain ``nullcontext``: older torch releases refuse ``torch.autocast("mps", ...)`` even
     when disabled.
     """
     if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if _native_bf16() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=_amp_dtype(enabled))
     return contextlib.nullcontext()
 
 
@@ -2132,7 +2139,7 @@ class TrainState:
     sched: torch.optim.lr_scheduler.LRScheduler
     scaler: Any                   # torch.amp.GradScaler (torch.cuda.amp.GradScaler before torch 2.3)
     device: torch.device
-    use_amp: bool                 # mixed precision (CUDA only)
+    use_amp: bool | str           # TrainConfig.amp on CUDA, False elsewhere
     memory_format: torch.memory_format
 
 
@@ -2150,9 +2157,10 @@ def make_train_state(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: 
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = cfg.amp if device.type == "cuda" else False
+    fp16 = bool(use_amp) and _amp_dtype(use_amp) == torch.float16  # fp16 gradients need the scaler
     return TrainState(model, make_loss(cfg.loss).to(device), opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
-                      _grad_scaler(use_amp and not _native_bf16()), device, use_amp, memfmt)
+                      _grad_scaler(fp16), device, use_amp, memfmt)
 
 
 def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -2274,21 +2282,6 @@ def _differences(old: dict, new: dict) -> str:
                      if old.get(k) != new.get(k))
 
 
-RECIPE_KEYS_ADDED = {  # recipe keys added later: what an older run's recipe meant without them
-    "stage2_patch": lambda rec: None,
-    "stage1_share": lambda rec: CASCADE_STAGE1_SHARE if rec.get("cascade") else None,
-    "stage2_mirror": lambda rec: False,
-}
-
-
-def _with_added_recipe_keys(run: dict) -> dict:
-    """An older run identity with the recipe keys added since filled in as that run used them."""
-    rec = run.get("RECIPE_SETTINGS")
-    if not isinstance(rec, dict):
-        return run
-    return {**run, "RECIPE_SETTINGS": {**{k: meant(rec) for k, meant in RECIPE_KEYS_ADDED.items()}, **rec}}
-
-
 def resume_state(path: Path, state: TrainState, cfg: TrainConfig,
                  run: dict | None = None) -> tuple[int, list[dict], float]:
     """Load ``last.pt`` into ``state`` when it was written by the same run: (next epoch, history, best).
@@ -2304,9 +2297,10 @@ def resume_state(path: Path, state: TrainState, cfg: TrainConfig,
     if gone:
         raise ValueError(f"{path} was written by an older unet_helpers (its settings {gone} no longer exist). To "
                          "start afresh, use another OUTPUT_DIR or delete that file.")
-    diff = _differences(_flat(_with_defaults(ck["train_config"])), _flat(asdict_plain(cfg)))
+    # the arithmetic (amp) may differ: a run started on one GPU may go on on another
+    diff = _differences(_flat({**_with_defaults(ck["train_config"]), "amp": cfg.amp}), _flat(asdict_plain(cfg)))
     if run is not None:
-        diff = "; ".join(d for d in (diff, _differences(_with_added_recipe_keys(ck.get("run") or {}), run)) if d)
+        diff = "; ".join(d for d in (diff, _differences(ck.get("run") or {}, run)) if d)
     if diff:
         raise ValueError(f"{path} was written with other training settings ({diff}). To start afresh, use another "
                          "OUTPUT_DIR or delete that file; to continue the old run, restore its settings.")
@@ -2721,13 +2715,13 @@ def postprocess(pred: np.ndarray, spacing: Sequence[float] | None = None, min_tu
     component counts its liver and tumour voxels).  A tumour-only component is never kept over
     one with liver, however large; a prediction without any liver keeps its largest tumour
     component.  An empty prediction is returned as a copy.  With ``min_tumor_ml`` > 0 (and the voxel
-    ``spacing`` in mm), tumour components smaller than that then become liver (:func:`drop_small_tumour`).
+    ``spacing`` in mm), tumour components smaller than that then become liver (:func:`drop_small_tumor`).
     """
     from scipy import ndimage
     if min_tumor_ml > 0:
         if spacing is None:
             raise ValueError("postprocess needs the voxel spacing to drop tumour under min_tumor_ml")
-        return drop_small_tumour(postprocess(pred), spacing, min_tumor_ml)
+        return drop_small_tumor(postprocess(pred), spacing, min_tumor_ml)
     fg = pred >= 1
     if not fg.any():
         return pred.copy()
@@ -2742,7 +2736,7 @@ def postprocess(pred: np.ndarray, spacing: Sequence[float] | None = None, min_tu
     return np.where(fg, pred, 0).astype(np.uint8)
 
 
-def drop_small_tumour(pred: np.ndarray, spacing: Sequence[float], min_ml: float) -> np.ndarray:
+def drop_small_tumor(pred: np.ndarray, spacing: Sequence[float], min_ml: float) -> np.ndarray:
     """``pred`` with every 26-connected tumour (label 2) component under ``min_ml`` mL relabelled liver (1), or
     background where ``pred`` holds no liver at all.
 
@@ -3024,8 +3018,8 @@ def combine_stages(stage2_probs: torch.Tensor, stage1_fg: torch.Tensor) -> torch
     finds tumour likelier than liver (also where stage 2 alone would have called background). Stage 1, trained on
     whole slices, keeps a say in where the liver ends (BENCHMARKS.md, "Real CT livers")."""
     foreground = (1 - stage2_probs[:, 0] + stage1_fg) / 2 >= 0.5
-    tumour = stage2_probs[:, 2] > stage2_probs[:, 1]
-    return (foreground.to(torch.uint8) * (1 + tumour.to(torch.uint8))).to(torch.uint8)
+    tumor = stage2_probs[:, 2] > stage2_probs[:, 1]
+    return (foreground.to(torch.uint8) * (1 + tumor.to(torch.uint8))).to(torch.uint8)
 
 
 def label_box(stage2: Stage2, crop: np.ndarray, box: Sequence[int], context: int, device: torch.device | str,
@@ -3110,7 +3104,7 @@ def keep_liver_core(stage2_labels: np.ndarray, stage1_liver: np.ndarray, spacing
     return out
 
 
-def tumour_burden(labels: np.ndarray) -> float:
+def tumor_burden(labels: np.ndarray) -> float:
     """LiTS's tumour burden: tumour voxels / liver-with-tumour voxels (label 2 / label ≥ 1); 0 without liver or
     tumour (LiTS's script gives a prediction without label 1 a burden of 9001, a penalty, not a burden)."""
     liver = int((labels >= 1).sum())
@@ -3135,7 +3129,7 @@ def overlap_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]
                dice_tumor_lits=dice_from_counts(*counts["tumor"], empty=1.0),
                tumor_ml=float((truth == 2).sum() * voxel_ml), pred_tumor_ml=float((pred == 2).sum() * voxel_ml),
                fp_tumor_ml=float(counts["tumor"][1] * voxel_ml),
-               tumor_burden_error=tumour_burden(pred) - tumour_burden(truth))
+               tumor_burden_error=tumor_burden(pred) - tumor_burden(truth))
     row["dice_tumor_all_cases"] = row["dice_tumor"] if has_tumor else (
         0.0 if row["pred_tumor_ml"] > 0 else float("nan"))
     row["dice_mean"] = (row["dice_liver"] + row["dice_tumor"]) / 2 if has_tumor else float("nan")
@@ -4129,8 +4123,8 @@ def _acquire(sc: _Scene) -> tuple[np.ndarray, float]:
     return np.clip(np.rint(vol), -1024, 3071).astype(np.int16), sigma
 
 
-def synthetic_ct_volume(shape: tuple[int, int, int] = (256, 256, 64), seed: int = 0, lesion_size: float = 1.0,
-                        lesion_contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+def synthetic_ct_volume(shape: tuple[int, int, int] = (256, 256, 64), seed: int = 0, lesion_size_scale: float = 1.0,
+                        lesion_contrast_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """One synthetic contrast-enhanced abdominal CT in RAS+ orientation.
 
     Used by :func:`make_synthetic_dataset`.  The anatomy is built so that intensity alone does
@@ -4138,7 +4132,7 @@ def synthetic_ct_volume(shape: tuple[int, int, int] = (256, 256, 64), seed: int 
     and tumours stay hard (0-8 lesions of 2-25 mm radius, mostly hypodense by 15-60 HU, some
     hyperdense or faint, 0.2-7 % of the liver), with noise, blur and partial-volume edges.
 
-    ``lesion_size`` and ``lesion_contrast`` scale every lesion's radius and HU difference (e.g. 0.6
+    ``lesion_size_scale`` and ``lesion_contrast_scale`` scale every lesion's radius and HU difference (e.g. 0.6
     and 0.6 for a harder set of smaller, fainter lesions); the random draws, and so the anatomy and
     the lesions' places and kinds, stay those of the unscaled case.
 
@@ -4155,7 +4149,7 @@ def synthetic_ct_volume(shape: tuple[int, int, int] = (256, 256, 64), seed: int 
     _paint_lungs_spine_ribs(sc)
     _paint_neighbours(sc)
     liver = _paint_liver(sc)
-    lesions = _paint_lesions(sc, liver, lesion_size, lesion_contrast)
+    lesions = _paint_lesions(sc, liver, lesion_size_scale, lesion_contrast_scale)
     image, sigma = _acquire(sc)
     affine = np.diag([*grid.spacing, 1.0])
     affine[:3, 3] = [grid.axes[0][0], grid.axes[1][0], grid.axes[2][0]]
@@ -4193,7 +4187,7 @@ def _write_synthetic_case(out: Path, name: str, image: np.ndarray, label: np.nda
 
 def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape: tuple[int, int, int] = (256, 256, 64),
                            seed: int = 0, lps_fraction: float = 0.3, progress: bool = True,
-                           lesion_size: float = 1.0, lesion_contrast: float = 1.0) -> dict:
+                           lesion_size_scale: float = 1.0, lesion_contrast_scale: float = 1.0) -> dict:
     """Write a synthetic CT set in the Kaggle layout (images/liver_N.nii.gz, labels/liver_N.nii.gz).
 
     Used in the notebook section "Data" when no real CT is found.  Deterministic by seed; files
@@ -4207,7 +4201,7 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape:
         seed: generator seed; case i uses ``(seed, i)``.
         lps_fraction: share of cases stored with an LPS header.
         progress: tqdm bar.
-        lesion_size, lesion_contrast: scale lesion radii and HU differences (:func:`synthetic_ct_volume`).
+        lesion_size_scale, lesion_contrast_scale: scale lesion radii and HU differences (:func:`synthetic_ct_volume`).
 
     Returns:
         Dict with ``per_case`` facts (lesions, spacing, orientation) and ``summary`` class
@@ -4218,8 +4212,8 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape:
     (out / "labels").mkdir(parents=True, exist_ok=True)
     settings = {"n_cases": n_cases, "shape": list(shape), "seed": seed, "lps_fraction": lps_fraction,
                 "generator_version": 1}
-    if (lesion_size, lesion_contrast) != (1.0, 1.0):  # recorded only when used: older sets stay valid
-        settings.update(lesion_size=lesion_size, lesion_contrast=lesion_contrast)
+    if (lesion_size_scale, lesion_contrast_scale) != (1.0, 1.0):  # recorded only when used: older sets stay valid
+        settings.update(lesion_size_scale=lesion_size_scale, lesion_contrast_scale=lesion_contrast_scale)
     manifest = out / "synthetic.json"
     if manifest.exists():
         old = json.loads(manifest.read_text())
@@ -4228,7 +4222,8 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape:
             return old
     per_case, labels = [], []
     for i in tqdm(range(n_cases), desc="synthetic CT", unit="vol", disable=not progress):
-        image, label, affine, facts = synthetic_ct_volume(shape, hash_seed(seed, i), lesion_size, lesion_contrast)
+        image, label, affine, facts = synthetic_ct_volume(shape, hash_seed(seed, i), lesion_size_scale,
+                                                          lesion_contrast_scale)
         labels.append(label)
         lps = np.random.default_rng(hash_seed(seed, i, 1)).random() < lps_fraction
         _write_synthetic_case(out, f"liver_{i}", image, label, affine, lps)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -64,14 +65,9 @@ def _reset_peak(dev: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-@contextlib.contextmanager
-def _precision(name: str):
-    """Force the training step's arithmetic: 'bf16', 'fp16' (GradScaler, as on a T4) or 'fp32' (no autocast)."""
-    if name == "fp16":
-        with mock.patch.object(uh, "_native_bf16", lambda: False):
-            yield True
-    else:
-        yield name != "fp32"
+def _amp(name: str) -> bool | str:
+    """``TrainConfig.amp`` for an arithmetic: 'bf16', 'fp16' (GradScaler, as on a T4) or 'fp32' (no autocast)."""
+    return False if name == "fp32" else name
 
 
 class Check:
@@ -86,7 +82,7 @@ class Check:
         self.steps = 2 if smoke else 30
         shape = (48, 48, 12) if smoke else (256, 256, 64)
         self.roi = uh.roi_size_for(shape)
-        self.patch = uh.patch_size_for(self.roi, uh.RECIPES["default"]["stage2_patch"], 2 ** self.depth)
+        self.patch = uh.patch_size_for(self.roi, uh.RECIPES["default"]["stage2_window_fraction"], 2 ** self.depth)
         data = WORK / f"gpu_check_data_{'x'.join(map(str, shape))}"
         uh.make_synthetic_dataset(data, n_cases=4 if smoke else 8, shape=shape, seed=11, progress=False)
         self.cases = uh.preprocess_dataset(uh.find_cases(data), WORK / "gpu_check_cache", self.size,
@@ -103,7 +99,7 @@ class Check:
         return uh.UNet(self.rec["context"], 3, self.base, self.depth)
 
 
-def _timed_epoch(ck: Check, data: uh.SliceSet, index: np.ndarray, cfg: uh.TrainConfig, amp: bool) -> dict:
+def _timed_epoch(ck: Check, data: uh.SliceSet, index: np.ndarray, cfg: uh.TrainConfig, amp: bool | str) -> dict:
     """One timed ``uh.train_epoch`` after an untimed one (cuDNN autotuning, allocator warm-up)."""
     state = uh.make_train_state(ck.model(), replace(cfg, amp=amp), cfg.steps_per_epoch, ck.device)
     sampler = uh.make_sampler(data, index, cfg)
@@ -146,8 +142,7 @@ def section_stage1_epoch(ck: Check) -> dict:
     for place, (dev, resident) in placements.items():
         data = uh.SliceSet(ck.cases, ck.rec["context"], dev, resident=resident)
         for prec in precisions:
-            with _precision(prec) as amp:
-                out[f"{prec}/{place}"] = _timed_epoch(ck, data, ck.index, ck.cfg(), amp)
+            out[f"{prec}/{place}"] = _timed_epoch(ck, data, ck.index, ck.cfg(), _amp(prec))
         del data
     ref = out.get("fp32/gpu_resident")
     for key, row in out.items():
@@ -171,14 +166,13 @@ def section_card_16gb(ck: Check) -> dict:
             where = uh.choose_data_device(kaggle_bytes, ck.device)
         out = {"kaggle_set_gib": round(kaggle_bytes / 2**30, 2), "choose_data_device": str(where)}
         _reset_peak(ck.device)
-        with _precision("fp16"):  # TrainConfig.amp is on: fp16 autocast and the GradScaler, as on a T4
-            state = uh.make_train_state(ck.model(), ck.cfg(), 4, ck.device)
-            x = torch.rand(ck.batch, 3, ck.size, ck.size, device=ck.device).contiguous(
-                memory_format=torch.channels_last)
-            y = torch.randint(0, 3, (ck.batch, ck.size, ck.size), device=ck.device)
-            for _ in range(3):
-                uh.train_step(state, x, y)
-            _sync(ck.device)
+        # fp16 autocast and the GradScaler, as on a T4
+        state = uh.make_train_state(ck.model(), ck.cfg(amp="fp16"), 4, ck.device)
+        x = torch.rand(ck.batch, 3, ck.size, ck.size, device=ck.device).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 3, (ck.batch, ck.size, ck.size), device=ck.device)
+        for _ in range(3):
+            uh.train_step(state, x, y)
+        _sync(ck.device)
         out["fp16_step_peak_gib_under_cap"] = _peak_gib(ck.device)
         out["fits"] = True
         return out
@@ -225,15 +219,16 @@ def section_ddp(ck: Check) -> dict:
     out["files_written"] = sorted(p.name for p in (runs / "a").iterdir())
     out["model_on_device_after"] = str(next(model.parameters()).device)
     # resume across world size and precision: one fp16 process stopped after its first epoch, then two ranks
-    real_save = uh.save_checkpoints
+    steps = itertools.count()
 
-    def save_then_stop(*args, **kw):
-        real_save(*args, **kw)
-        raise KeyboardInterrupt("stopped after one epoch")
+    def step_then_stop(state, x, y, grad_clip=1.0):  # stops at the first step of epoch 2 (epoch 1 is saved)
+        if next(steps) == ck.steps:
+            raise KeyboardInterrupt("stopped after one epoch")
+        return uh.train_step(state, x, y, grad_clip)
 
-    with _precision("fp16"), mock.patch.object(uh, "save_checkpoints", save_then_stop), \
-            contextlib.suppress(KeyboardInterrupt):
-        uh.train(model, train, ck.index, replace(cfg, epochs=2), runs / "r", device=ck.device, progress=False)
+    with contextlib.suppress(KeyboardInterrupt):
+        uh.train(model, train, ck.index, replace(cfg, epochs=2, amp="fp16"), runs / "r", device=ck.device,
+                 progress=False, step=step_then_stop)
     h = uh.train(model, train, ck.index, replace(cfg, epochs=2), runs / "r", device=ck.device, progress=False,
                  replicas=2)
     out["resumed_epochs"] = [row["epoch"] for row in h]

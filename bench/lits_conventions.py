@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from common import ROOT, hierarchical_bootstrap, md_table, seeds_by_cases, stamp, write_table
-from recipe_study import load, paired
+from study import load, paired
 
 RESULTS = ROOT / "bench" / "results"
 STUDIES = {  # name in the tables: results file

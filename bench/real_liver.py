@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from common import ROOT, WORK, hierarchical_bootstrap, md_table, stamp, write_table
-from recipe_study import _ms, load, save
+from study import load, mean_sd, save
 from tumour_study import REAL_RECIPE, cached, fit, stage_config, stage_init, steps_for
 
 import unet_helpers as uh
@@ -54,7 +54,8 @@ RECIPES: dict[str, dict] = {  # name: recipe (uh.RECIPES keys); every one trains
     "default": uh.RECIPES["default"],  # stage 1 at least uh.CASCADE_MIN_STAGE1_STEPS steps, else one stage
     "cascade, stage 1 a fifth, no floor (the default before)": {**uh.RECIPES["default"], **NO_FLOOR, **STAGE2_LIVER},
     "cascade, stage 1 half the time": {**uh.RECIPES["default"], "stage1_share": 0.5, **NO_FLOOR, **STAGE2_LIVER},
-    "cascade, stage 2 on whole boxes": {**uh.RECIPES["default"], "stage2_patch": None, **NO_FLOOR, **STAGE2_LIVER},
+    "cascade, stage 2 on whole boxes": {**uh.RECIPES["default"], "stage2_window_fraction": None, **NO_FLOOR,
+                                        **STAGE2_LIVER},
     # stage 1's floor of optimizer steps (uh.cascade_plan's min_stage1_steps) lower and higher than the default's
     # uh.CASCADE_MIN_STAGE1_STEPS: the default's until 2026-12-05 (120), and 320 (at 240 s near half the budget,
     # where a seed whose calibration measured slower steps trains one stage instead)
@@ -88,9 +89,9 @@ def split(data_dir: Path = REAL_SLICES) -> tuple[list, list]:
 def study_config(recipe: dict, roi: int, depth: int = 4) -> dict:
     """A recipe as ``tumour_study``'s training helpers take it: 128² input (or the recipe's ``image_size``), one
     slice in, stage 2's window in pixels (the recipe's fraction of the liver box)."""
-    frac = recipe.get("stage2_patch")
+    frac = recipe.get("stage2_window_fraction")
     return {**recipe, "image_size": recipe.get("image_size", IMAGE_SIZE), "context": 1,
-            "stage2_patch": uh.patch_size_for(roi, frac, 2 ** depth) if recipe["cascade"] and frac else None}
+            "stage2_window_px": uh.patch_size_for(roi, frac, 2 ** depth) if recipe["cascade"] and frac else None}
 
 
 def train_recipe(name: str, seed: int, seconds: float, batch: int, train_files: list, work: Path,
@@ -213,7 +214,7 @@ def run(name: str, seed: int, seconds: float, batch: int, train_files: list, val
     va = cached(val_files, cfg, None)
     row = {"recipe": name, "seed": seed, "seconds_budget": seconds, "train_seconds": train_s, "steps": steps,
            "roi_size": roi,
-           "patch_size": cfg["stage2_patch"], "per_case": liver_dice_per_case(cfg, models, roi, va)}
+           "patch_size": cfg["stage2_window_px"], "per_case": liver_dice_per_case(cfg, models, roi, va)}
     if roi:
         row["probes"] = {p: liver_dice_per_case(cfg, models, roi, va, p) for p in PROBES}
     return row
@@ -243,7 +244,7 @@ def steps_table(rows: list[dict]) -> str:
         rs = [r for r in rows if r["steps"] == steps]
         means = [_per_case_mean(r["per_case"]) for r in rs]
         body.append([steps, len(rs), f"{statistics.mean(r['train_seconds'] for r in rs):.0f}",
-                     _ms(means),
+                     mean_sd(means),
                      f"{min(v for r in rs for v in r['per_case'].values()):.3f}"])
     return md_table(["optimizer steps (batch 16)", "seeds", "train s", "liver Dice per case", "worst case"], body)
 
@@ -274,7 +275,7 @@ def synthetic_tumour(name: str, paths: tuple[Path, ...] = SYNTHETIC) -> str:
     if not rows or any(r["steps"].get("stage2") and r["steps"]["stage1"] < floor for r in rows):
         return "not measured"
     vals = [r["summary"]["dice_tumor"] for r in rows]
-    return _ms(vals)
+    return mean_sd(vals)
 
 
 def table(rows: list[dict], reference: str = "one-stage default") -> str:
@@ -294,7 +295,7 @@ def table(rows: list[dict], reference: str = "one-stage default") -> str:
             diff = f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
         body.append([name, f"{rs[0]['seconds_budget']:.0f}",
                      f"{statistics.mean(r['train_seconds'] for r in rs):.0f}", len(rs),
-                     _ms(means),
+                     mean_sd(means),
                      f"{statistics.median(pooled):.3f}", f"{min(pooled):.3f}", diff, synthetic_tumour(name)])
     return md_table(["recipe", "budget s", "train s (measured)", "seeds", "liver Dice per case (mean ± sd over seeds)",
                      "median case", "worst case", f"vs {reference} [95 % CI, cases × seeds]",

@@ -2,9 +2,9 @@
 
     python bench/run_all.py --quick   # speed benchmarks, small sizes: about 5 minutes on 2 CPU cores
     python bench/run_all.py           # full sizes (10 volumes of 512×512×100, full-preset inference)
-    python bench/run_all.py --study   # also the recipe study (about 1 hour on 2 CPU cores)
 
-The GPU benchmark (bench/bench_gpu.py) runs only where CUDA is available.
+The GPU benchmark (bench/bench_gpu.py) runs only where CUDA is available. The studies (tumour_study.py,
+real_liver.py, lits_conventions.py) run on their own: see their docstrings and BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ import time
 import bench_infer
 import bench_preprocess
 import bench_train
-import recipe_study
 import torch
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--study", action="store_true")
     a = ap.parse_args(argv)
     cmd = "python bench/run_all.py" + (" --quick" if a.quick else "")
     t0 = time.perf_counter()
@@ -32,8 +30,6 @@ def main(argv=None) -> None:
     if torch.cuda.is_available():
         import bench_gpu
         print("gpu:", bench_gpu.run(write=True))
-    if a.study:
-        recipe_study.main(["--seeds", "0", "1", "2"])
     print(f"done in {time.perf_counter() - t0:.0f} s")
 
 

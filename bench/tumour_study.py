@@ -38,7 +38,7 @@ from common import (
     stamp,
     write_table,
 )
-from recipe_study import _ms, load, paired, save
+from study import load, mean_sd, paired, save
 
 import unet_helpers as uh
 
@@ -53,7 +53,7 @@ WINDOW = {"hu_window": (-50.0, 250.0)}
 # the default of §5g (the recipe default now, but for its tumour floor of §5j, a post-processing step: arms set it
 # with "min_tumor_ml"): the 2.5D cascade, contrast-balanced tumour draws, stage 2 on 64² windows with four fifths
 # of the budget; the arms from §5h on change one thing of it
-DEFAULT_5G = {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True, "stage2_patch": 64,
+DEFAULT_5G = {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True, "stage2_window_px": 64,
               "stage1_share": 0.2}
 # the recipe default (uh.RECIPES["default"]) but for its 0.1 mL tumour floor: §5k's lesion contrast, mirrored stage 2
 DEFAULT_NOW = {**DEFAULT_5G, "lesion_augment": True, "stage2_mirror": True}
@@ -71,9 +71,9 @@ ARMS: dict[str, dict] = {
     "cascade + context 3, tumour share 0.5": {**OLD_DEFAULT, "cascade": True, "context": 3, "tumor_share": 0.5},
     "cascade + context 3, contrast-balanced": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True},
     "contrast-balanced + stage 2 on 96² patches": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
-                                                    "stage2_patch": 96},
+                                                    "stage2_window_px": 96},
     "contrast-balanced + stage 2 on 64² patches": {**OLD_DEFAULT, "cascade": True, "context": 3, "lesion_balance": True,
-                                                    "stage2_patch": 64},
+                                                    "stage2_window_px": 64},
     "stage 2 on 64² patches, stage 1 a fifth": DEFAULT_5G,
     # stage 2's U-Net one level shallower (depth 3): on 64² windows its deepest level works on 4² maps with most of
     # the weights, so dropping it makes a step cheaper (bench_train.py depths(), BENCHMARKS.md §2)
@@ -94,8 +94,7 @@ ARMS: dict[str, dict] = {
     # under-called hyperdense lesions
     "lesion contrast on every tumour slice": {**DEFAULT_5G, "lesion_augment": True, "lesion_settings": {"p": 1.0}},
     "lesion contrast, Tversky loss": {**DEFAULT_5G, "lesion_augment": True, "loss": "tversky_ce"},
-    # the default with nnU-Net-like intensity augmentation (strong_augment in uh.recipe_augmentation: contrast
-    # x0.75-1.25, gamma 0.67-1.49):
+    # the default with nnU-Net-like intensity augmentation (STRONG_AUGMENT: contrast x0.75-1.25, gamma 0.67-1.49):
     # §5j found its models fitting their training cases far better than new ones and not helped by more steps
     "64² patches, a fifth, strong intensity augmentation": {**DEFAULT_5G, "strong_augment": True},
     # §5k: stage 2's windows mirrored left-right and up-down (nnU-Net mirrors on every axis); the liver-on-the-right
@@ -145,8 +144,8 @@ def dataset(name: str, n: int, shape) -> list:
     """Case files of one synthetic set (generated once)."""
     seed, size, contrast = SETS[name]
     folder = WORK / f"tumour_{name}_{n}_{'x'.join(map(str, shape))}"
-    uh.make_synthetic_dataset(folder, n, tuple(shape), seed=seed, progress=False, lesion_size=size,
-                              lesion_contrast=contrast)
+    uh.make_synthetic_dataset(folder, n, tuple(shape), seed=seed, progress=False, lesion_size_scale=size,
+                              lesion_contrast_scale=contrast)
     return uh.find_cases(folder)
 
 
@@ -166,12 +165,17 @@ def run_folder(arm: str, seed: int) -> Path:
     return WORK / RUNS / f"{arm.replace(' ', '_')}_{seed}"
 
 
+STRONG_AUGMENT = {"contrast": 0.25, "gamma": 0.4}  # nnU-Net-like intensity ranges (uh.Augmentation's fields)
+
+
 def train_config(cfg: dict, seed: int, batch: int, steps: int, lr: float = 2e-3) -> uh.TrainConfig:
-    """The arm's training settings for ``steps`` optimizer steps (4 epochs, warm-up + cosine)."""
+    """The arm's training settings for ``steps`` optimizer steps (4 epochs, warm-up + cosine): the recipe's, with
+    the arm's own lesion-contrast settings (``lesion_settings``, e.g. {"p": 1.0}: every tumour slice) and, where
+    the arm says ``strong_augment``, :data:`STRONG_AUGMENT` in its augmentation."""
     tc = uh.recipe_train_config(cfg, 4, batch, lr, seed, max(1, steps // 4), cfg.get("stage", 1), cfg.get("patch"))
-    # the arm's own lesion-contrast settings ({"p": 1.0}: every tumour slice) over the recipe's
-    lesion = {f"lesion_{k}": v for k, v in cfg.get("lesion_settings", {}).items()}
-    return replace(tc, augment=replace(tc.augment, **lesion)) if lesion else tc
+    extra = {f"lesion_{k}": v for k, v in cfg.get("lesion_settings", {}).items()}
+    extra.update(STRONG_AUGMENT if cfg.get("strong_augment") else {})
+    return replace(tc, augment=replace(tc.augment, **extra)) if extra else tc
 
 
 def new_model(cfg: dict, seed: int, base: int, init: uh.UNet | None = None) -> uh.UNet:
@@ -223,9 +227,9 @@ def fit(cases: list, cfg: dict, seed: int, batch: int, base: int, steps: int, ou
 
 
 def stage_config(cfg: dict, name: str) -> dict:
-    """An arm's settings for one stage: stage 2 takes the arm's window (``stage2_patch``) and depth."""
+    """An arm's settings for one stage: stage 2 takes the arm's window (``stage2_window_px``) and depth."""
     stage2 = name == "stage2"
-    return {**cfg, "patch": cfg.get("stage2_patch") if stage2 else None,
+    return {**cfg, "patch": cfg.get("stage2_window_px") if stage2 else None,
             "depth": cfg.get("stage2_depth") if stage2 else None, "stage": 2 if stage2 else 1}
 
 
@@ -410,7 +414,7 @@ def real_slice_liver(arm: str, seconds: float = 60.0) -> str:
     means = [statistics.mean(v.values()) for v in scores]
     if len(means) == 1:
         return f"{means[0]:.3f} (1 seed)"
-    return _ms(means)
+    return mean_sd(means)
 
 
 def vs_baseline(rs: list[dict], base: list[dict]) -> str:
@@ -449,11 +453,12 @@ def table(rows: list[dict], set_name: str) -> str:
                            for k in val[0]["steps"]) if val else "-"
         lits = [statistics.mean(case_score(c, "dice_tumor_lits") for c in r["per_case"]) for r in rs]
         body.append([arm, f"{val[0]['seconds_budget']:.0f}" if val else "-", train_seconds(val) if val else "-",
-                     steps, len(rs), _ms([r["summary"]["dice_liver_lits"] for r in rs]), _ms(lits),
-                     *(_ms([r["summary"][k] for r in rs]) for k in (
+                     steps, len(rs), mean_sd([r["summary"]["dice_liver_lits"] for r in rs]), mean_sd(lits),
+                     *(mean_sd([r["summary"][k] for r in rs]) for k in (
                          "dice_tumor", "dice_tumor_all_cases", "dice_tumor_global", "median_tumor_volume_ratio")),
-                     *(_ms([any_overlap(r["summary"], k) for r in rs]) for k in ("lesion_recall", "lesion_precision")),
-                     _ms([r["summary"]["fp_tumor_ml_tumor_free_cases"] for r in rs]),
+                     *(mean_sd([any_overlap(r["summary"], k) for r in rs])
+                       for k in ("lesion_recall", "lesion_precision")),
+                     mean_sd([r["summary"]["fp_tumor_ml_tumor_free_cases"] for r in rs]),
                      vs_baseline(rs, by_arm.get("baseline", [])),
                      f"{real_slice_liver(arm)} / {real_slice_liver(arm, 240.0)}"])
     return md_table(["arm", "budget s", "train s (measured)", "steps", "seeds", "liver Dice (label ≥ 1)",
@@ -540,7 +545,7 @@ def real_ct_table(rows: list[dict]) -> str:
     for arm in ARMS:
         vals = [r.get("real_ct_liver_dice") for r in rows if r["arm"] == arm and r["set"] == "validation"]
         if vals and all(v is not None for v in vals):
-            body.append([arm, _ms(vals), len(vals)])
+            body.append([arm, mean_sd(vals), len(vals)])
     if not body:
         return "Skipped: the real CT samples (../shared/data/real_ct) were not present when the study ran."
     return md_table(["arm (trained on synthetic CT only)", "liver Dice on the real abdominal CT", "seeds"], body)

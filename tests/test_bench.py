@@ -17,11 +17,9 @@ import bench_preprocess  # noqa: E402
 import bench_train  # noqa: E402
 import common  # noqa: E402
 import gpu_check  # noqa: E402
-import inference_probe  # noqa: E402
 import lits_conventions  # noqa: E402
 import real_liver  # noqa: E402
-import recipe_study  # noqa: E402
-import tumour_bias  # noqa: E402
+import study  # noqa: E402
 import tumour_study  # noqa: E402
 
 import unet_helpers as uh  # noqa: E402
@@ -29,7 +27,7 @@ import unet_helpers as uh  # noqa: E402
 
 @pytest.fixture()
 def work(tmp_path, monkeypatch):
-    for mod in (bench_preprocess, bench_train, recipe_study, tumour_study, bench_gpu, gpu_check, real_liver):
+    for mod in (bench_preprocess, bench_train, tumour_study, bench_gpu, gpu_check, real_liver):
         monkeypatch.setattr(mod, "WORK", tmp_path)
     return tmp_path
 
@@ -59,23 +57,6 @@ def test_tiny_preprocess_train_infer(work):
     assert all(t > 0 for t in inf["quick"].values())
 
 
-def test_tiny_recipe_study(work, tmp_path, monkeypatch):
-    out = tmp_path / "study.json"
-    args = ["--seeds", "0", "--arms", "baseline", "baseline + liver-box cascade", "--steps", "4", "--batch", "2",
-            "--train-cases", "2", "--val-cases", "2", "--shape", "48", "48", "12", "--base", "4",
-            "--results", str(out), "--no-write"]
-    rows = recipe_study.main(args)
-    arms = {r["arm"] for r in rows}
-    assert arms == {"baseline", "baseline + post-processing", "baseline + liver-box cascade"}
-    assert json.loads(out.read_text())[0]["steps"] == 4
-    before = out.read_text()
-    monkeypatch.setattr(recipe_study, "run_arm", lambda *a, **k: pytest.fail("re-ran a finished arm"))
-    recipe_study.main(args)  # resumes: nothing re-run, nothing changed
-    assert out.read_text() == before
-    table = recipe_study.table(rows, "cmd", "setup")
-    assert "baseline + liver-box cascade" in table and "tumour Dice (per case)" in table
-
-
 def test_paired_comparison_of_arms():
     def row(arm, seed, tumour, liver):
         cases = [{"case": f"c{i}", "has_tumor": i < 3, "dice_tumor": t if i < 3 else None, "dice_liver": liver,
@@ -84,14 +65,12 @@ def test_paired_comparison_of_arms():
 
     rows = [row("A", s, [0.5, 0.6, 0.7], 0.95) for s in (0, 1)] + [row("B", s, [0.4, 0.5, 0.6], 0.96)
                                                                    for s in (0, 1)]
-    t = recipe_study.paired(rows, "A", "B")
+    t = study.paired(rows, "A", "B")
     assert t["cases"] == 3 and t["seeds"] == 2 and t["a_better"] == 3 and t["b_better"] == 0
     assert abs(t["mean"] - 0.1) < 1e-9 and abs(t["low"] - 0.1) < 1e-9 and abs(t["high"] - 0.1) < 1e-9
-    liver = recipe_study.paired(rows, "A", "B", "dice_liver")
+    liver = study.paired(rows, "A", "B", "dice_liver")
     assert liver["cases"] == 4 and abs(liver["mean"] + 0.01) < 1e-9  # liver uses every case
-    assert recipe_study.paired(rows, "A", "missing") is None
-    table = recipe_study.paired_table(rows, [("A", "B")])
-    assert "+0.100" in table and "3 / 0" in table
+    assert study.paired(rows, "A", "missing") is None
 
 
 def test_a_recipe_against_itself_is_within_the_noise_of_training():
@@ -108,7 +87,7 @@ def test_a_recipe_against_itself_is_within_the_noise_of_training():
     rows = [row("run 1", s, d) for s, d in ((0, 0.04), (1, -0.01), (2, 0.0))] + [row("run 2", s, 0.0) for s in range(3)]
     case_only = uh.bootstrap_ci(np.full(12, 0.01))  # each case's difference averaged over seeds: +0.01, no spread
     assert case_only[0] > 0  # "significant"
-    d = recipe_study.paired(rows, "run 1", "run 2")
+    d = study.paired(rows, "run 1", "run 2")
     assert d["mean"] == pytest.approx(0.01) and d["low"] < 0 < d["high"] and (d["seeds"], d["cases"]) == (3, 12)
 
 
@@ -204,28 +183,6 @@ def test_tiny_tumour_study_budget_fair_and_kept_aside(work, tmp_path, monkeypatc
     assert "**Test sets**" in tables["tumour_study"]
     with pytest.raises(ValueError, match="other settings"):  # resuming never mixes runs of another budget
         tumour_study.main([*common_args[:1], "7", *common_args[2:], "--no-write"])
-    # the inference probe, with no view and no floor, scores the cascade's final models as the study did
-    calls, forward = [], inference_probe.ViewAverage.forward  # the floors the probe applies, the views it runs
-    drop = inference_probe.uh.drop_small_tumour
-    monkeypatch.setattr(inference_probe.uh, "drop_small_tumour", lambda p, sp, ml: calls.append(ml) or drop(p, sp, ml))
-    monkeypatch.setattr(inference_probe.ViewAverage, "forward", lambda m, x: calls.append(m.view) or forward(m, x))
-    probe, _ = inference_probe.run("default + liver-box cascade", [0], out, views=("none", "shift"), floors=(0.0, 0.1))
-    assert calls[:4] == [0.0, 0.0, 0.1, 0.1] and "shift" in calls and calls[-2:] == [0.1, 0.1]  # 2 cases each
-    assert [(r["view"], r["min_tumor_ml"]) for r in probe] == [("none", 0.0), ("none", 0.1), ("shift", 0.0),
-                                                               ("shift", 0.1)]
-    study = by_arm["default + liver-box cascade"]["summary"]
-    for key in ("dice_tumor", "dice_tumor_global", "lesion_recall", "lesion_precision", "fp_tumor_ml_tumor_free_cases"):
-        assert probe[0][key] == pytest.approx(study[key], nan_ok=True), key
-    argv = ["--arms", "default + liver-box cascade", "--study", str(out), "--seeds", "0", "--views", "none", "--floors",
-            "0", "0.1", "--runs", "runs_3s", "--results", str(tmp_path / "probe.json"), "--no-write"]
-    inference_probe.main(argv)
-    kept = inference_probe.main([*argv[:-5], "--set", "kept-aside", *argv[-5:]])
-    again = inference_probe.main(argv)  # measured again: replaces its rows, keeps the kept-aside ones
-    assert [(r["set"], r["min_tumor_ml"]) for r in again] == [("kept-aside", 0.0), ("kept-aside", 0.1),
-                                                               ("validation", 0.0), ("validation", 0.1)]
-    assert [inference_probe.key(r) for r in again[:2]] == [inference_probe.key(r) for r in kept[2:]]
-    assert again[2]["dice_tumor"] == pytest.approx(study["dice_tumor"], nan_ok=True)
-    assert inference_probe.table(again).count("\n| ") == 4  # rows read back (NaN stored as null) make a table
 
 
 def test_gpu_bench_runs_the_product_step_on_cpu(work):
@@ -283,20 +240,6 @@ def test_lesions_by_contrast_pooled_over_seeds():
     assert "training cases" not in table
 
 
-def test_tumour_bias_raises_only_the_tumour_logit():
-    class Constant(torch.nn.Module):
-        def forward(self, x):
-            return torch.tensor([1.0, 2.0, 1.5]).view(1, 3, 1, 1).expand(x.shape[0], 3, *x.shape[2:])
-
-    x = torch.zeros(2, 3, 4, 4)
-    out = tumour_bias.TumourBias(Constant(), 1.0)(x)
-    assert out.shape == (2, 3, 4, 4) and out[1, :, 3, 3].tolist() == [1.0, 2.0, 2.5]  # tumour 1.5 + 1 beats liver 2
-    assert (out.argmax(1) == 2).all()
-    assert (tumour_bias.TumourBias(Constant(), 0.4)(x).argmax(1) == 1).all()  # 1.9 < 2: still liver
-    rows = [{"bias": 0.0, **dict.fromkeys(tumour_bias.KEYS, v)} for v in (0.5, 0.7)]
-    assert "| +0 | 2 | 0.600 | 0.600 |" in tumour_bias.table(rows)  # the mean over the two seeds
-
-
 def test_new_arms_build_and_start_their_stages(work):
     deep = "stage 2 of depth 3 on 64² patches, stage 1 a fifth"
     cfg = {**tumour_study.BASE, **tumour_study.ARMS[deep]}
@@ -341,23 +284,6 @@ def test_mirrored_arms_mirror_stage_2_only_and_are_scored_mirrored():
     assert tumour_study.stage2_of("baseline", {"stage1": torch.nn.Identity()}, None) is None
 
 
-def test_probe_views_are_its_own_even_for_a_mirrored_arm(monkeypatch):
-    """The probe's "none" is a plain stage 2 and its "flip" the library's mirror average, whatever the arm's own
-    inference (a mirrored arm's stage 2 is not averaged twice)."""
-    seen = []
-    monkeypatch.setattr(inference_probe, "study_cases", lambda study, arm, seed, set_name: ({}, []))
-    monkeypatch.setattr(inference_probe, "trained_models", lambda study, arm, seed: (160, {"stage1": 1, "stage2": 2}))
-    monkeypatch.setattr(inference_probe, "summary", lambda preds, cases: {})
-
-    def evaluate(arm, models, roi, cases, keep_predictions=False, mirror=None):
-        seen.append((models["stage2"] if models["stage2"] == 2 else models["stage2"].view, mirror))
-        return {"predictions": {}}
-
-    monkeypatch.setattr(inference_probe.ts, "evaluate_arm", evaluate)
-    inference_probe.run("lesion contrast, mirrored stage 2", [0], views=("none", "flip"), floors=(0.0,))
-    assert seen == [(2, False), ("flip", False)]
-
-
 def test_arm_lesion_settings_reach_only_that_arms_training(work, tmp_path, monkeypatch):
     """An arm's ``lesion_settings`` change its own training configs (calibration and fit), no other arm's."""
     monkeypatch.setattr(uh, "CASCADE_MIN_STAGE1_STEPS", 0)  # 8 fake steps: the stage-1 floor would bind
@@ -381,29 +307,6 @@ def test_arm_lesion_settings_reach_only_that_arms_training(work, tmp_path, monke
     # both stages of the first arm with its p, then both of the next arm with the library's 0.5
     assert seen == [("calibrate", 1.0)] * 2 + [("fit", 1.0)] * 2 + [("calibrate", 0.5)] * 2 + [("fit", 0.5)] * 2
     assert [r.get("lesion_settings") for r in rows] == [{"p": 1.0}, {}]  # each row records its arm's settings
-
-
-def test_view_average_maps_every_view_back():
-    torch.manual_seed(0)
-    pointwise = torch.nn.Conv2d(3, 3, 1)  # each pixel's logits from that pixel alone
-    x = torch.rand(2, 3, 128, 128)  # scaled views of 112² and 144²
-    plain = torch.log_softmax(pointwise(x), 1)
-    for view in ("shift", "flip"):  # a view mapped back lands on its own pixels: the average is the plain softmax
-        assert torch.allclose(inference_probe.ViewAverage(pointwise, view)(x), plain, atol=1e-5), view
-    flat = torch.full((1, 3, 32, 32), 0.3)  # resizing a constant image changes nothing
-    assert torch.allclose(inference_probe.ViewAverage(pointwise, "scale")(flat), torch.log_softmax(pointwise(flat), 1),
-                          atol=1e-5)
-
-    def placed(t):  # logits that depend on where a pixel lies: its views are not the plain output moved
-        ramp = torch.linspace(0, 3, t.shape[-1]).view(1, 1, 1, -1)
-        return pointwise(t) + ramp * torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)
-
-    for view in ("shift", "flip", "scale"):
-        assert not torch.allclose(inference_probe.ViewAverage(placed, view)(x), torch.log_softmax(placed(x), 1),
-                                  atol=1e-3), view
-    with pytest.raises(ValueError, match="view must be one of"):
-        inference_probe.ViewAverage(pointwise, "rotate")
-
 
 
 def test_hierarchical_bootstrap_holds_the_noise_of_training():

@@ -567,7 +567,7 @@ def test_resolve_settings_presets_and_recipe():
     # the default's stage 2 trains on windows 0.4 of its box: 0.4 x 160 = 64 (a multiple of 2^4, the quick depth)
     s, notes = uh.resolve_settings(base, torch.device("cpu"), False, (256, 256, 48))
     assert s["ROI_SIZE"] == 160 and s["PATCH_SIZE"] == 64 and any(n.startswith("PATCH_SIZE = 64") for n in notes)
-    assert s["RECIPE_SETTINGS"]["stage2_patch"] == 0.4 and s["CASCADE_CORE_MM"] == uh.CASCADE_CORE_MM == 2.0
+    assert s["RECIPE_SETTINGS"]["stage2_window_fraction"] == 0.4 and s["CASCADE_CORE_MM"] == uh.CASCADE_CORE_MM == 2.0
     assert s["RECIPE_SETTINGS"]["stage1_share"] == 0.2  # and stage 1 a fifth of the epochs: 20 -> 4 + 16
     assert s["RECIPE_SETTINGS"]["stage2_mirror"] and s["RECIPE_SETTINGS"]["lesion_augment"]  # §5k
     assert any("stage 1 (liver box) trains 4 epochs, stage 2 (liver box at native resolution) 16" in n for n in notes)
@@ -577,12 +577,12 @@ def test_resolve_settings_presets_and_recipe():
     assert s["ROI_SIZE"] == 128 and s["PATCH_SIZE"] == 64  # 0.4 x 128 = 51.2 -> 1.6 x 32 -> 2 x 32
     s, _ = uh.resolve_settings({**base, "PATCH_SIZE": 0}, torch.device("cpu"), False, (256, 256, 48))
     assert s["PATCH_SIZE"] is None  # 0: whole boxes, whatever the recipe says (stored as None)
-    assert s["RECIPE_SETTINGS"]["stage2_patch"] is None  # and the printed recipe says so
+    assert s["RECIPE_SETTINGS"]["stage2_window_fraction"] is None  # and the printed recipe says so
     s, _ = uh.resolve_settings({**base, "PATCH_SIZE": 64}, torch.device("cpu"), False, (256, 256, 48))
-    assert s["PATCH_SIZE"] == 64 and s["RECIPE_SETTINGS"]["stage2_patch"] == 0.4  # 64 / 160
+    assert s["PATCH_SIZE"] == 64 and s["RECIPE_SETTINGS"]["stage2_window_fraction"] == 0.4  # 64 / 160
     s, notes = uh.resolve_settings({**base, "PATCH_SIZE": 64, "CASCADE": False}, torch.device("cpu"), False,
                                    (256, 256, 48))
-    assert s["PATCH_SIZE"] is None and s["RECIPE_SETTINGS"]["stage2_patch"] is None  # no stage 2, no windows
+    assert s["PATCH_SIZE"] is None and s["RECIPE_SETTINGS"]["stage2_window_fraction"] is None  # no stage 2, no windows
     assert s["RECIPE_SETTINGS"]["stage1_share"] is None  # one stage: no split
     assert s["RECIPE_SETTINGS"]["stage2_mirror"] is False  # and no stage 2 to mirror
     assert any("is unused" in n for n in notes)
@@ -629,7 +629,8 @@ def test_synthetic_lesion_size_and_contrast_knobs():
         if facts["lesions"]:
             break
     assert facts["lesions"], "no seed in 0-7 gave a case with lesions"
-    small_img, small_lab, _aff, small = uh.synthetic_ct_volume(shape, seed, lesion_size=0.6, lesion_contrast=0.6)
+    small_img, small_lab, _aff, small = uh.synthetic_ct_volume(shape, seed, lesion_size_scale=0.6,
+                                                               lesion_contrast_scale=0.6)
     assert len(small["lesions"]) == len(facts["lesions"])
     np.testing.assert_array_equal(small_lab >= 1, lab >= 1)  # same anatomy: only the lesions change
     assert 0 < (small_lab == 2).sum() < (lab == 2).sum()

@@ -798,7 +798,7 @@ def test_postprocess_drops_tumour_specks_under_the_floor():
     np.testing.assert_array_equal(uh.postprocess(only, spacing, min_tumor_ml=0.15), np.zeros_like(pred))
     with pytest.raises(ValueError, match="spacing"):
         uh.postprocess(pred, min_tumor_ml=0.1)
-    assert uh.drop_small_tumour(pred, spacing, 0.0) is pred
+    assert uh.drop_small_tumor(pred, spacing, 0.0) is pred
 
 
 def test_default_recipe_drops_tumour_under_a_tenth_of_a_millilitre():

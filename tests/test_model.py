@@ -277,43 +277,14 @@ def test_resume_accepts_a_checkpoint_written_before_a_setting_existed(tiny_data,
         _run(tiny_data, tmp_path / "x", epochs=1)
 
 
-def test_resume_accepts_a_run_whose_recipe_predates_a_recipe_key(tiny_data, tmp_path):
-    rec = {"context": 1, "cascade": False, "stage2_patch": None, "stage1_share": None,
-           "stage2_mirror": False}
-    _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
-    ck = uh.load_checkpoint(tmp_path / "x" / "last.pt")
-    del ck["run"]["RECIPE_SETTINGS"]["stage2_patch"]  # written before the key existed: it meant whole boxes
-    torch.save(ck, tmp_path / "x" / "last.pt")
-    _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
-    windows = {**rec, "stage2_patch": 0.4}  # today's recipe trains on windows: not the old run, refused
-    with pytest.raises(ValueError, match="RECIPE_SETTINGS"):
-        _run(tiny_data, tmp_path / "x", epochs=1,
-             run=uh.run_identity({"RECIPE_SETTINGS": windows}, ["liver_0"], "data"))
-
-
 def test_resume_ignores_the_recipe_keys_used_only_after_training(tiny_data, tmp_path):
-    rec = {"context": 1, "cascade": False, "stage2_patch": None, "stage1_share": None,
+    rec = {"context": 1, "cascade": False, "stage2_window_fraction": None, "stage1_share": None,
            "stage2_mirror": False}
     _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
     floor = {**rec, "min_tumor_ml": 0.1}  # a post-processing setting: the same training run
     assert uh.run_identity({"RECIPE_SETTINGS": floor}, ["liver_0"], "data") == uh.run_identity(
         {"RECIPE_SETTINGS": rec}, ["liver_0"], "data")
     _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": floor}, ["liver_0"], "data"))
-
-
-def test_resume_fills_the_stage2_mirror_an_older_run_used(tiny_data, tmp_path):
-    """Runs written before ``stage2_mirror`` existed never mirrored: they resume as such, and a mirrored run
-    (today's default) is refused."""
-    rec = {"context": 3, "cascade": True, "stage2_patch": 0.4, "stage1_share": 0.2, "stage2_mirror": False}
-    _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
-    ck = uh.load_checkpoint(tmp_path / "x" / "last.pt")
-    del ck["run"]["RECIPE_SETTINGS"]["stage2_mirror"]
-    torch.save(ck, tmp_path / "x" / "last.pt")
-    _run(tiny_data, tmp_path / "x", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
-    assert "stage2_mirror" not in uh.load_checkpoint(tmp_path / "x" / "last.pt")["run"]["RECIPE_SETTINGS"]  # as old
-    with pytest.raises(ValueError, match="'stage2_mirror': False.*-> .*'stage2_mirror': True"):
-        _run(tiny_data, tmp_path / "x", epochs=1,
-             run=uh.run_identity({"RECIPE_SETTINGS": {**rec, "stage2_mirror": True}}, ["liver_0"], "data"))
 
 
 def test_training_augments_every_step_as_its_config_says(tiny_data, tmp_path, monkeypatch):
@@ -397,32 +368,14 @@ def test_train_runs_the_step_it_is_given(tiny_data, tmp_path):
 
 def test_recipe_augmentation_follows_the_recipe_keys():
     """Lesion contrast on half the tumour slices where ``lesion_augment``; mirrors (chance 1/2 per axis) on stage 2
-    only, where ``stage2_mirror``; contrast and gamma where ``strong_augment``; the baseline gets the plain draws."""
+    only, where ``stage2_mirror``; the baseline gets the plain draws."""
     default = uh.recipe("default")
     assert uh.recipe_augmentation(uh.recipe("baseline")) == uh.Augmentation()
     assert uh.recipe_augmentation(default) == uh.Augmentation(lesion_p=0.5)
     assert uh.recipe_augmentation(default, stage2=True) == uh.Augmentation(lesion_p=0.5, mirror=0.5)
-    assert uh.recipe_augmentation({"strong_augment": True}) == uh.Augmentation(contrast=0.25, gamma=0.4)
     cfg = uh.recipe_train_config(default, 3, 8, 1e-3, stage=2, window=64)
     assert cfg.sampling == uh.Sampling(default["tumor_share"], default["liver_share"], True, 64)
     assert uh.recipe_train_config(default, 3, 8, 1e-3, stage=2, window=0).sampling.window is None  # whole boxes
-
-
-def test_resume_fills_the_stage1_share_an_older_run_used(tiny_data, tmp_path):
-    """Runs written before ``stage1_share`` existed split the cascade's budget a third / two thirds; a
-    one-stage run had no split."""
-    for cascade, meant in ((True, 1 / 3), (False, None)):
-        rec = {"context": 3, "cascade": cascade, "stage2_patch": None, "stage1_share": meant, "stage2_mirror": False}
-        out = tmp_path / str(cascade)
-        _run(tiny_data, out, epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
-        ck = uh.load_checkpoint(out / "last.pt")
-        del ck["run"]["RECIPE_SETTINGS"]["stage1_share"]
-        torch.save(ck, out / "last.pt")
-        _run(tiny_data, out, epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": rec}, ["liver_0"], "data"))
-    fifth = {**rec, "cascade": True, "stage1_share": 0.2}  # today's default splits otherwise: refused
-    with pytest.raises(ValueError, match=r"'stage1_share': 0\.333\d*[,}].*-> .*'stage1_share': 0\.2[,}]"):
-        _run(tiny_data, tmp_path / "True", epochs=1, run=uh.run_identity({"RECIPE_SETTINGS": fifth}, ["liver_0"],
-                                                                           "data"))
 
 
 def test_resume_refuses_another_run_and_says_what_differs(tiny_data, tmp_path):
@@ -723,8 +676,8 @@ def test_cascade_in_evaluate_and_predict_volume(tiny_data, synthetic_dir, tmp_pa
     m, _ = _run(tiny_data, tmp_path / "s1", epochs=1)
     s2 = uh.Stage2(uh.UNet(3, 3, base_channels=4, depth=2), roi_size=32, margin_mm=10)
     floors = []  # the tumour floor each post-processing received, with the voxel size
-    drop = uh.drop_small_tumour
-    monkeypatch.setattr(uh, "drop_small_tumour", lambda p, sp, ml: floors.append((ml, tuple(sp))) or drop(p, sp, ml))
+    drop = uh.drop_small_tumor
+    monkeypatch.setattr(uh, "drop_small_tumor", lambda p, sp, ml: floors.append((ml, tuple(sp))) or drop(p, sp, ml))
     ev = uh.evaluate(m, tiny_data["val_cases"], 3, "cpu", progress=False, stage2=s2, min_tumor_ml=0.1)
     assert len(ev["per_case"]) == 2 and "dice_liver" in ev["summary"]
     assert floors == [(0.1, tuple(c.meta["spacing"])) for c in tiny_data["val_cases"]]
