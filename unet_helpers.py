@@ -1457,6 +1457,27 @@ def iter_batches(data: SliceSet, batches: Sequence[np.ndarray],
             yield to_device(x, y, device)
 
 
+def make_slice_sets(train_cases: Sequence[CachedCase], val_cases: Sequence[CachedCase], settings: dict,
+                    device: torch.device) -> tuple[SliceSet, np.ndarray, SliceSet, np.ndarray]:
+    """The training and validation slices of a stage, and the indices of those it uses (notebook: "Preprocess").
+
+    The slices live on the GPU when they fit (:func:`choose_data_device`); with several GPUs each training
+    process loads its own copy, so they stay in memory-mapped files here. Both sets drop the same share of
+    slices without liver (the recipe's ``empty_fraction``).
+
+    Returns:
+        (training set, its slice indices, validation set, its slice indices).
+    """
+    s, one_gpu = settings, settings["GPUS"] == 1
+    n_bytes = sum(c.image.nbytes + c.label.nbytes for c in [*train_cases, *val_cases])
+    where = choose_data_device(n_bytes, device) if one_gpu else torch.device("cpu")
+    sets = [SliceSet(cases, s["CONTEXT_SLICES"], where, resident=None if one_gpu else False)
+            for cases in (train_cases, val_cases)]
+    empty = s["RECIPE_SETTINGS"]["empty_fraction"]
+    return (sets[0], select_slices(train_cases, empty, seed=s["SEED"]),
+            sets[1], select_slices(val_cases, empty, seed=s["SEED"]))
+
+
 LESION_BAND_HU = 15.0  # contrast-balanced sampling: lesions within +-15 HU of the liver are "faint"
 
 
@@ -2638,6 +2659,42 @@ def _run_workers(replicas: int, job: dict, out: Path, progress: bool, poll_s: fl
         if failure is err:
             raise
         raise failure from err
+
+
+def train_stage2(train_cases: Sequence[CachedCase], val_cases: Sequence[CachedCase], settings: dict, epochs: int,
+                 out_dir: str | os.PathLike, run: dict, device: torch.device,
+                 step: Callable | None = None) -> tuple[Stage2, list[dict], int]:
+    """Stage 2 of the cascade: a fresh U-Net trained on the cases' liver boxes (notebook: "Train", stage 2).
+
+    It trains as stage 1 does (:func:`train`), on the recipe's stage-2 settings (:func:`recipe_train_config`):
+    random ``PATCH_SIZE`` windows of the boxes where set, with as many steps per epoch as show the pixels of the
+    whole boxes (:func:`patch_steps`). Its checkpoints go to ``out_dir/stage2``; the one ``EVAL_CHECKPOINT``
+    names is loaded for inference.
+
+    Args:
+        train_cases, val_cases: stage 1's cached cases (their liver boxes are cut here, :func:`roi_cases`).
+        settings: the resolved settings (:func:`resolve_settings`).
+        epochs: stage 2's share of the budget (:func:`cascade_plan`).
+        run: stage 1's run identity (:func:`run_identity`); stage 2's adds ``"stage": 2``.
+        step: the optimizer step (:func:`train`'s ``step``).
+    Returns:
+        (the stage for :func:`predict_cascade`, the history, the epoch of the loaded checkpoint counted from 1).
+    """
+    s, rec = settings, settings["RECIPE_SETTINGS"]
+    data, index, val_data, val_index = make_slice_sets(roi_cases(train_cases), roi_cases(val_cases), s, device)
+    set_determinism(s["SEED"], s["DETERMINISTIC"])
+    model = UNet(s["CONTEXT_SLICES"], 3, base_channels=s["BASE_CHANNELS"], depth=s["DEPTH"])
+    steps = patch_steps(s["STEPS_PER_EPOCH"] or max(1, len(index) // s["BATCH_SIZE"]), s["ROI_SIZE"], s["PATCH_SIZE"])
+    cfg = recipe_train_config(rec, epochs, s["BATCH_SIZE"], s["LR"], s["SEED"], steps, stage=2,
+                              window=s["PATCH_SIZE"])
+    out = Path(out_dir) / "stage2"
+    history = train(model, data, index, cfg, out, val_data, val_index, device=device, resume=s["RESUME"],
+                    run={**run, "stage": 2}, replicas=s["GPUS"], step=step)
+    ckpt = load_checkpoint(out / f"{s['EVAL_CHECKPOINT']}.pt", map_location=device)
+    model.load_state_dict(ckpt["model"])
+    stage2 = Stage2(model, s["ROI_SIZE"], core_mm=s["CASCADE_CORE_MM"], mirror=rec["stage2_mirror"],
+                    average_liver=rec["average_liver"])
+    return stage2, history, ckpt["epoch"] + 1
 
 
 def asdict_plain(obj: Any) -> dict:

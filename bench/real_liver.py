@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 from common import ROOT, WORK, hierarchical_bootstrap, md_table, stamp, write_table
-from study import load, mean_sd, save
-from tumour_study import REAL_RECIPE, cached, fit, stage_config, stage_init, steps_for
+from study import cached, fit, load, mean_sd, save, stage_config, train_arm
+from tumour_study import REAL_RECIPE
 
 import unet_helpers as uh
 
@@ -96,7 +96,8 @@ def study_config(recipe: dict, roi: int, depth: int = 4) -> dict:
 
 def train_recipe(name: str, seed: int, seconds: float, batch: int, train_files: list, work: Path,
                  base: int = 16) -> tuple[dict, dict, int | None, float, dict]:
-    """Train a recipe for ``seconds`` here (stage 1, and stage 2 on the liver boxes for a cascade).
+    """Train a recipe for ``seconds`` here (``study.train_arm``: stage 1, and stage 2 on the liver boxes for a
+    cascade, split as the product splits it).
 
     Returns:
         (config, {stage: final model}, liver-box size or None (one stage), measured training seconds,
@@ -104,52 +105,10 @@ def train_recipe(name: str, seed: int, seconds: float, batch: int, train_files: 
     """
     recipe = RECIPES[name]
     roi = uh.roi_size_for(uh.canonical_shape(train_files[0].image)) if recipe["cascade"] else None
-    out = work / f"{name.replace(' ', '_')}_{seed}"
     cfg = study_config(recipe, roi or 0)
-    tr = cached(train_files, cfg, roi)
-    if recipe.get("coarse_size"):
-        return train_coarse_to_fine(recipe, cfg, seed, seconds, batch, train_files, tr, out, base)
-    steps: dict[str, int] = {}
-    if roi:  # the product's rule (uh.cascade_plan) in stage-1 steps: stage 1 gets at least a floor, else one stage
-        seconds1 = seconds * recipe["stage1_share"]
-        steps1 = steps_for(seconds1, tr, stage_config(cfg, "stage1"), seed, batch, base, out / "calibration")
-        total = max(1, round(steps1 * seconds / seconds1))  # the whole budget in stage-1 steps
-        first, second, _ = uh.cascade_plan(total, recipe["stage1_share"], 1,
-                                           recipe.get("min_stage1_steps", uh.CASCADE_MIN_STAGE1_STEPS))
-        if second:
-            steps["stage1"] = first
-            steps["stage2"] = steps_for(seconds * second / total, uh.roi_cases(tr), stage_config(cfg, "stage2"),
-                                        seed, batch, base, out / "calibration")
-        else:
-            roi, cfg = None, {**cfg, "cascade": False}
-            tr = cached(train_files, cfg, None)
-    if not steps:
-        steps["stage1"] = steps_for(seconds, tr, stage_config(cfg, "stage1"), seed, batch, base, out / "calibration")
-    stages = [("stage1", tr)] + ([("stage2", uh.roi_cases(tr))] if roi else [])
-    conf = {stage: stage_config(cfg, stage) for stage, _ in stages}
-    t0 = time.perf_counter()
-    models: dict = {}
-    for stage, cases in stages:
-        models[stage] = fit(cases, conf[stage], seed, batch, base, steps[stage], out / stage,
-                            stage_init(cfg, stage, models))
-    return cfg, models, roi, time.perf_counter() - t0, steps
-
-
-def train_coarse_to_fine(recipe: dict, cfg: dict, seed: int, seconds: float, batch: int, train_files: list,
-                         tr: list, out: Path, base: int) -> tuple[dict, dict, None, float, dict]:
-    """One network trained on whole slices at ``coarse_size`` for ``stage1_share`` of the time, then at the
-    recipe's own size for the rest (as :func:`train_recipe` returns)."""
-    coarse = {**cfg, "image_size": recipe["coarse_size"]}
-    ctr = cached(train_files, coarse, None)
-    share = recipe["stage1_share"]
-    steps = {"coarse": steps_for(seconds * share, ctr, stage_config(coarse, "coarse"), seed, batch, base,
-                                 out / "calibration"),
-             "stage1": steps_for(seconds * (1 - share), tr, stage_config(cfg, "stage1"), seed, batch, base,
-                                 out / "calibration")}
-    t0 = time.perf_counter()
-    first = fit(ctr, stage_config(coarse, "coarse"), seed, batch, base, steps["coarse"], out / "coarse")
-    model = fit(tr, stage_config(cfg, "stage1"), seed, batch, base, steps["stage1"], out / "stage1", first)
-    return cfg, {"stage1": model}, None, time.perf_counter() - t0, steps
+    models, steps, roi, train_s = train_arm(cfg, train_files, seconds, seed, batch, base,
+                                            work / f"{name.replace(' ', '_')}_{seed}")
+    return cfg, models, roi, train_s, steps
 
 
 def cascade_with_box(stage1_pred: np.ndarray, box_mask: np.ndarray, full: np.ndarray, spacing, stage2: uh.Stage2,

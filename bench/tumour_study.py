@@ -22,7 +22,6 @@ import argparse
 import shlex
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -38,7 +37,18 @@ from common import (
     stamp,
     write_table,
 )
-from study import load, mean_sd, paired, save
+from study import (
+    CALIBRATION_STEPS,
+    cached,
+    load,
+    mean_sd,
+    new_model,
+    paired,
+    save,
+    stage_config,
+    train_arm,
+    train_config,
+)
 
 import unet_helpers as uh
 
@@ -132,7 +142,6 @@ ARMS: dict[str, dict] = {
     "the default, stage 1 at least 320 steps": {**DEFAULT_NOW, "min_tumor_ml": 0.1, "average_liver": True,
                                                 "min_stage1_steps": 320},
 }
-CALIBRATION_STEPS = 30  # steps per timed epoch in steps_for (10 before 2026-11-30)
 SETS = {  # name: (generator seed, lesion size scale, lesion contrast scale)
     "train": (100, 1.0, 1.0), "validation": (200, 1.0, 1.0), "kept-aside": (300, 0.6, 0.6),
     # the study's test sets (--test): generator seeds no earlier set used, lesions as in validation and as in the
@@ -149,12 +158,6 @@ def dataset(name: str, n: int, shape) -> list:
     return uh.find_cases(folder)
 
 
-def cached(files: list, cfg: dict, roi: int | None) -> list:
-    """Preprocessed cases for an arm (the cache keys on size, window and ROI)."""
-    return uh.preprocess_dataset(files, WORK / "tumour_cache", cfg["image_size"], cfg["hu_window"],
-                                 progress=False, roi_size=roi)
-
-
 RUNS = "tumour_runs"  # the folder under WORK that holds the trained networks; main's --runs sets it
 
 
@@ -165,121 +168,15 @@ def run_folder(arm: str, seed: int) -> Path:
     return WORK / RUNS / f"{arm.replace(' ', '_')}_{seed}"
 
 
-STRONG_AUGMENT = {"contrast": 0.25, "gamma": 0.4}  # nnU-Net-like intensity ranges (uh.Augmentation's fields)
-
-
-def train_config(cfg: dict, seed: int, batch: int, steps: int, lr: float = 2e-3) -> uh.TrainConfig:
-    """The arm's training settings for ``steps`` optimizer steps (4 epochs, warm-up + cosine): the recipe's, with
-    the arm's own lesion-contrast settings (``lesion_settings``, e.g. {"p": 1.0}: every tumour slice) and, where
-    the arm says ``strong_augment``, :data:`STRONG_AUGMENT` in its augmentation."""
-    tc = uh.recipe_train_config(cfg, 4, batch, lr, seed, max(1, steps // 4), cfg.get("stage", 1), cfg.get("patch"))
-    extra = {f"lesion_{k}": v for k, v in cfg.get("lesion_settings", {}).items()}
-    extra.update(STRONG_AUGMENT if cfg.get("strong_augment") else {})
-    return replace(tc, augment=replace(tc.augment, **extra)) if extra else tc
-
-
-def new_model(cfg: dict, seed: int, base: int, init: uh.UNet | None = None) -> uh.UNet:
-    """A U-Net of depth 4 (``cfg["depth"]`` where the arm sets one for this stage): fresh, or with ``init``'s
-    weights where given."""
-    uh.set_determinism(seed)
-    model = uh.UNet(cfg["context"], 3, base, cfg.get("depth") or 4)
-    if init is not None:
-        model.load_state_dict(init.state_dict())
-    return model
-
-
-def stage_init(cfg: dict, name: str, models: dict) -> uh.UNet | None:
-    """The trained network a stage starts from: stage 1's for stage 2 where the arm says ``stage2_init="stage1"``
-    (stage 1 trains first), the coarse network's for stage 1 where the arm trains one (``coarse_size``), else None
-    (random weights)."""
-    if name == "stage1" and "coarse" in models:
-        return models["coarse"]
-    return models["stage1"] if name == "stage2" and cfg.get("stage2_init") == "stage1" else None
-
-
-def steps_for(seconds: float, cases: list, cfg: dict, seed: int, batch: int, base: int, out: Path) -> int:
-    """Optimizer steps that fill ``seconds`` here: the library's training loop timed for 3 epochs of
-    ``CALIBRATION_STEPS`` steps.
-
-    The faster of epochs 2 and 3 is used (the first pays for start-up; anything else running on the
-    machine only slows an epoch down); the calibration itself is not counted in the arm's training time.
-    Epochs of 30 steps since 2026-11-30, of 10 before: with 10, the baseline trained 528-547 s of 600 in
-    BENCHMARKS.md §5g (cause not found; longer epochs were the suspected cure); each row records its
-    ``calibration_steps``.
-    """
-    data = uh.SliceSet(cases, cfg["context"])
-    index = uh.select_slices(cases, cfg["empty_fraction"], seed)
-    n = CALIBRATION_STEPS
-    tc = replace(train_config(cfg, seed, batch, 4 * n), epochs=3, steps_per_epoch=n)
-    hist = uh.train(new_model(cfg, seed, base), data, index, tc, out, resume=False, progress=False)
-    per_step = min(h["epoch_seconds"] for h in hist[1:]) / n
-    return max(8, int(seconds / per_step))
-
-
-def fit(cases: list, cfg: dict, seed: int, batch: int, base: int, steps: int, out: Path,
-        init: uh.UNet | None = None) -> uh.UNet:
-    """Train one network of an arm for ``steps`` steps (from ``init``'s weights where given); its final checkpoint
-    is ``out/last.pt``."""
-    model = new_model(cfg, seed, base, init)
-    uh.train(model, uh.SliceSet(cases, cfg["context"]), uh.select_slices(cases, cfg["empty_fraction"], seed),
-             train_config(cfg, seed, batch, steps), out, resume=False, progress=False)
-    return model
-
-
-def stage_config(cfg: dict, name: str) -> dict:
-    """An arm's settings for one stage: stage 2 takes the arm's window (``stage2_window_px``) and depth."""
-    stage2 = name == "stage2"
-    return {**cfg, "patch": cfg.get("stage2_window_px") if stage2 else None,
-            "depth": cfg.get("stage2_depth") if stage2 else None, "stage": 2 if stage2 else 1}
-
-
-def stage1_floor(steps: dict, share: float, floor: int) -> dict:
-    """The product's split of a cascade's budget (``uh.cascade_plan``) in calibrated steps: stage 1 at least
-    ``floor`` steps, stage 2 the time left (its calibrated steps scaled by it). Unchanged where the floor does not
-    bind, as at every budget the study ran before the floor existed.
-
-    Raises:
-        ValueError: the floor takes more than half the budget, where the product trains one stage instead.
-    """
-    total = steps["stage1"] / share  # the whole budget in stage-1 steps
-    first, second, _ = uh.cascade_plan(round(total), share, 1, floor)
-    if not second:
-        raise ValueError(f"a stage-1 floor of {floor} steps takes more than half this budget ({total:.0f} stage-1 "
-                         "steps): the product would train one stage; give the arm more seconds")
-    if first <= steps["stage1"]:
-        return steps
-    return {"stage1": first, "stage2": max(1, round(steps["stage2"] * (total - first) / (total - steps["stage1"])))}
-
-
 def run_arm(arm: str, seed: int, seconds: float, batch: int, train_files: list, val_files: list,
             base: int = 16) -> dict:
-    """Train one arm with one seed for ``seconds`` of training, score it on the validation set."""
+    """Train one arm with one seed for ``seconds`` of training (``study.train_arm``), score it on the validation
+    set."""
     cfg = {**BASE, **ARMS[arm]}
     if cfg.get("stage2_init") and cfg.get("stage2_depth"):
         raise ValueError(f"arm {arm!r}: stage 2 can start from stage 1's weights only with stage 1's depth")
-    roi = uh.roi_size_for(uh.load_case(train_files[0].image).image.shape) if cfg["cascade"] else None
-    tr, va = cached(train_files, cfg, roi), cached(val_files, cfg, None)
-    out = run_folder(arm, seed)
-    share = cfg.get("stage1_share", uh.CASCADE_STAGE1_SHARE)  # the cascade's split of the budget
-    stages = [("stage1", tr, seconds * (share if roi else 1.0))]
-    if roi:
-        stages.append(("stage2", uh.roi_cases(tr), seconds * (1 - share)))
-    conf = {name: stage_config(cfg, name) for name, _, _ in stages}
-    if cfg.get("coarse_size"):  # one network: whole slices below native for the share, then native for the rest
-        coarse = {**cfg, "image_size": cfg["coarse_size"]}
-        stages = [("coarse", cached(train_files, coarse, None), seconds * share), ("stage1", tr, seconds * (1 - share))]
-        conf["coarse"] = stage_config(coarse, "coarse")
-    steps = {name: steps_for(sec, cases, conf[name], seed, batch, base, out / "calibration")
-             for name, cases, sec in stages}
-    if roi and not cfg.get("coarse_size"):
-        steps = stage1_floor(steps, share, cfg.get("min_stage1_steps", uh.CASCADE_MIN_STAGE1_STEPS))
-    t0 = time.perf_counter()
-    models = {}
-    for name, cases, _ in stages:
-        models[name] = fit(cases, conf[name], seed, batch, base, steps[name], out / name,
-                           stage_init(cfg, name, models))
-    train_s = time.perf_counter() - t0
-    row = score(arm, seed, "validation", models, roi, va)
+    models, steps, roi, train_s = train_arm(cfg, train_files, seconds, seed, batch, base, run_folder(arm, seed))
+    row = score(arm, seed, "validation", models, roi, cached(val_files, cfg, None))
     row.update(seconds_budget=seconds, train_seconds=train_s, steps=steps, batch=batch, roi_size=roi,
                real_ct_liver_dice=real_ct_liver_dice(arm, models, roi), calibration_steps=CALIBRATION_STEPS,
                lesion_settings=cfg.get("lesion_settings", {}))

@@ -27,7 +27,7 @@ import unet_helpers as uh  # noqa: E402
 
 @pytest.fixture()
 def work(tmp_path, monkeypatch):
-    for mod in (bench_preprocess, bench_train, tumour_study, bench_gpu, gpu_check, real_liver):
+    for mod in (bench_preprocess, bench_train, study, tumour_study, bench_gpu, gpu_check, real_liver):
         monkeypatch.setattr(mod, "WORK", tmp_path)
     return tmp_path
 
@@ -136,7 +136,7 @@ def test_tiny_tumour_study_budget_fair_and_kept_aside(work, tmp_path, monkeypatc
     monkeypatch.setitem(tumour_study.BASE, "image_size", 32)
     monkeypatch.setattr(tumour_study, "RUNS", tumour_study.RUNS)  # main sets it; restored after the test
     # fixed steps, not 3 s of them: a slow machine's 8 steps leave stage 1 without a liver (then no stage 2 to probe)
-    monkeypatch.setattr(tumour_study, "steps_for", lambda *a, **k: 48)
+    monkeypatch.setattr(study, "steps_for", lambda *a, **k: 48)
     rows = tumour_study.main(["--arms", "baseline", "default + liver-box cascade", "--no-write", *common_args])
     # the networks are kept in the folder --runs names, not in the default one (another budget's runs stay)
     assert (tmp_path / "runs_3s" / "default_+_liver-box_cascade_0" / "stage2" / "last.pt").is_file()
@@ -243,8 +243,8 @@ def test_lesions_by_contrast_pooled_over_seeds():
 def test_new_arms_build_and_start_their_stages(work):
     deep = "stage 2 of depth 3 on 64² patches, stage 1 a fifth"
     cfg = {**tumour_study.BASE, **tumour_study.ARMS[deep]}
-    assert tumour_study.stage_config(cfg, "stage1")["depth"] is None  # stage 1: depth 4
-    assert tumour_study.stage_config(cfg, "stage2")["depth"] == 3 and tumour_study.stage_config(cfg, "stage2")["patch"]
+    assert study.stage_config(cfg, "stage1")["depth"] is None  # stage 1: depth 4
+    assert study.stage_config(cfg, "stage2")["depth"] == 3 and study.stage_config(cfg, "stage2")["patch"]
     for name, depth in (("stage1", 4), ("stage2", 3)):  # checkpoints as a finished run leaves them
         folder = tumour_study.run_folder(deep, 0) / name
         folder.mkdir(parents=True)
@@ -252,15 +252,15 @@ def test_new_arms_build_and_start_their_stages(work):
     models = tumour_study.load_models(deep, 0, base=4)  # each stage rebuilt at its own depth
     assert models["stage1"].hparams["depth"] == 4 and models["stage2"].hparams["depth"] == 3
     warm = {**tumour_study.BASE, **tumour_study.ARMS["64² patches, a fifth, stage 2 from stage 1's weights"]}
-    one = tumour_study.new_model(tumour_study.stage_config(warm, "stage1"), 0, 4)
+    one = study.new_model(study.stage_config(warm, "stage1"), 0, 4)
     with torch.no_grad():
         for p in one.parameters():
             p.add_(1.0)  # unlike any fresh initialisation
-    assert tumour_study.stage_init(warm, "stage2", {"stage1": one}) is one
-    assert tumour_study.stage_init(warm, "stage1", {}) is None  # stage 1 always starts afresh
-    assert tumour_study.stage_init(cfg, "stage2", models) is None  # as does stage 2 of an arm without stage2_init
-    two = tumour_study.new_model(tumour_study.stage_config(warm, "stage2"), 0, 4, one)
-    fresh = tumour_study.new_model(tumour_study.stage_config(warm, "stage2"), 0, 4)
+    assert study.stage_init(warm, "stage2", {"stage1": one}) is one
+    assert study.stage_init(warm, "stage1", {}) is None  # stage 1 always starts afresh
+    assert study.stage_init(cfg, "stage2", models) is None  # as does stage 2 of an arm without stage2_init
+    two = study.new_model(study.stage_config(warm, "stage2"), 0, 4, one)
+    fresh = study.new_model(study.stage_config(warm, "stage2"), 0, 4)
     assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), two.state_dict().values()))
     assert not torch.equal(fresh.inc[0].weight, one.inc[0].weight)
 
@@ -270,13 +270,13 @@ def test_mirrored_arms_mirror_stage_2_only_and_are_scored_mirrored():
     averaged over mirrors; the inference probe can still ask for a plain stage 2."""
     arm = "lesion contrast, mirrored stage 2"
     cfg = {**tumour_study.BASE, **tumour_study.ARMS[arm]}
-    tc = {name: tumour_study.train_config(tumour_study.stage_config(cfg, name), 0, 8, 40)
+    tc = {name: study.train_config(study.stage_config(cfg, name), 0, 8, 40)
           for name in ("stage1", "stage2")}
     assert tc["stage2"].augment.mirror == 0.5 and tc["stage1"].augment.mirror == 0.0
     assert tc["stage2"].augment.lesion_p == tc["stage1"].augment.lesion_p == 0.5
     assert tc["stage2"].sampling.window == 64 and tc["stage1"].sampling.window is None
     plain = {**tumour_study.BASE, **tumour_study.ARMS["stage 2 on 64² patches, stage 1 a fifth"]}
-    assert tumour_study.train_config(tumour_study.stage_config(plain, "stage2"), 0, 8, 40).augment.mirror == 0.0
+    assert study.train_config(study.stage_config(plain, "stage2"), 0, 8, 40).augment.mirror == 0.0
     models = {"stage1": torch.nn.Identity(), "stage2": torch.nn.Identity()}
     assert tumour_study.stage2_of(arm, models, 160).mirror
     assert not tumour_study.stage2_of(arm, models, 160, mirror=False).mirror
@@ -290,15 +290,15 @@ def test_arm_lesion_settings_reach_only_that_arms_training(work, tmp_path, monke
     seen = []
 
     def fake_fit(cases, cfg, seed, batch, base, steps, out, init=None):
-        seen.append(("fit", tumour_study.train_config(cfg, seed, batch, steps).augment.lesion_p))
-        return tumour_study.new_model(cfg, seed, base)
+        seen.append(("fit", study.train_config(cfg, seed, batch, steps).augment.lesion_p))
+        return study.new_model(cfg, seed, base)
 
     def fake_steps(seconds, cases, cfg, seed, batch, base, out):
-        seen.append(("calibrate", tumour_study.train_config(cfg, seed, batch, 8).augment.lesion_p))
+        seen.append(("calibrate", study.train_config(cfg, seed, batch, 8).augment.lesion_p))
         return 8
 
-    monkeypatch.setattr(tumour_study, "fit", fake_fit)
-    monkeypatch.setattr(tumour_study, "steps_for", fake_steps)
+    monkeypatch.setattr(study, "fit", fake_fit)
+    monkeypatch.setattr(study, "steps_for", fake_steps)
     monkeypatch.setitem(tumour_study.BASE, "image_size", 32)
     arms = ["lesion contrast on every tumour slice", "64² patches, a fifth, lesion contrast"]
     rows = tumour_study.main(["--arms", *arms, "--no-write", "--seconds", "3", "--seeds", "0", "--batch", "2",
@@ -373,11 +373,20 @@ def test_tiny_real_liver_study_trains_scores_and_probes(work, synthetic_dir, tmp
     assert [r["steps"] for r in curve] == [4, 8] and "| 8 | 1 |" in tables["real_liver_steps"]
 
 
-def test_study_stage1_floor_by_hand():
-    """The study splits a cascade's budget as the product does: 100 calibrated stage-1 steps at a fifth are a budget
-    of 500; a floor of 240 gives stage 1 240 and stage 2 the time of 260 of those 500 instead of 400 of them
-    (900 * 260 / 400 = 585 steps); a floor below the share changes nothing; one above half the budget is refused."""
-    assert tumour_study.stage1_floor({"stage1": 100, "stage2": 900}, 0.2, 240) == {"stage1": 240, "stage2": 585}
-    assert tumour_study.stage1_floor({"stage1": 100, "stage2": 900}, 0.2, 80) == {"stage1": 100, "stage2": 900}
-    with pytest.raises(ValueError, match="one stage"):
-        tumour_study.stage1_floor({"stage1": 100, "stage2": 900}, 0.2, 260)
+def test_study_budget_split_by_hand():
+    """The studies split a budget as the product does. Here 500 s, stage 1 calibrated at 1 step/s and stage 2 at
+    2 steps/s: a fifth gives stage 1 100 steps, a budget of 500 stage-1 steps; a floor of 240 gives stage 1 240
+    and stage 2 the time of the other 260 (520 steps); a floor below the share changes nothing (stage 2: 400 s,
+    800 steps); one above half the budget trains one stage for all 500 s."""
+    rate = {"coarse": 4, "stage1": 1, "stage2": 2}
+
+    def calibrate(name, seconds):
+        return int(seconds * rate[name])
+
+    cascade = {"cascade": True, "stage1_share": 0.2}
+    assert study.budget_split({**cascade, "min_stage1_steps": 240}, calibrate, 500) == {"stage1": 240, "stage2": 520}
+    assert study.budget_split({**cascade, "min_stage1_steps": 80}, calibrate, 500) == {"stage1": 100, "stage2": 800}
+    assert study.budget_split({**cascade, "min_stage1_steps": 260}, calibrate, 500) == {"stage1": 500}
+    assert study.budget_split({"cascade": False}, calibrate, 500) == {"stage1": 500}
+    coarse = {"cascade": False, "stage1_share": 0.2, "coarse_size": 128}
+    assert study.budget_split(coarse, calibrate, 500) == {"coarse": 400, "stage1": 400}  # 100 s x 4, 400 s x 1

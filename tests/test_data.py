@@ -561,7 +561,7 @@ def test_resolve_settings_presets_and_recipe():
     s, _ = uh.resolve_settings(base, torch.device("cpu"), False)
     assert s["LOSS"] == s["RECIPE_SETTINGS"]["loss"] == "dice_ce"
     s, _ = uh.resolve_settings({**base, "LOSS": "tversky_ce"}, torch.device("cpu"), False)
-    assert s["RECIPE_SETTINGS"]["loss"] == "tversky_ce" and uh.RECIPES["default"]["loss"] == "dice_ce"
+    assert s["RECIPE_SETTINGS"]["loss"] == "tversky_ce" and uh.recipe("default")["loss"] == "dice_ce"  # a copy
     with pytest.raises(ValueError, match="LOSS must be one of"):
         uh.resolve_settings({**base, "LOSS": "mse"}, torch.device("cpu"), False)
     # the default's stage 2 trains on windows 0.4 of its box: 0.4 x 160 = 64 (a multiple of 2^4, the quick depth)
@@ -569,7 +569,6 @@ def test_resolve_settings_presets_and_recipe():
     assert s["ROI_SIZE"] == 160 and s["PATCH_SIZE"] == 64 and any(n.startswith("PATCH_SIZE = 64") for n in notes)
     assert s["RECIPE_SETTINGS"]["stage2_window_fraction"] == 0.4 and s["CASCADE_CORE_MM"] == uh.CASCADE_CORE_MM == 2.0
     assert s["RECIPE_SETTINGS"]["stage1_share"] == 0.2  # and stage 1 a fifth of the epochs: 20 -> 4 + 16
-    assert s["RECIPE_SETTINGS"]["stage2_mirror"] and s["RECIPE_SETTINGS"]["lesion_augment"]  # §5k
     assert any("stage 1 (liver box) trains 4 epochs, stage 2 (liver box at native resolution) 16" in n for n in notes)
     s, _ = uh.resolve_settings({**base, "DEPTH": 5}, torch.device("cpu"), False, (512, 512, 48))
     assert s["ROI_SIZE"] == 320 and s["PATCH_SIZE"] == 128  # 0.4 x 320 = 128 = 4 x 32

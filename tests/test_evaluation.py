@@ -799,7 +799,3 @@ def test_postprocess_drops_tumour_specks_under_the_floor():
     with pytest.raises(ValueError, match="spacing"):
         uh.postprocess(pred, min_tumor_ml=0.1)
     assert uh.drop_small_tumor(pred, spacing, 0.0) is pred
-
-
-def test_default_recipe_drops_tumour_under_a_tenth_of_a_millilitre():
-    assert uh.recipe("default")["min_tumor_ml"] == 0.1 and uh.recipe("baseline")["min_tumor_ml"] == 0.0

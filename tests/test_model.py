@@ -508,6 +508,28 @@ def test_roi_cache_and_stage2_view(synthetic_dir, tmp_path):
         uh.roi_cases(plain)
 
 
+def test_train_stage2_trains_the_liver_boxes_with_the_recipes_stage2_settings(synthetic_dir, tmp_path):
+    """Stage 2 trains on the liver boxes (48² here), on 16² windows with (48 / 16)² = 9 times the whole boxes'
+    steps per epoch, mirrored as the recipe says; the checkpoint EVAL_CHECKPOINT names is the one loaded."""
+    cases = uh.preprocess_dataset(uh.find_cases(synthetic_dir)[:3], tmp_path / "cache", 32, workers=0,
+                                  progress=False, roi_size=48)
+    rec = uh.recipe("default")
+    s = {"RECIPE_SETTINGS": rec, "GPUS": 1, "CONTEXT_SLICES": 3, "SEED": 0, "DETERMINISTIC": True, "BASE_CHANNELS": 4,
+         "DEPTH": 2, "STEPS_PER_EPOCH": 2, "BATCH_SIZE": 4, "ROI_SIZE": 48, "PATCH_SIZE": 16, "LR": 1e-3,
+         "RESUME": False, "EVAL_CHECKPOINT": "last", "CASCADE_CORE_MM": 2.0}
+    stage2, history, epoch = uh.train_stage2(cases[:2], cases[2:], s, 2, tmp_path / "run", {"RECIPE": "x"},
+                                             torch.device("cpu"))
+    assert len(history) == 2 and epoch == 2 and stage2.roi_size == 48 and stage2.mirror and stage2.average_liver
+    ck = uh.load_checkpoint(tmp_path / "run" / "stage2" / "last.pt")
+    assert ck["run"] == {"RECIPE": "x", "stage": 2}
+    assert ck["train_config"]["steps_per_epoch"] == 2 * 9 and ck["train_config"]["sampling"]["window"] == 16
+    assert ck["train_config"]["augment"]["mirror"] == 0.5  # stage 2 of the default: mirrored windows
+    for name, w in stage2.model.state_dict().items():
+        assert torch.equal(w, ck["model"][name]), name
+    data, index, _, _ = uh.make_slice_sets(uh.roi_cases(cases[:2]), uh.roi_cases(cases[2:]), s, torch.device("cpu"))
+    assert data.images.shape[1:] == (48, 48) and len(index) <= len(data)
+
+
 class _Threshold(torch.nn.Module):
     """A stand-in stage-2 model: liver where the centre channel is bright."""
 
