@@ -1499,6 +1499,9 @@ def lesion_contrasts(image: np.ndarray, label: np.ndarray, liver_level: float | 
     return comps, np.asarray(ndimage.mean(image, comps, np.arange(1, n + 1)), np.float64).reshape(n) - liver
 
 
+CONTRAST_GROUPS = ("hypodense", "faint", "hyperdense")  # contrast_group's 0, 1, 2
+
+
 def contrast_group(deltas_hu: np.ndarray, band_hu: float = LESION_BAND_HU) -> np.ndarray:
     """0 hypodense (below ``-band_hu``), 1 faint (within the band), 2 hyperdense (above ``+band_hu``)."""
     return np.where(deltas_hu < -band_hu, 0, np.where(deltas_hu > band_hu, 2, 1))
@@ -2845,7 +2848,7 @@ def match_lesions(inter: np.ndarray) -> list[tuple[list[int], list[int]]]:
 
 
 def lesion_detection(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
-                     iou_threshold: float = 0.5) -> dict:
+                     iou_threshold: float = 0.5, hu: np.ndarray | None = None) -> dict:
     """Lesion-level detection of one case, as LiTS counts it (tumour = label 2).
 
     Lesions are connected tumour components (face neighbours, scipy's default, as in the LiTS evaluation
@@ -2855,11 +2858,12 @@ def lesion_detection(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[floa
     (:func:`lesion_rates`). Two places where the published script departs from its own description are not
     copied: some versions take the union against the wrong label ids, and an undetected merged group subtracts
     its merge count from the detections. Any-overlap detection (a lesion touched by one predicted voxel counts)
-    is kept beside it as ``detected_any`` / ``n_pred_matched``.
+    is kept beside it as ``detected_any`` / ``n_pred_matched``. With the CT in HU (``hu``, the truth's grid), each
+    reference lesion also gets its contrast: its mean HU minus the liver's median (label 1), NaN without liver.
 
     Returns:
-        ``{"lesions": [{"volume_ml", "detected", "detected_any", "iou"}, ...] (one per reference lesion,
-        ``detected`` when its group is; ``iou`` of its group, 0 outside any), "groups": [{"n_ref", "n_pred",
+        ``{"lesions": [{"volume_ml", "detected", "detected_any", "iou"[, "contrast_hu"]}, ...] (one per reference
+        lesion, ``detected`` when its group is; ``iou`` of its group, 0 outside any), "groups": [{"n_ref", "n_pred",
         "iou", "dice", "detected"}, ...], "n_pred": predicted lesions, "n_pred_matched": those overlapping any
         reference lesion}``.
     """
@@ -2883,6 +2887,11 @@ def lesion_detection(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[floa
     voxel_ml = float(np.prod(spacing)) / 1000.0
     lesions = [{"volume_ml": float(ref_size[g + 1] * voxel_ml), "detected": bool(found[g]),
                 "detected_any": bool(inter[:, g].any()), "iou": float(iou_of_ref[g])} for g in range(n_ref)]
+    if hu is not None and n_ref:
+        liver = float(np.median(hu[truth == 1])) if (truth == 1).any() else float("nan")
+        means = ndimage.mean(hu.astype(np.float64), ref, np.arange(1, n_ref + 1))
+        for les, m in zip(lesions, np.atleast_1d(means)):
+            les["contrast_hu"] = float(m) - liver
     return {"lesions": lesions, "groups": groups, "n_pred": int(n_hyp), "n_pred_matched": int(inter.any(1).sum())}
 
 
@@ -2944,15 +2953,20 @@ def _f1(precision: float, recall: float) -> float:
 
 def lesion_summary(results: Sequence[dict]) -> dict:
     """:func:`lesion_rates` of some cases' :func:`lesion_detection` results, with recall by reference lesion volume
-    (< 1 mL, 1–10 mL, > 10 mL; the share of a bin's lesions whose group is detected; NaN for an empty bin) and
-    the counts per bin."""
+    (< 1 mL, 1–10 mL, > 10 mL; the share of a bin's lesions whose group is detected; NaN for an empty bin) and by
+    contrast group (:data:`CONTRAST_GROUPS`, where the lesions carry ``contrast_hu``), and the counts of each."""
     lesions = [les for r in results for les in r["lesions"]]
     binned = {name: [les for les in lesions if lesion_volume_bin(les["volume_ml"]) == name]
               for name in LESION_VOLUME_BINS}
-    return {**lesion_rates([lesion_counts(r) for r in results]),
-            "lesion_recall_by_volume": {k: _ratio(sum(les["detected"] for les in v), len(v))
-                                        for k, v in binned.items()},
-            "lesion_count_by_volume": {k: len(v) for k, v in binned.items()}}
+    measured = [les for les in lesions if not math.isnan(les.get("contrast_hu", float("nan")))]
+    groups = contrast_group(np.array([les["contrast_hu"] for les in measured]))
+    by_contrast = {name: [les for les, g in zip(measured, groups) if g == k] for k, name in enumerate(CONTRAST_GROUPS)}
+    out = lesion_rates([lesion_counts(r) for r in results])
+    for key, parts in (("volume", binned), ("contrast", by_contrast)):
+        out[f"lesion_recall_by_{key}"] = {k: _ratio(sum(les["detected"] for les in v), len(v))
+                                          for k, v in parts.items()}
+        out[f"lesion_count_by_{key}"] = {k: len(v) for k, v in parts.items()}
+    return out
 
 
 def bootstrap_ci(values: Iterable[float], n_boot: int = 10000, seed: int = 0,
@@ -3257,9 +3271,10 @@ def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, 
 
     With ``stage2`` (the cascade), stage 1's prediction is refined in its liver box by
     :func:`predict_cascade`; this decodes each validation NIfTI once more for its full-resolution
-    slices.  ``batch_size`` None picks :func:`inference_batch_size` for the device.  With
-    ``save_dir``, every prediction is written as ``<case>_pred.nii.gz`` in its input's own grid
-    and header (:func:`save_prediction`), for re-scoring with any other tool.
+    slices (as it does for a case with tumour, for the contrast of each lesion).  ``batch_size`` None picks
+    :func:`inference_batch_size` for the device.  With ``save_dir``, every prediction is written as
+    ``<case>_pred.nii.gz`` in its input's own grid and header (:func:`save_prediction`), for re-scoring with
+    any other tool.
 
     Returns:
         ``{"per_case": [...], "summary": {...}, "lesions": [...], "predictions": {case_id: (X, Y, Z) uint8}}``;
@@ -3272,11 +3287,12 @@ def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, 
     for c in tqdm(cases, desc="evaluate (3D)", unit="case", disable=not progress):
         truth, spacing = c.label_full, c.meta["spacing"]
         raw, fg = _predict_stage1(model, c.image, truth.shape[:2], context, device, batch_size, amp, stage2)
-        if stage2 is not None:
-            full = window_hu(load_case(c.meta["image_path"]).image, c.meta["hu_window"])
-            raw = predict_cascade(raw, full, spacing, stage2, context, device, batch_size, amp, fg)
+        hu = load_case(c.meta["image_path"]).image if stage2 is not None or (truth == 2).any() else None
+        if stage2 is not None:  # the full-resolution slices of the liver box
+            raw = predict_cascade(raw, window_hu(hu, c.meta["hu_window"]), spacing, stage2, context, device,
+                                  batch_size, amp, fg)
         final = postprocess(raw, spacing, min_tumor_ml) if postprocess_pred else raw
-        lesions.append({"case": c.case_id, **lesion_detection(final, truth, spacing)})
+        lesions.append({"case": c.case_id, **lesion_detection(final, truth, spacing, hu=hu)})
         rows.append({"case": c.case_id, **_score_with_raw(raw, final, truth, spacing, lesions[-1])})
         if save_dir is not None:
             save_prediction(final, c.meta["image_path"], Path(save_dir) / f"{c.case_id}_pred.nii.gz")
@@ -3671,8 +3687,9 @@ def json_safe(value: Any) -> Any:
 # =============================================================================================
 
 def show_slice(slice_xy: np.ndarray) -> np.ndarray:
-    """Turn an RAS+ axial slice ``vol[:, :, z]`` into radiological view (patient right on the left)."""
-    return slice_xy.T[::-1, ::-1]
+    """Turn an RAS+ axial slice ``vol[:, :, z]`` (or an (X, Y, channels) image of it) into radiological view
+    (patient right on the left)."""
+    return np.swapaxes(slice_xy, 0, 1)[::-1, ::-1]
 
 
 def _save(fig, output_dir: str | os.PathLike | None, name: str) -> None:
@@ -3741,26 +3758,46 @@ def show_batch(x: torch.Tensor, y: torch.Tensor, n: int = 8, title: str = ""):
     return fig
 
 
-def plot_history(history: list[dict], output_dir: str | os.PathLike | None = None, title: str = ""):
-    """Training curves: CE and Dice loss (train/val) and per-class validation Dice per epoch."""
+def plot_history(history: list[dict], output_dir: str | os.PathLike | None = None, title: str = "",
+                 stage2_history: list[dict] | None = None, scored: Sequence[int] = ()):
+    """Training curves: cross-entropy and Dice loss (training solid, validation dashed) and the per-epoch 2D
+    validation Dice, per epoch.
+
+    Args:
+        history, stage2_history: :func:`train`'s histories; stage 2's epochs follow stage 1's on the same axis,
+            after a dotted line. With a stage 2, stage 1's tumour Dice is left out: stage 1 only finds the liver.
+        scored: epochs, counted over both stages from 1, whose checkpoints are evaluated (marked).
+    """
     import matplotlib.pyplot as plt
-    ep = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for key, style in (("train_ce", "-"), ("val_ce", "--")):
-        if key in history[0]:
-            axes[0].plot(ep, [h[key] for h in history], style, label=key)
-    for key, style in (("train_dice_loss", "-"), ("val_dice_loss", "--")):
-        if key in history[0]:
-            axes[1].plot(ep, [h[key] for h in history], style, label=key)
-    for key, color in (("val_dice_liver_2d", "tab:green"), ("val_dice_tumor_2d", "tab:red"),
-                       ("val_dice_mean_2d", "k")):
-        if key in history[0]:
-            axes[2].plot(ep, [h[key] for h in history], color=color, label=key.replace("val_dice_", ""))
-    for ax, t in zip(axes, ("cross-entropy", "Dice loss", "validation Dice (2D, pooled slices)")):
-        ax.set_title(t)
-        ax.set_xlabel("epoch")
-        ax.legend()
+    stages = [(history, 0, stage2_history is not None)]
+    if stage2_history:
+        stages.append((stage2_history, len(history), False))
+    curves = [(0, "train_ce", "-", "tab:blue", "training"), (0, "val_ce", "--", "tab:blue", "validation"),
+              (1, "train_dice_loss", "-", "tab:orange", "training"),
+              (1, "val_dice_loss", "--", "tab:orange", "validation"),
+              (2, "val_dice_liver_2d", "-", "tab:green", "liver"), (2, "val_dice_tumor_2d", "-", "tab:red", "tumour"),
+              (2, "val_dice_mean_2d", "-", "k", "mean")]
+    labelled = set()
+    for hist, offset, liver_only in stages:
+        ep = [offset + h["epoch"] for h in hist]
+        for panel, key, style, colour, name in curves:
+            if key in hist[0] and not (liver_only and key in ("val_dice_tumor_2d", "val_dice_mean_2d")):
+                axes[panel].plot(ep, [h[key] for h in hist], style, color=colour,
+                                 label=None if key in labelled else name)
+                labelled.add(key)
+    for ax, name in zip(axes, ("cross-entropy", "Dice loss", "validation Dice (2D, pooled slices)")):
+        if stage2_history:
+            ax.axvline(len(history) + 0.5, color="grey", ls=":", lw=1)
+            ax.text(len(history) + 0.6, 0.98, "stage 2 (liver boxes)", transform=ax.get_xaxis_transform(),
+                    fontsize=8, va="top", color="grey")
+        for e in scored:
+            ax.axvline(e, color="purple", lw=1, alpha=0.6)
+        ax.set(title=name, xlabel="epoch" + (" (stage 1, then stage 2)" if stage2_history else ""))
         ax.grid(alpha=0.3)
+    axes[2].plot([], [], color="purple", alpha=0.6, label="scored checkpoint" + ("s" if len(scored) > 1 else ""))
+    for ax in axes:
+        ax.legend(fontsize=8)
     axes[2].set_ylim(0, 1)
     fig.suptitle(title)
     fig.tight_layout()
@@ -3769,77 +3806,143 @@ def plot_history(history: list[dict], output_dir: str | os.PathLike | None = Non
 
 
 def plot_per_case(per_case: list[dict], output_dir: str | os.PathLike | None = None, title: str = ""):
-    """Per-case 3D Dice for liver (label ≥ 1, LiTS) and tumour (tumour-free cases marked), sorted by liver Dice."""
+    """Per-case 3D Dice, liver (label ≥ 1, LiTS) and tumour, sorted by tumour Dice, each value printed; the
+    tumour-free cases last, with the tumour they were wrongly given (mL)."""
     import matplotlib.pyplot as plt
-    rows = sorted(per_case, key=lambda r: r["dice_liver_lits"])
+    rows = sorted(per_case, key=lambda r: (not r["has_tumor"], r["dice_tumor"] if r["has_tumor"] else 0))
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 2), 3.8))
-    ax.bar(x - 0.2, [r["dice_liver_lits"] for r in rows], 0.4, color="tab:green", label="liver (label ≥ 1)")
-    ax.bar(x + 0.2, [0 if math.isnan(r["dice_tumor"]) else r["dice_tumor"] for r in rows], 0.4,
-           color="tab:red", label="tumour")
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4))
+    liver = [r["dice_liver_lits"] for r in rows]
+    tumour = [r["dice_tumor"] if r["has_tumor"] else 0.0 for r in rows]
+    ax.bar(x - 0.2, liver, 0.4, color="tab:green", label="liver (label ≥ 1)")
+    ax.bar(x + 0.2, tumour, 0.4, color="tab:red", label="tumour")
     for i, r in enumerate(rows):
-        if not r["has_tumor"]:
-            ax.text(i + 0.2, 0.02, "no tumour", rotation=90, fontsize=7, ha="center", va="bottom")
+        ax.text(i - 0.2, liver[i] + 0.01, f"{liver[i]:.2f}", ha="center", fontsize=7, rotation=90, va="bottom")
+        ax.text(i + 0.2, tumour[i] + 0.01, f"{tumour[i]:.2f}" if r["has_tumor"] else
+                f"no tumour; {r['fp_tumor_ml']:.1f} mL called", ha="center", fontsize=7, rotation=90, va="bottom")
     ax.set_xticks(x, [r["case"] for r in rows], rotation=60, fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("3D Dice")
-    ax.legend(loc="lower right")
-    ax.set_title(title or "per-case 3D Dice (validation)")
+    ax.set(ylim=(0, 1.25), ylabel="3D Dice", title=title or "per-case 3D Dice (validation), by tumour Dice")
+    ax.legend(loc="upper left", fontsize=8, ncols=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     _save(fig, output_dir, "per_case_dice.png")
     return fig
 
 
+OVERLAY_COLOURS = {"tumour found": (1.0, 0.85, 0.0), "tumour missed": (0.0, 0.8, 1.0),
+                   "false tumour": (1.0, 0.0, 1.0)}  # true positive, false negative, false positive
+
+
+def _overlay(ax, ct: np.ndarray, truth: np.ndarray, pred: np.ndarray, box: tuple[int, int, int, int]) -> None:
+    """One axial slice in radiological view, cropped to ``box`` (x0, x1, y0, y1): the liver's outline, true
+    (solid) and predicted (dashed), and the tumour's true positives, misses and false positives in colour."""
+    x0, x1, y0, y1 = box
+    ct, truth, pred = ct[x0:x1, y0:y1], truth[x0:x1, y0:y1], pred[x0:x1, y0:y1]
+    ax.imshow(show_slice(ct), cmap="gray", vmin=0, vmax=1)
+    rgba = np.zeros((*truth.shape, 4))
+    for (_name, colour), mask in zip(OVERLAY_COLOURS.items(), ((truth == 2) & (pred == 2), (truth == 2) & (pred != 2),
+                                                               (truth != 2) & (pred == 2))):
+        rgba[mask] = (*colour, 0.55)
+    ax.imshow(show_slice(rgba))
+    for lab, style in ((truth, "solid"), (pred, "dashed")):
+        if (lab >= 1).any():
+            ax.contour(show_slice(lab >= 1), levels=[0.5], colors="lime", linewidths=1, linestyles=style)
+    ax.axis("off")
+
+
+def _liver_crop(truth: np.ndarray, pred: np.ndarray, margin: int = 12) -> tuple[int, int, int, int]:
+    """The in-plane box (x0, x1, y0, y1) around the true liver of (X, Y[, Z]) labels, plus ``margin``; around the
+    predicted liver where the truth has none; the whole slice where neither has."""
+    def liver(lab):
+        return (lab >= 1).any(axis=2) if lab.ndim == 3 else lab >= 1
+    fg = liver(truth) if liver(truth).any() else liver(pred)
+    if not fg.any():
+        return 0, fg.shape[0], 0, fg.shape[1]
+    xs, ys = np.flatnonzero(fg.any(1)), np.flatnonzero(fg.any(0))
+    return (max(0, xs[0] - margin), min(fg.shape[0], xs[-1] + 1 + margin),
+            max(0, ys[0] - margin), min(fg.shape[1], ys[-1] + 1 + margin))
+
+
+def _overlay_legend(fig) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    handles = [Patch(color=c, label=n) for n, c in OVERLAY_COLOURS.items()]
+    handles += [Line2D([], [], color="lime", label="liver, truth"), Line2D([], [], color="lime", ls="--",
+                                                                            label="liver, prediction")]
+    fig.legend(handles=handles, loc="lower center", ncols=5, fontsize=8, frameon=False)
+
+
+def _full_slice(case: CachedCase, z: int, shape: tuple[int, int]) -> np.ndarray:
+    """The case's network slice ``z`` resized to the label grid's in-plane ``shape``."""
+    return _resize2d(np.asarray(case.image[z], np.float32), shape)
+
+
 def plot_overlays(cases: Sequence[CachedCase], predictions: dict, per_case: list[dict],
-                  output_dir: str | os.PathLike | None = None, title: str = "",
-                  hu_window: Sequence[float] = DEFAULT_HU_WINDOW):
-    """Worst, median and best validation case: CT with ground-truth and predicted contours.
+                  output_dir: str | os.PathLike | None = None, title: str = ""):
+    """The worst, median and best validation case, each at its slice with the most tumour, zoomed on the liver:
+    truth and prediction in one panel (:func:`_overlay`), the case's 3D Dice in the title.
 
-    Cases are ranked by ``dice_mean`` (mean of liver and tumour Dice), so only cases with tumour
-    compete; without any, by liver Dice (label ≥ 1).
-
-    Each row shows the slice with the most tumour (or liver) of the case: CT, ground truth
-    (green liver, red tumour), prediction (same colours), radiological view.
+    Cases are ranked by ``dice_mean`` (mean of liver and tumour Dice), so only cases with tumour compete; without
+    any, by liver Dice (label ≥ 1).
     """
     import matplotlib.pyplot as plt
     key = "dice_mean" if any(not math.isnan(r["dice_mean"]) for r in per_case) else "dice_liver_lits"
     ranked = sorted((r for r in per_case if not math.isnan(r[key])), key=lambda r: r[key])
     picks = {"worst": ranked[0], "median": ranked[len(ranked) // 2], "best": ranked[-1]}
     by_id = {c.case_id: c for c in cases}
-    fig, axes = plt.subplots(3, 3, figsize=(11, 11))
-    for row_axes, (name, r) in zip(axes, picks.items()):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 5))
+    for ax, (name, r) in zip(axes, picks.items()):
         c = by_id[r["case"]]
         truth, pred = np.asarray(c.label_full), predictions[r["case"]]
-        per_slice = (truth == 2).sum((0, 1)) * 1000 + (truth >= 1).sum((0, 1))
-        z = int(per_slice.argmax())
-        ct = _resize2d(np.asarray(c.image[z], np.float32), truth.shape[:2])
-        for ax, lab, t in zip(row_axes, (None, truth[:, :, z], pred[:, :, z]), ("CT", "ground truth", "prediction")):
-            ax.imshow(show_slice(ct), cmap="gray", vmin=0, vmax=1)
-            if lab is not None:
-                ax.contour(show_slice(lab >= 1), levels=[0.5], colors="lime", linewidths=1)
-                if (lab == 2).any():
-                    ax.contour(show_slice(lab == 2), levels=[0.5], colors="red", linewidths=1)
-            ax.set_title(f"{name}: {r['case']} z={z} — {t}" if t == "CT" else t, fontsize=9)
-            ax.axis("off")
-        row_axes[2].text(0.01, 0.01, f"liver {r['dice_liver']:.2f}  tumour "
-                         + ("n/a" if math.isnan(r["dice_tumor"]) else f"{r['dice_tumor']:.2f}"),
-                         transform=row_axes[2].transAxes, color="yellow", fontsize=9, va="bottom")
-    fig.suptitle(title or "validation cases: worst, median, best (green liver, red tumour)")
-    fig.tight_layout()
+        z = int(((truth == 2).sum((0, 1)) * 1000 + (truth >= 1).sum((0, 1))).argmax())
+        _overlay(ax, _full_slice(c, z, truth.shape[:2]), truth[:, :, z], pred[:, :, z],
+                 _liver_crop(truth[:, :, z], pred[:, :, z]))
+        tumour = "no tumour" if math.isnan(r["dice_tumor"]) else f"tumour {r['dice_tumor']:.2f}"
+        ax.set_title(f"{name}: {r['case']}, z={z}\nDice liver {r['dice_liver_lits']:.2f}, {tumour}", fontsize=9)
+    _overlay_legend(fig)
+    fig.suptitle(title or "validation cases: worst, median, best")
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     _save(fig, output_dir, "overlays.png")
     return fig
 
 
+def plot_montage(case: CachedCase, prediction: np.ndarray, n: int = 6, output_dir: str | os.PathLike | None = None,
+                 title: str = ""):
+    """Up to ``n`` slices of one case with the most tumour (liver where it has none), in slice order, zoomed on its
+    liver (one box for all), truth and prediction as in :func:`plot_overlays`, each slice's tumour Dice above it."""
+    import matplotlib.pyplot as plt
+    truth = np.asarray(case.label_full)
+    tumour, liver = (truth == 2).sum((0, 1)), (truth >= 1).sum((0, 1))
+    score = tumour if tumour.any() else liver
+    zs = sorted(z for z in np.argsort(score)[::-1][:n].tolist() if score[z] > 0) or [len(score) // 2]
+    box = _liver_crop(truth[:, :, zs], prediction[:, :, zs])
+    cols = min(3, len(zs))
+    rows = -(-len(zs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.8 * rows + 0.8), squeeze=False)
+    for ax, z in zip(axes.flat, zs):
+        t, p = truth[:, :, z], prediction[:, :, z]
+        _overlay(ax, _full_slice(case, z, truth.shape[:2]), t, p, box)
+        ax.set_title(f"z={z}: tumour Dice {dice(p == 2, t == 2):.2f}" if (t == 2).any() else f"z={z}: no tumour",
+                     fontsize=9)
+    for ax in list(axes.flat)[len(zs):]:
+        ax.axis("off")
+    _overlay_legend(fig)
+    fig.suptitle(title or f"{case.case_id}: the slices with the most tumour")
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    _save(fig, output_dir, "montage.png")
+    return fig
+
+
 def plot_lesions(lesions: Sequence[dict], output_dir: str | os.PathLike | None = None, title: str = ""):
-    """Reference lesions by volume, detected vs missed (log scale), and recall per volume bin.
+    """Reference lesions by volume, detected vs missed (log scale), and the recall by volume bin and by contrast
+    group (hypodense, faint, hyperdense: the sampler's groups), with the number of lesions under each bar.
 
     Args:
         lesions: :func:`lesion_detection` results, one per case (``evaluate(...)["lesions"]``).
     """
     import matplotlib.pyplot as plt
     flat = [les for r in lesions for les in r["lesions"]]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.2), gridspec_kw={"width_ratios": [3, 1.3]})
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(14, 3.4), gridspec_kw={"width_ratios": [2.6, 1.2, 1.2]})
     rng = np.random.default_rng(0)
     for detected, colour, name in ((True, "tab:green", "detected"), (False, "tab:red", "missed")):
         vols = [les["volume_ml"] for les in flat if les["detected"] == detected]
@@ -3852,12 +3955,14 @@ def plot_lesions(lesions: Sequence[dict], output_dir: str | os.PathLike | None =
     ax.set_xlabel("reference lesion volume (mL)")
     ax.legend(loc="center right", fontsize=8)
     summ = lesion_summary(lesions)
-    recall = [summ["lesion_recall_by_volume"][k] for k in LESION_VOLUME_BINS]
-    bx.bar(LESION_VOLUME_BINS, [0 if math.isnan(v) else v for v in recall], color="tab:blue")
-    for i, k in enumerate(LESION_VOLUME_BINS):
-        bx.text(i, 0.02, f"n={summ['lesion_count_by_volume'][k]}", ha="center", fontsize=8, color="white")
-    bx.set_ylim(0, 1)
-    bx.set_ylabel("lesion recall")
+    for axis, key, names, colour in ((bx, "volume", LESION_VOLUME_BINS, "tab:blue"),
+                                     (cx, "contrast", CONTRAST_GROUPS, "tab:purple")):
+        recall, counts = summ[f"lesion_recall_by_{key}"], summ[f"lesion_count_by_{key}"]
+        axis.bar(names, [0 if math.isnan(recall[k]) else recall[k] for k in names], color=colour)
+        for i, k in enumerate(names):
+            axis.text(i, 0.02, f"n={counts[k]}", ha="center", fontsize=8, color="white" if recall[k] > 0.1 else "k")
+        axis.set(ylim=(0, 1), ylabel="lesion recall", title=f"by {key}")
+        axis.tick_params(axis="x", labelsize=8)
     fig.suptitle(title or "lesion detection as LiTS counts it (IoU > 0.5 after merges and splits)")
     fig.tight_layout()
     _save(fig, output_dir, "lesions.png")
@@ -3866,12 +3971,9 @@ def plot_lesions(lesions: Sequence[dict], output_dir: str | os.PathLike | None =
 
 def plot_cascade(case: CachedCase, stage1: torch.nn.Module, stage2: Stage2, context: int,
                  device: torch.device | str = "cpu", output_dir: str | os.PathLike | None = None, title: str = ""):
-    """What the cascade does on one case: stage 1's liver box, what stage 2 receives, what it returns.
-
-    Panels, at the slice with the most tumour: the full-resolution slice with stage 1's liver
-    contour and the box; the box as stage 2 sees it, with the true contours; stage 2's labels
-    pasted on it.
-    """
+    """What the cascade does on one case, at the slice of its liver box with the most tumour: (1) stage 1's labels
+    on the full-resolution slice, with the box they give; (2) the box as stage 2 sees it, the truth outlined;
+    (3) the full slice after stage 2's labels are pasted back (green liver, red tumour)."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
     truth = np.asarray(case.label_full)
@@ -3888,17 +3990,17 @@ def plot_cascade(case: CachedCase, stage1: torch.nn.Module, stage2: Stage2, cont
         raise ValueError(f"{case.case_id} has no liver in its label: pick a case with liver to show the cascade")
     x0, x1, y0, y1, z0, z1 = box
     refined = predict_cascade(coarse, full, case.meta["spacing"], stage2, context, device, stage1_fg=fg)
-    inner = refined[x0:x1, y0:y1, z0:z1]
     inside = truth[x0:x1, y0:y1, z0:z1]
     k = int(np.lexsort(((inside >= 1).sum((0, 1)), (inside == 2).sum((0, 1))))[-1])  # most tumour, then liver
     z = z0 + k
     crop_k = np.asarray(crop[k], np.float32)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
-    panels = ((full[:, :, z], coarse[:, :, z], f"stage 1 ({case.image.shape[1]}²): liver box, z={z}"),
+    panels = ((full[:, :, z], coarse[:, :, z], f"1. stage 1 ({case.image.shape[1]}² input), z={z}:\n"
+               "its labels and the liver box"),
               (_resize2d(crop_k, (x1 - x0, y1 - y0)), truth[x0:x1, y0:y1, z],
-               f"stage 2 input: the {x1 - x0}×{y1 - y0} box at native resolution"
-               + ("" if x1 - x0 <= stage2.roi_size else f" (resized to {stage2.roi_size}²)") + "; truth"),
-              (_resize2d(crop_k, (x1 - x0, y1 - y0)), inner[:, :, k], "the cascade's labels in the box"))
+               f"2. stage 2's input: the {x1 - x0}×{y1 - y0} box at native pixels"
+               + ("" if x1 - x0 <= stage2.roi_size else f"\n(resized to {stage2.roi_size}²)") + ", truth outlined"),
+              (full[:, :, z], refined[:, :, z], "3. stage 2's labels\npasted back into the full slice"))
     for ax, (img, lab, name) in zip(axes, panels):
         ax.imshow(show_slice(img), cmap="gray", vmin=0, vmax=1)
         ax.contour(show_slice(lab >= 1), levels=[0.5], colors="lime", linewidths=1)
@@ -3907,9 +4009,10 @@ def plot_cascade(case: CachedCase, stage1: torch.nn.Module, stage2: Stage2, cont
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     nx, ny = full.shape[:2]  # show_slice puts voxel (x, y) at column nx-1-x, row ny-1-y
-    axes[0].add_patch(Rectangle((nx - x1 - 0.5, ny - y1 - 0.5), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1.5))
+    for ax in (axes[0], axes[2]):
+        ax.add_patch(Rectangle((nx - x1 - 0.5, ny - y1 - 0.5), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1.5))
     fig.suptitle((title or f"cascade on {case.case_id} (green liver, red tumour)") + note)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     _save(fig, output_dir, "cascade.png")
     return fig
 

@@ -233,7 +233,7 @@ def score(arm: str, seed: int, set_name: str, models: dict, roi: int | None, cas
             "lesion_recall_by_volume": ev["summary"]["lesion_recall_by_volume"], "per_case": per_case}
 
 
-GROUPS = ("hypodense", "faint", "hyperdense")  # uh.contrast_group's 0, 1, 2
+GROUPS = uh.CONTRAST_GROUPS  # uh.contrast_group's 0, 1, 2
 
 
 def by_contrast(arm: str, seed: int, set_name: str, models: dict, roi: int | None, files: list) -> dict:

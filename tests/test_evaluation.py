@@ -363,6 +363,27 @@ def test_lesion_summary_pooled_by_hand():
     assert dict(s["lesion_count_by_volume"]) == {"<1 mL": 1, "1-10 mL": 3, ">10 mL": 1}
 
 
+def test_lesion_contrast_and_recall_by_contrast_group_by_hand():
+    """Liver at 100 HU (its median); three lesions at 50, 110 and 150 HU: -50 (hypodense), +10 (within the 15 HU
+    band: faint), +50 (hyperdense). The prediction finds the first only."""
+    truth = np.zeros((12, 4, 4), np.uint8)
+    hu = np.zeros(truth.shape, np.float32)
+    truth[:, 1:3, 1:3], hu[:, 1:3, 1:3] = 1, 100.0
+    for x, level in ((1, 50.0), (5, 110.0), (9, 150.0)):  # one 2-voxel lesion per level, apart from the others
+        truth[x:x + 2, 1, 1], hu[x:x + 2, 1, 1] = 2, level
+    pred = truth.copy()
+    pred[5:7, 1, 1] = pred[9:11, 1, 1] = 1
+    det = uh.lesion_detection(pred, truth, (1.0, 1.0, 1.0), hu=hu)
+    assert [les["contrast_hu"] for les in det["lesions"]] == pytest.approx([-50.0, 10.0, 50.0])
+    assert [les["detected"] for les in det["lesions"]] == [True, False, False]
+    s = uh.lesion_summary([det])
+    assert s["lesion_recall_by_contrast"] == {"hypodense": 1.0, "faint": 0.0, "hyperdense": 0.0}
+    assert s["lesion_count_by_contrast"] == {"hypodense": 1, "faint": 1, "hyperdense": 1}
+    assert "contrast_hu" not in uh.lesion_detection(pred, truth, (1.0, 1.0, 1.0))["lesions"][0]  # without the CT
+    assert all(isnan(v) for v in uh.lesion_summary([uh.lesion_detection(pred, truth, (1, 1, 1))])[
+        "lesion_recall_by_contrast"].values())  # and then no group holds a lesion
+
+
 def test_lesion_summary_empty_and_degenerate():
     def case(lesions, n_pred):
         return {"lesions": lesions, "groups": [], "n_pred": n_pred, "n_pred_matched": 0}

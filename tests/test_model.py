@@ -420,11 +420,16 @@ def test_evaluate_metrics_and_plots(tiny_data, tmp_path):
                             ev["per_case"], s)
     body = json.loads(path.read_text())  # NaN written as null: valid JSON
     assert set(body) >= {"config", "env", "timing", "per_case", "summary"}
-    uh.plot_history(h, tmp_path)
+    lesions = [les for r in ev["lesions"] for les in r["lesions"]]
+    assert lesions and all("contrast_hu" in les for les in lesions)  # every case with tumour: the CT is read
+    assert sum(s["lesion_count_by_contrast"].values()) == len(lesions)
+    uh.plot_history(h, tmp_path, stage2_history=h, scored=[len(h), 2 * len(h)])
     uh.plot_per_case(ev["per_case"], tmp_path)
     uh.plot_overlays(tiny_data["val_cases"], ev["predictions"], ev["per_case"], tmp_path)
+    case = tiny_data["val_cases"][0]
+    uh.plot_montage(case, ev["predictions"][case.case_id], output_dir=tmp_path)
     uh.plot_lesions(ev["lesions"], tmp_path)
-    for f in ("training_curves.png", "per_case_dice.png", "overlays.png", "lesions.png"):
+    for f in ("training_curves.png", "per_case_dice.png", "overlays.png", "montage.png", "lesions.png"):
         assert (tmp_path / f).stat().st_size > 10_000
 
 

@@ -130,7 +130,8 @@ def test_cascade_from_parameters_alone(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["evaluated_checkpoint"] == "best"
     assert metrics["config"]["CASCADE"] is True
-    assert (out / "stage2" / "best.pt").exists() and (out / "stage2" / "training_curves.png").exists()
+    assert (out / "stage2" / "best.pt").exists() and (out / "stage2" / "history.csv").exists()
+    assert (out / "training_curves.png").exists() and (out / "montage.png").exists()  # both stages' curves in one
     assert (out / "cascade.png").stat().st_size > 10_000  # what stage 2 receives and returns
     assert metrics["config"]["ROI_SIZE"] == 64  # 0.6 x 64 voxels in-plane, rounded up to 32 (no larger than 64)
     assert len(metrics["history"]) == 1  # CASCADE = True (yours) keeps the split: EPOCHS 2 -> 1 epoch per stage
