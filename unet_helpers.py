@@ -753,10 +753,11 @@ def canonical_shape(path: str | os.PathLike) -> tuple[int, ...]:
 
 
 def roi_size_for(in_plane: Sequence[int]) -> int:
-    """Default side of the cascade's stage-2 window: 0.6 of the CT's in-plane size, rounded up to 32, in pixels.
+    """Default side of the cascade's stage-2 box (``ROI_SIZE``): 0.6 of the CT's in-plane size, rounded up to 32,
+    in pixels.
 
     A liver with its margin spans about 200-250 mm, i.e. 0.5-0.6 of a 350-420 mm field of view, so the
-    window holds the liver box at native resolution (192 -> 128, 256 -> 160, 512 -> 320).
+    box holds the liver at native resolution (192 -> 128, 256 -> 160, 512 -> 320).
     """
     side = int(max(in_plane[:2]))
     return min(side, int(math.ceil(0.6 * side / 32) * 32))
@@ -821,7 +822,7 @@ def liver_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float = ROI
     Used by the two-stage cascade: stage 2 works on this box of the full-resolution slices.
     The in-plane box is made square in mm (so resizing it to the network input keeps the aspect),
     then at least ``min_side`` voxels wide on each side (grown around its centre, within the image):
-    a box no larger than the stage-2 window reaches the network at native resolution, unresized.
+    a box no larger than ``ROI_SIZE`` reaches the network at native resolution, unresized.
     """
     idx = np.argwhere(mask)
     if not len(idx):
@@ -2015,7 +2016,7 @@ class TrainConfig:
     loss: str = "dice_ce"               # make_loss: 'dice_ce' | 'dice_ce_per_slice' | 'focal_dice' | 'tversky_ce'
     sampling: Sampling = field(default_factory=Sampling)  # which slices each batch draws, whole or as windows
     augment: Augmentation | None = field(default_factory=Augmentation)  # drawn on the device; None: off
-    amp: bool | str = True              # mixed precision on CUDA: True bf16 where native, else fp16; or "fp16"
+    amp: bool | str = True              # mixed precision on CUDA: True bf16 where native, else fp16; "fp16", "bf16"
     seed: int = 0                       # fixes sampling and augmentation per epoch
 
 
@@ -2087,12 +2088,12 @@ def _amp_dtype(amp: bool | str) -> torch.dtype:
     return torch.bfloat16 if _native_bf16() else torch.float16
 
 
-def mixed_precision(device: torch.device | str, amp: bool | str = True) -> str:
-    """The training step's arithmetic on ``device`` with ``TrainConfig.amp`` (True, as in the notebook): "bf16"
-    autocast (CUDA capability 8.0+), "fp16 + GradScaler" (older CUDA GPUs) or "fp32" (CPU, MPS, or amp off)."""
-    if torch.device(device).type != "cuda" or not amp:
+def mixed_precision(device: torch.device | str) -> str:
+    """The training step's arithmetic on ``device`` with ``TrainConfig.amp`` on (as in the notebook):
+    "bf16" autocast (CUDA capability 8.0+), "fp16 + GradScaler" (older CUDA GPUs) or "fp32" (CPU, MPS)."""
+    if torch.device(device).type != "cuda":
         return "fp32"
-    return "bf16" if _amp_dtype(amp) == torch.bfloat16 else "fp16 + GradScaler"
+    return "bf16" if _native_bf16() else "fp16 + GradScaler"
 
 
 def autocast(device: torch.device, enabled: bool | str):
@@ -2181,8 +2182,9 @@ def make_train_state(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: 
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
+    dtype = _amp_dtype(cfg.amp) if cfg.amp else None  # an unknown amp is refused on every device
     use_amp = cfg.amp if device.type == "cuda" else False
-    fp16 = bool(use_amp) and _amp_dtype(use_amp) == torch.float16  # fp16 gradients need the scaler
+    fp16 = bool(use_amp) and dtype == torch.float16  # fp16 gradients need the scaler
     return TrainState(model, make_loss(cfg.loss).to(device), opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
                       _grad_scaler(fp16), device, use_amp, memfmt)
 
@@ -2889,7 +2891,7 @@ def lesion_detection(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[floa
                 "detected_any": bool(inter[:, g].any()), "iou": float(iou_of_ref[g])} for g in range(n_ref)]
     if hu is not None and n_ref:
         liver = float(np.median(hu[truth == 1])) if (truth == 1).any() else float("nan")
-        means = ndimage.mean(hu.astype(np.float64), ref, np.arange(1, n_ref + 1))
+        means = ndimage.mean(hu, ref, np.arange(1, n_ref + 1))
         for les, m in zip(lesions, np.atleast_1d(means)):
             les["contrast_hu"] = float(m) - liver
     return {"lesions": lesions, "groups": groups, "n_pred": int(n_hyp), "n_pred_matched": int(inter.any(1).sum())}
@@ -2958,7 +2960,7 @@ def lesion_summary(results: Sequence[dict]) -> dict:
     lesions = [les for r in results for les in r["lesions"]]
     binned = {name: [les for les in lesions if lesion_volume_bin(les["volume_ml"]) == name]
               for name in LESION_VOLUME_BINS}
-    measured = [les for les in lesions if not math.isnan(les.get("contrast_hu", float("nan")))]
+    measured = [les for les in lesions if les.get("contrast_hu") is not None and not math.isnan(les["contrast_hu"])]
     groups = contrast_group(np.array([les["contrast_hu"] for les in measured]))
     by_contrast = {name: [les for les, g in zip(measured, groups) if g == k] for k, name in enumerate(CONTRAST_GROUPS)}
     out = lesion_rates([lesion_counts(r) for r in results])
@@ -3770,7 +3772,7 @@ def plot_history(history: list[dict], output_dir: str | os.PathLike | None = Non
     """
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    stages = [(history, 0, stage2_history is not None)]
+    stages = [(history, 0, bool(stage2_history))]
     if stage2_history:
         stages.append((stage2_history, len(history), False))
     curves = [(0, "train_ce", "-", "tab:blue", "training"), (0, "val_ce", "--", "tab:blue", "validation"),
@@ -3795,7 +3797,8 @@ def plot_history(history: list[dict], output_dir: str | os.PathLike | None = Non
             ax.axvline(e, color="purple", lw=1, alpha=0.6)
         ax.set(title=name, xlabel="epoch" + (" (stage 1, then stage 2)" if stage2_history else ""))
         ax.grid(alpha=0.3)
-    axes[2].plot([], [], color="purple", alpha=0.6, label="scored checkpoint" + ("s" if len(scored) > 1 else ""))
+    if scored:
+        axes[2].plot([], [], color="purple", alpha=0.6, label="scored checkpoint" + ("s" if len(scored) > 1 else ""))
     for ax in axes:
         ax.legend(fontsize=8)
     axes[2].set_ylim(0, 1)
@@ -3813,12 +3816,12 @@ def plot_per_case(per_case: list[dict], output_dir: str | os.PathLike | None = N
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4))
     liver = [r["dice_liver_lits"] for r in rows]
-    tumour = [r["dice_tumor"] if r["has_tumor"] else 0.0 for r in rows]
+    tumor = [r["dice_tumor"] if r["has_tumor"] else 0.0 for r in rows]
     ax.bar(x - 0.2, liver, 0.4, color="tab:green", label="liver (label ≥ 1)")
-    ax.bar(x + 0.2, tumour, 0.4, color="tab:red", label="tumour")
+    ax.bar(x + 0.2, tumor, 0.4, color="tab:red", label="tumour")
     for i, r in enumerate(rows):
         ax.text(i - 0.2, liver[i] + 0.01, f"{liver[i]:.2f}", ha="center", fontsize=7, rotation=90, va="bottom")
-        ax.text(i + 0.2, tumour[i] + 0.01, f"{tumour[i]:.2f}" if r["has_tumor"] else
+        ax.text(i + 0.2, tumor[i] + 0.01, f"{tumor[i]:.2f}" if r["has_tumor"] else
                 f"no tumour; {r['fp_tumor_ml']:.1f} mL called", ha="center", fontsize=7, rotation=90, va="bottom")
     ax.set_xticks(x, [r["case"] for r in rows], rotation=60, fontsize=8)
     ax.set(ylim=(0, 1.25), ylabel="3D Dice", title=title or "per-case 3D Dice (validation), by tumour Dice")
@@ -3851,11 +3854,11 @@ def _overlay(ax, ct: np.ndarray, truth: np.ndarray, pred: np.ndarray, box: tuple
 
 
 def _liver_crop(truth: np.ndarray, pred: np.ndarray, margin: int = 12) -> tuple[int, int, int, int]:
-    """The in-plane box (x0, x1, y0, y1) around the true liver of (X, Y[, Z]) labels, plus ``margin``; around the
-    predicted liver where the truth has none; the whole slice where neither has."""
-    def liver(lab):
-        return (lab >= 1).any(axis=2) if lab.ndim == 3 else lab >= 1
-    fg = liver(truth) if liver(truth).any() else liver(pred)
+    """The in-plane box (x0, x1, y0, y1) around the liver and tumour of (X, Y[, Z]) labels, true or predicted (so
+    that no false call is cut off), plus ``margin``; the whole slice where neither has any."""
+    fg = np.zeros(truth.shape[:2], bool)
+    for lab in (truth, pred):
+        fg |= (lab >= 1).any(axis=2) if lab.ndim == 3 else lab >= 1
     if not fg.any():
         return 0, fg.shape[0], 0, fg.shape[1]
     xs, ys = np.flatnonzero(fg.any(1)), np.flatnonzero(fg.any(0))
@@ -3897,8 +3900,8 @@ def plot_overlays(cases: Sequence[CachedCase], predictions: dict, per_case: list
         z = int(((truth == 2).sum((0, 1)) * 1000 + (truth >= 1).sum((0, 1))).argmax())
         _overlay(ax, _full_slice(c, z, truth.shape[:2]), truth[:, :, z], pred[:, :, z],
                  _liver_crop(truth[:, :, z], pred[:, :, z]))
-        tumour = "no tumour" if math.isnan(r["dice_tumor"]) else f"tumour {r['dice_tumor']:.2f}"
-        ax.set_title(f"{name}: {r['case']}, z={z}\nDice liver {r['dice_liver_lits']:.2f}, {tumour}", fontsize=9)
+        tumor = "no tumour" if math.isnan(r["dice_tumor"]) else f"tumour {r['dice_tumor']:.2f}"
+        ax.set_title(f"{name}: {r['case']}, z={z}\nDice liver {r['dice_liver_lits']:.2f}, {tumor}", fontsize=9)
     _overlay_legend(fig)
     fig.suptitle(title or "validation cases: worst, median, best")
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
@@ -3912,8 +3915,8 @@ def plot_montage(case: CachedCase, prediction: np.ndarray, n: int = 6, output_di
     liver (one box for all), truth and prediction as in :func:`plot_overlays`, each slice's tumour Dice above it."""
     import matplotlib.pyplot as plt
     truth = np.asarray(case.label_full)
-    tumour, liver = (truth == 2).sum((0, 1)), (truth >= 1).sum((0, 1))
-    score = tumour if tumour.any() else liver
+    tumor, liver = (truth == 2).sum((0, 1)), (truth >= 1).sum((0, 1))
+    score = tumor if tumor.any() else liver
     zs = sorted(z for z in np.argsort(score)[::-1][:n].tolist() if score[z] > 0) or [len(score) // 2]
     box = _liver_crop(truth[:, :, zs], prediction[:, :, zs])
     cols = min(3, len(zs))
@@ -4000,7 +4003,7 @@ def plot_cascade(case: CachedCase, stage1: torch.nn.Module, stage2: Stage2, cont
               (_resize2d(crop_k, (x1 - x0, y1 - y0)), truth[x0:x1, y0:y1, z],
                f"2. stage 2's input: the {x1 - x0}×{y1 - y0} box at native pixels"
                + ("" if x1 - x0 <= stage2.roi_size else f"\n(resized to {stage2.roi_size}²)") + ", truth outlined"),
-              (full[:, :, z], refined[:, :, z], "3. stage 2's labels\npasted back into the full slice"))
+              (full[:, :, z], refined[:, :, z], "3. the cascade's labels in the box\npasted back into the full slice"))
     for ax, (img, lab, name) in zip(axes, panels):
         ax.imshow(show_slice(img), cmap="gray", vmin=0, vmax=1)
         ax.contour(show_slice(lab >= 1), levels=[0.5], colors="lime", linewidths=1)
@@ -4345,6 +4348,15 @@ def _write_synthetic_case(out: Path, name: str, image: np.ndarray, label: np.nda
     _save_nifti_atomic(label, affine, out / "labels" / f"{name}.nii.gz")
 
 
+def _synthetic_set_done(out: Path, settings: dict) -> bool:
+    """Whether ``out`` already holds the whole set these settings write (its ``synthetic.json`` and every file)."""
+    manifest = out / "synthetic.json"
+    if not manifest.exists() or json.loads(manifest.read_text()).get("settings") != settings:
+        return False
+    return all((out / d / f"liver_{i}.nii.gz").exists() for i in range(settings["n_cases"])
+               for d in ("images", "labels"))
+
+
 def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape: tuple[int, int, int] = (256, 256, 64),
                            seed: int = 0, lps_fraction: float = 0.3, progress: bool = True,
                            lesion_size_scale: float = 1.0, lesion_contrast_scale: float = 1.0) -> dict:
@@ -4361,29 +4373,27 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape:
         seed: generator seed; case i uses ``(seed, i)``.
         lps_fraction: share of cases stored with an LPS header.
         progress: tqdm bar.
-        lesion_size_scale, lesion_contrast_scale: scale lesion radii and HU differences (:func:`synthetic_ct_volume`).
+        lesion_size_scale, lesion_contrast_scale: scale lesion radii and HU differences
+            (:func:`synthetic_ct_volume`).
 
     Returns:
         Dict with ``per_case`` facts (lesions, spacing, orientation) and ``summary`` class
         statistics (see :func:`class_statistics`), also written to ``synthetic.json``.
     """
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
+    for folder in ("images", "labels"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
     settings = {"n_cases": n_cases, "shape": list(shape), "seed": seed, "lps_fraction": lps_fraction,
                 "generator_version": 1}
-    if (lesion_size_scale, lesion_contrast_scale) != (1.0, 1.0):  # recorded only when used: older sets stay valid
+    scales = (lesion_size_scale, lesion_contrast_scale)
+    if scales != (1.0, 1.0):  # recorded only when used: older sets stay valid
         settings.update(lesion_size_scale=lesion_size_scale, lesion_contrast_scale=lesion_contrast_scale)
     manifest = out / "synthetic.json"
-    if manifest.exists():
-        old = json.loads(manifest.read_text())
-        if old.get("settings") == settings and all(
-                (out / d / f"liver_{i}.nii.gz").exists() for i in range(n_cases) for d in ("images", "labels")):
-            return old
+    if _synthetic_set_done(out, settings):
+        return json.loads(manifest.read_text())
     per_case, labels = [], []
     for i in tqdm(range(n_cases), desc="synthetic CT", unit="vol", disable=not progress):
-        image, label, affine, facts = synthetic_ct_volume(shape, hash_seed(seed, i), lesion_size_scale,
-                                                          lesion_contrast_scale)
+        image, label, affine, facts = synthetic_ct_volume(shape, hash_seed(seed, i), *scales)
         labels.append(label)
         lps = np.random.default_rng(hash_seed(seed, i, 1)).random() < lps_fraction
         _write_synthetic_case(out, f"liver_{i}", image, label, affine, lps)

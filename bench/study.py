@@ -191,6 +191,9 @@ def train_arm(cfg: dict, train_files: list, seconds: float, seed: int, batch: in
         return steps_for(sec, data[name], conf[name], seed, batch, base, out / "calibration")
 
     steps = budget_split(cfg, calibrate, seconds)
+    if roi and "stage2" not in steps:  # recorded: the row's roi_size is None and its steps have no stage 2
+        print(f"{out.name}: stage 1's floor of steps takes more than half of {seconds:g} s here: one stage trains "
+              "(as the product would)", flush=True)
     roi = roi if "stage2" in steps else None
     t0 = time.perf_counter()
     models: dict = {}

@@ -196,23 +196,21 @@ def load_models(arm: str, seed: int, base: int = 16) -> dict:
     return models
 
 
-def stage2_of(arm: str, models: dict, roi: int | None, mirror: bool | None = None) -> uh.Stage2 | None:
+def stage2_of(arm: str, models: dict, roi: int | None) -> uh.Stage2 | None:
     """The arm's stage 2 at inference (None without a cascade): averaged over mirrored boxes where the arm trains
-    on mirrored windows (``stage2_mirror``, as the recipe does), or as ``mirror`` says where not None."""
+    on mirrored windows (``stage2_mirror``, as the recipe does)."""
     if "stage2" not in models:
         return None
     cfg = ARMS[arm]
-    mirror = cfg.get("stage2_mirror", False) if mirror is None else mirror
-    return uh.Stage2(models["stage2"], roi, mirror=mirror, average_liver=cfg.get("average_liver", False),
-                     core_mm=cfg.get("core_mm", uh.CASCADE_CORE_MM))
+    return uh.Stage2(models["stage2"], roi, mirror=cfg.get("stage2_mirror", False),
+                     average_liver=cfg.get("average_liver", False), core_mm=cfg.get("core_mm", uh.CASCADE_CORE_MM))
 
 
-def evaluate_arm(arm: str, models: dict, roi: int | None, cases: list, keep_predictions: bool = False,
-                 mirror: bool | None = None) -> dict:
-    """``uh.evaluate`` of an arm's final models on cached cases: its context, stage 2 (``mirror``: see
-    :func:`stage2_of`) and post-processing."""
+def evaluate_arm(arm: str, models: dict, roi: int | None, cases: list, keep_predictions: bool = False) -> dict:
+    """``uh.evaluate`` of an arm's final models on cached cases: its context, stage 2 (:func:`stage2_of`) and
+    post-processing."""
     cfg = {**BASE, **ARMS[arm]}
-    stage2 = stage2_of(arm, models, roi, mirror)
+    stage2 = stage2_of(arm, models, roi)
     return uh.evaluate(models["stage1"], cases, cfg["context"], "cpu", postprocess_pred=cfg["postprocess"],
                        keep_predictions=keep_predictions, progress=False, stage2=stage2,
                        min_tumor_ml=cfg.get("min_tumor_ml", 0.0))

@@ -267,7 +267,7 @@ def test_new_arms_build_and_start_their_stages(work):
 
 def test_mirrored_arms_mirror_stage_2_only_and_are_scored_mirrored():
     """``stage2_mirror`` trains stage 2 (not stage 1) on mirrored windows and scores the arm with stage 2
-    averaged over mirrors; the inference probe can still ask for a plain stage 2."""
+    averaged over mirrors; an arm without it scores a plain stage 2."""
     arm = "lesion contrast, mirrored stage 2"
     cfg = {**tumour_study.BASE, **tumour_study.ARMS[arm]}
     tc = {name: study.train_config(study.stage_config(cfg, name), 0, 8, 40)
@@ -279,7 +279,6 @@ def test_mirrored_arms_mirror_stage_2_only_and_are_scored_mirrored():
     assert study.train_config(study.stage_config(plain, "stage2"), 0, 8, 40).augment.mirror == 0.0
     models = {"stage1": torch.nn.Identity(), "stage2": torch.nn.Identity()}
     assert tumour_study.stage2_of(arm, models, 160).mirror
-    assert not tumour_study.stage2_of(arm, models, 160, mirror=False).mirror
     assert not tumour_study.stage2_of("stage 2 on 64² patches, stage 1 a fifth", models, 160).mirror
     assert tumour_study.stage2_of("baseline", {"stage1": torch.nn.Identity()}, None) is None
 

@@ -521,18 +521,42 @@ def test_train_stage2_trains_the_liver_boxes_with_the_recipes_stage2_settings(sy
     rec = uh.recipe("default")
     s = {"RECIPE_SETTINGS": rec, "GPUS": 1, "CONTEXT_SLICES": 3, "SEED": 0, "DETERMINISTIC": True, "BASE_CHANNELS": 4,
          "DEPTH": 2, "STEPS_PER_EPOCH": 2, "BATCH_SIZE": 4, "ROI_SIZE": 48, "PATCH_SIZE": 16, "LR": 1e-3,
-         "RESUME": False, "EVAL_CHECKPOINT": "last", "CASCADE_CORE_MM": 2.0}
-    stage2, history, epoch = uh.train_stage2(cases[:2], cases[2:], s, 2, tmp_path / "run", {"RECIPE": "x"},
+         "RESUME": False, "EVAL_CHECKPOINT": "best", "CASCADE_CORE_MM": 2.0}
+    stage2, history, epoch = uh.train_stage2(cases[:2], cases[2:], s, 3, tmp_path / "run", {"RECIPE": "x"},
                                              torch.device("cpu"))
-    assert len(history) == 2 and epoch == 2 and stage2.roi_size == 48 and stage2.mirror and stage2.average_liver
-    ck = uh.load_checkpoint(tmp_path / "run" / "stage2" / "last.pt")
-    assert ck["run"] == {"RECIPE": "x", "stage": 2}
-    assert ck["train_config"]["steps_per_epoch"] == 2 * 9 and ck["train_config"]["sampling"]["window"] == 16
-    assert ck["train_config"]["augment"]["mirror"] == 0.5  # stage 2 of the default: mirrored windows
+    assert len(history) == 3 and stage2.roi_size == 48 and stage2.mirror and stage2.average_liver
+    last = uh.load_checkpoint(tmp_path / "run" / "stage2" / "last.pt")
+    assert last["run"] == {"RECIPE": "x", "stage": 2}
+    assert last["train_config"]["steps_per_epoch"] == 2 * 9 and last["train_config"]["sampling"]["window"] == 16
+    assert last["train_config"]["augment"]["mirror"] == 0.5  # stage 2 of the default: mirrored windows
+    best = uh.load_checkpoint(tmp_path / "run" / "stage2" / "best.pt")
+    assert epoch == best["epoch"] + 1  # the checkpoint EVAL_CHECKPOINT names, counted from 1
     for name, w in stage2.model.state_dict().items():
-        assert torch.equal(w, ck["model"][name]), name
+        assert torch.equal(w, best["model"][name]), name
+    if best["epoch"] != last["epoch"]:  # and not the last epoch's weights
+        assert any(not torch.equal(w, last["model"][k]) for k, w in stage2.model.state_dict().items())
     data, index, _, _ = uh.make_slice_sets(uh.roi_cases(cases[:2]), uh.roi_cases(cases[2:]), s, torch.device("cpu"))
     assert data.images.shape[1:] == (48, 48) and len(index) <= len(data)
+
+
+def test_amp_settings_name_the_autocast_type():
+    """True picks bf16 where the GPU has it natively (never here: no CUDA), else fp16; "fp16" and "bf16" force one;
+    anything else is refused, on every device."""
+    assert uh._amp_dtype(True) == torch.float16 and uh._amp_dtype("fp16") == torch.float16
+    assert uh._amp_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="amp must be"):
+        uh.make_train_state(uh.UNet(1, 3, 4, 2), uh.TrainConfig(amp="half"), 1, torch.device("cpu"))
+    state = uh.make_train_state(uh.UNet(1, 3, 4, 2), uh.TrainConfig(amp="fp16"), 1, torch.device("cpu"))
+    assert state.use_amp is False and not state.scaler.is_enabled()  # on a CPU: plain fp32, no scaler
+
+
+def test_liver_crop_holds_true_and_predicted_foreground_by_hand():
+    truth, pred = np.zeros((40, 30), np.uint8), np.zeros((40, 30), np.uint8)
+    truth[10:20, 5:15] = 1
+    pred[30, 25] = 2  # a false call far from the liver stays in the box
+    assert uh._liver_crop(truth, pred, margin=2) == (8, 33, 3, 28)  # x 10..30 +-2, y 5..25 +-2 (ends exclusive)
+    assert uh._liver_crop(truth, np.zeros_like(pred), margin=50) == (0, 40, 0, 30)  # clipped to the slice
+    assert uh._liver_crop(np.zeros_like(truth), np.zeros_like(pred)) == (0, 40, 0, 30)  # nothing: whole slice
 
 
 class _Threshold(torch.nn.Module):
