@@ -559,6 +559,42 @@ def test_liver_crop_holds_true_and_predicted_foreground_by_hand():
     assert uh._liver_crop(np.zeros_like(truth), np.zeros_like(pred)) == (0, 40, 0, 30)  # nothing: whole slice
 
 
+def test_per_case_figure_sorted_by_tumour_dice_tumour_free_last(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+
+    def row(case, tumour, fp_ml=0.0):
+        return {"case": case, "has_tumor": tumour is not None, "dice_tumor": float("nan") if tumour is None else tumour,
+                "dice_liver_lits": 0.9, "fp_tumor_ml": fp_ml}
+
+    rows = [row("a", 0.7), row("b", None, 1.4), row("c", 0.2), row("d", 0.5)]
+    ax = uh.plot_per_case(rows, tmp_path).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["c", "d", "a", "b"]  # 0.2 < 0.5 < 0.7, then none
+    texts = [t.get_text() for t in ax.texts]
+    assert "0.20" in texts and "no tumour; 1.4 mL called" in texts
+
+
+def test_montage_shows_the_slices_with_the_most_tumour_in_order(tmp_path):
+    """Tumour voxels per slice 0, 5, 1, 9, 3, 0, 7 (z = 0..6): the 3 with the most are z = 3, 6, 1, shown in slice
+    order; the prediction matches z = 1 exactly and misses z = 3 and 6."""
+    import matplotlib
+    matplotlib.use("Agg")
+    truth = np.zeros((10, 10, 7), np.uint8)
+    truth[1:9, 1:9] = 1
+    for z, n in enumerate((0, 5, 1, 9, 3, 0, 7)):
+        truth[2, 1:1 + n, z] = 2
+    pred = truth.copy()
+    pred[pred == 2] = 1
+    pred[:, :, 1] = truth[:, :, 1]
+
+    class Case:
+        case_id, label_full, image = "c", truth, np.zeros((7, 10, 10), np.float16)
+
+    fig = uh.plot_montage(Case(), pred, n=3, output_dir=tmp_path)
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["z=1: tumour Dice 1.00", "z=3: tumour Dice 0.00",
+                                                       "z=6: tumour Dice 0.00"]
+
+
 class _Threshold(torch.nn.Module):
     """A stand-in stage-2 model: liver where the centre channel is bright."""
 
