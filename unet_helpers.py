@@ -2164,7 +2164,7 @@ class TrainState:
     sched: torch.optim.lr_scheduler.LRScheduler
     scaler: Any                   # torch.amp.GradScaler (torch.cuda.amp.GradScaler before torch 2.3)
     device: torch.device
-    use_amp: bool | str           # TrainConfig.amp on CUDA, False elsewhere
+    use_amp: bool | str           # "bf16" or "fp16" on CUDA with TrainConfig.amp on, else False
     memory_format: torch.memory_format
 
 
@@ -2182,11 +2182,11 @@ def make_train_state(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: 
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
-    dtype = _amp_dtype(cfg.amp) if cfg.amp else None  # an unknown amp is refused on every device
-    use_amp = cfg.amp if device.type == "cuda" else False
-    fp16 = bool(use_amp) and dtype == torch.float16  # fp16 gradients need the scaler
+    # resolved once here (an unknown amp is refused on every device), so no step asks the GPU for its type again
+    dtype = _amp_dtype(cfg.amp) if cfg.amp else None
+    use_amp = ("bf16" if dtype == torch.bfloat16 else "fp16") if dtype is not None and device.type == "cuda" else False
     return TrainState(model, make_loss(cfg.loss).to(device), opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
-                      _grad_scaler(fp16), device, use_amp, memfmt)
+                      _grad_scaler(use_amp == "fp16"), device, use_amp, memfmt)
 
 
 def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -2246,8 +2246,8 @@ def train_epoch(state: TrainState, data: SliceSet, batches: list[np.ndarray], cf
     sums = torch.zeros(2, device=state.device)
     bar = tqdm(iter_batches(data, batches, state.device), desc=f"epoch {epoch + 1}", total=len(batches),
                leave=False, unit="batch", disable=not progress, mininterval=2.0)
+    window = cfg.sampling.window
     for i, (x, y) in enumerate(bar):
-        window = cfg.sampling.window
         if cfg.augment is not None:  # with stage 2's windows: cut inside the augmentation, which warps only them
             x, y = augment_batch(x, y, gen, cfg.augment, window)
         elif window:
@@ -3875,6 +3875,11 @@ def _overlay_legend(fig) -> None:
     fig.legend(handles=handles, loc="lower center", ncols=5, fontsize=8, frameon=False)
 
 
+def _slices_by_tumor(labels: np.ndarray) -> np.ndarray:
+    """The slice indices z of (X, Y, Z) labels, the most tumour voxels first, ties by the most liver voxels."""
+    return np.lexsort(((labels >= 1).sum((0, 1)), (labels == 2).sum((0, 1))))[::-1]
+
+
 def _full_slice(case: CachedCase, z: int, shape: tuple[int, int]) -> np.ndarray:
     """The case's network slice ``z`` resized to the label grid's in-plane ``shape``."""
     return _resize2d(np.asarray(case.image[z], np.float32), shape)
@@ -3897,7 +3902,7 @@ def plot_overlays(cases: Sequence[CachedCase], predictions: dict, per_case: list
     for ax, (name, r) in zip(axes, picks.items()):
         c = by_id[r["case"]]
         truth, pred = np.asarray(c.label_full), predictions[r["case"]]
-        z = int(((truth == 2).sum((0, 1)) * 1000 + (truth >= 1).sum((0, 1))).argmax())
+        z = int(_slices_by_tumor(truth)[0])
         _overlay(ax, _full_slice(c, z, truth.shape[:2]), truth[:, :, z], pred[:, :, z],
                  _liver_crop(truth[:, :, z], pred[:, :, z]))
         tumor = "no tumour" if math.isnan(r["dice_tumor"]) else f"tumour {r['dice_tumor']:.2f}"
@@ -3915,9 +3920,8 @@ def plot_montage(case: CachedCase, prediction: np.ndarray, n: int = 6, output_di
     liver (one box for all), truth and prediction as in :func:`plot_overlays`, each slice's tumour Dice above it."""
     import matplotlib.pyplot as plt
     truth = np.asarray(case.label_full)
-    tumor, liver = (truth == 2).sum((0, 1)), (truth >= 1).sum((0, 1))
-    score = tumor if tumor.any() else liver
-    zs = sorted(z for z in np.argsort(score)[::-1][:n].tolist() if score[z] > 0) or [len(score) // 2]
+    shown = (truth == 2).any((0, 1)) if (truth == 2).any() else (truth >= 1).any((0, 1))  # tumour, else liver
+    zs = sorted(int(z) for z in [z for z in _slices_by_tumor(truth) if shown[z]][:n]) or [truth.shape[2] // 2]
     box = _liver_crop(truth[:, :, zs], prediction[:, :, zs])
     cols = min(3, len(zs))
     rows = -(-len(zs) // cols)
@@ -3994,7 +3998,7 @@ def plot_cascade(case: CachedCase, stage1: torch.nn.Module, stage2: Stage2, cont
     x0, x1, y0, y1, z0, z1 = box
     refined = predict_cascade(coarse, full, case.meta["spacing"], stage2, context, device, stage1_fg=fg)
     inside = truth[x0:x1, y0:y1, z0:z1]
-    k = int(np.lexsort(((inside >= 1).sum((0, 1)), (inside == 2).sum((0, 1))))[-1])  # most tumour, then liver
+    k = int(_slices_by_tumor(inside)[0])
     z = z0 + k
     crop_k = np.asarray(crop[k], np.float32)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))

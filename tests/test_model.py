@@ -574,6 +574,15 @@ def test_per_case_figure_sorted_by_tumour_dice_tumour_free_last(tmp_path):
     assert "0.20" in texts and "no tumour; 1.4 mL called" in texts
 
 
+def test_figures_order_slices_by_tumour_then_liver_by_hand():
+    labels = np.zeros((40, 40, 4), np.uint8)
+    labels[:, :, 0] = 1  # 1,600 liver voxels, no tumour
+    labels[:5, :5, 1], labels[0, :3, 1] = 1, 2  # 3 tumour voxels, 25 of liver or tumour
+    labels[:10, :10, 2], labels[0, :3, 2] = 1, 2  # 3 tumour voxels, 100 of liver or tumour: first
+    labels[0, :2, 3] = 2  # 2 tumour voxels
+    assert uh._slices_by_tumor(labels).tolist() == [2, 1, 3, 0]  # a slice's liver never outweighs a tumour voxel
+
+
 def test_montage_shows_the_slices_with_the_most_tumour_in_order(tmp_path):
     """Tumour voxels per slice 0, 5, 1, 9, 3, 0, 7 (z = 0..6): the 3 with the most are z = 3, 6, 1, shown in slice
     order; the prediction matches z = 1 exactly and misses z = 3 and 6."""
