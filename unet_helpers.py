@@ -362,11 +362,14 @@ def resolve_gpus(gpus: int | None, device: torch.device, batch_size: int,
     return n, f"GPUS = {n} (set by you{how})"
 
 
-def check_fold(fold: Any, n_folds: int = 5) -> None:
-    """Raise unless ``fold`` is None or an integer 0..n_folds-1."""
+N_FOLDS = 5  # cross-validation folds (FOLD 0-4), as nnU-Net
+
+
+def check_fold(fold: Any) -> None:
+    """Raise unless ``fold`` is None or an integer 0..N_FOLDS-1."""
     if fold is not None and (isinstance(fold, bool) or not isinstance(fold, (int, np.integer))
-                             or not 0 <= fold < n_folds):
-        raise ValueError(f"FOLD must be None or an integer 0-{n_folds - 1} ({n_folds}-fold cross-validation), "
+                             or not 0 <= fold < N_FOLDS):
+        raise ValueError(f"FOLD must be None or an integer 0-{N_FOLDS - 1} ({N_FOLDS}-fold cross-validation), "
                          f"got {fold!r}")
 
 
@@ -521,7 +524,7 @@ class Case:
         label: uint8 in {0, 1, 2}, same shape, or None.
         affine: 4x4 voxel-to-world affine of the canonical arrays.
         spacing: voxel size in mm (x, y, z).
-        source_affine, source_shape: the file's own grid, to map predictions back.
+        source_affine: the file's own grid, to map predictions back.
     """
 
     case_id: str
@@ -530,9 +533,6 @@ class Case:
     affine: np.ndarray
     spacing: tuple[float, float, float]
     source_affine: np.ndarray
-    source_shape: tuple[int, int, int]
-    image_path: Path | None = None
-    label_path: Path | None = None
 
 
 def _open_nifti(path: Path) -> nib.Nifti1Image:
@@ -567,9 +567,7 @@ def _open_nifti(path: Path) -> nib.Nifti1Image:
 def _read_array(img: nib.Nifti1Image, path: Path) -> tuple[np.ndarray, float, float]:
     """Read the stored voxel data unscaled, squeezing a singleton 4th axis; return (data, slope, inter)."""
     shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        pass  # squeezed below
-    elif len(shape) != 3:
+    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):  # a singleton 4th axis is squeezed below
         raise CTDataError(f"{path}: expected a 3D volume, got shape {shape}"
                           + (" (a 4D series: pick one volume first)" if len(shape) == 4 else ""))
     try:
@@ -671,8 +669,7 @@ def load_case(image_path: str | os.PathLike, label_path: str | os.PathLike | Non
     spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
     m = _NIFTI_RE.match(image_path.name)
     name = case_id or (m.group("stem") if m else image_path.stem)
-    return Case(name, image, label, affine, spacing, source_affine, tuple(raw.shape),
-                image_path, Path(label_path) if label_path is not None else None)
+    return Case(name, image, label, affine, spacing, source_affine)
 
 
 def from_canonical(array: np.ndarray, source_affine: np.ndarray) -> np.ndarray:
@@ -945,10 +942,7 @@ def cache_bytes_needed(cases: Sequence[CaseFiles], image_size: int, roi_size: in
         x, y, z = canonical_shape(c.image)[:3]
         slices = z * image_size * image_size * (3 if c.label else 2)
         certain += slices
-        if c.label:
-            likely += slices + (z * roi_size * roi_size * 3 if roi_size else 0) + x * y * z // 4
-        else:
-            likely += slices
+        likely += slices + ((z * roi_size * roi_size * 3 if roi_size else 0) + x * y * z // 4 if c.label else 0)
     return certain, likely
 
 
@@ -1018,8 +1012,6 @@ def _check_cache_dir(cache_dir: Path, data_dirs: Iterable[Path]) -> None:
 def _preprocess_one(case: CaseFiles, out_dir: str, image_size: int, hu_window: tuple,
                     roi: tuple[int, float] | None = None) -> str:
     """Decode one case and write its cache entry atomically (temp folder + rename)."""
-    if _WORKER:
-        torch.set_num_threads(1)
     loaded = load_case(case.image, case.label, case.case_id)
     final = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{case.case_id}-", dir=final.parent))
@@ -1031,8 +1023,7 @@ def _preprocess_one(case: CaseFiles, out_dir: str, image_size: int, hu_window: t
                 "label_path": str(case.label) if case.label else None,
                 "spacing": list(loaded.spacing), "shape": list(loaded.image.shape),
                 "affine": loaded.affine.tolist(), "source_affine": loaded.source_affine.tolist(),
-                "source_shape": list(loaded.source_shape), "image_size": image_size,
-                "hu_window": list(hu_window)}
+                "image_size": image_size, "hu_window": list(hu_window)}
         if loaded.label is not None:
             np.save(tmp / "label.npy", resize_volume_slices(loaded.label, image_size, is_label=True))
             box = []
@@ -1061,15 +1052,6 @@ def _preprocess_one(case: CaseFiles, out_dir: str, image_size: int, hu_window: t
     return case.case_id
 
 
-_WORKER = False
-
-
-def _worker_init() -> None:
-    """Mark a pool process so it keeps torch single-threaded."""
-    global _WORKER
-    _WORKER = True
-
-
 def _open_entry(entry: Path, from_cache: bool) -> CachedCase:
     """Memory-map one finished cache entry."""
     meta = json.loads((entry / "meta.json").read_text())
@@ -1082,27 +1064,6 @@ def _open_entry(entry: Path, from_cache: bool) -> CachedCase:
         np.asarray(meta["has_liver"], bool), np.asarray(meta["has_tumor"], bool), meta, from_cache,
         np.load(entry / "roi_image.npy", mmap_mode="r") if (entry / "roi_image.npy").exists() else None,
         np.load(entry / "roi_label.npy", mmap_mode="r") if (entry / "roi_label.npy").exists() else None)
-
-
-def _decode_all(todo: list, image_size: int, hu_window: tuple, roi: tuple | None, workers: int, bar) -> None:
-    """Write the cache entries of ``todo`` ((case, entry) pairs), in ``workers`` processes when > 1."""
-    if workers > 1:
-        import multiprocessing as mp
-        # fork on Linux, as torch's DataLoader does (workers keep torch single-threaded); spawn elsewhere
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-            futures = [pool.submit(_preprocess_one, c, str(e), image_size, hu_window, roi) for c, e in todo]
-            try:
-                for fut in futures:
-                    fut.result()
-                    bar.update()
-            except BaseException:  # e.g. a full disk: stop at once rather than decode every other case first
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-    else:
-        for c, e in todo:
-            _preprocess_one(c, str(e), image_size, hu_window, roi)
-            bar.update()
 
 
 def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike, image_size: int = 256,
@@ -1155,11 +1116,30 @@ def preprocess_dataset(cases: Sequence[CaseFiles], cache_dir: str | os.PathLike,
 
 def _decode_into_cache(cache_dir: Path, todo: list, image_size: int, hu_window: tuple[float, float],
                        roi: tuple | None, workers: int, progress: bool) -> None:
-    """Decode the ``todo`` (case, entry) pairs into the cache, with a progress bar; a full disk raises
-    :class:`CacheSpaceError` saying where to put the cache instead (finished entries are kept)."""
+    """Decode the ``todo`` (case, entry) pairs into the cache, in ``workers`` processes when > 1, with a progress
+    bar; a full disk raises :class:`CacheSpaceError` saying where to put the cache instead (finished entries are
+    kept)."""
     bar = tqdm(total=len(todo), desc="preprocess volumes", unit="vol", disable=not progress or not todo)
+    args = [(c, str(e), image_size, hu_window, roi) for c, e in todo]
     try:
-        _decode_all(todo, image_size, hu_window, roi, workers, bar)
+        if workers > 1:
+            import multiprocessing as mp
+            # fork on Linux, as torch's DataLoader does, each worker single-threaded; spawn elsewhere
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads,
+                                     initargs=(1,)) as pool:
+                futures = [pool.submit(_preprocess_one, *a) for a in args]
+                try:
+                    for fut in futures:
+                        fut.result()
+                        bar.update()
+                except BaseException:  # e.g. a full disk: stop at once rather than decode every other case first
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+        else:
+            for a in args:
+                _preprocess_one(*a)
+                bar.update()
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
@@ -1214,17 +1194,6 @@ def class_statistics(labels: Iterable[np.ndarray]) -> dict:
             "tumor_share_of_liver_range": [float(np.min(burdens)), float(np.max(burdens))] if burdens else [0.0, 0.0]}
 
 
-def _as_mapping(values: Mapping | Sequence | None, ids: Sequence[str], default: Any) -> dict:
-    """A per-case value as {case_id: value}: from a dict, a sequence aligned with ``ids``, or ``default``."""
-    if values is None:
-        return {i: default(i) if callable(default) else default for i in ids}
-    if isinstance(values, Mapping):
-        return {i: values[i] for i in ids}
-    if len(values) != len(ids):
-        raise ValueError(f"got {len(values)} values for {len(ids)} cases")
-    return dict(zip(ids, values))
-
-
 def _strata(units: dict[str, bool], seed: int) -> list[list[str]]:
     """Patients with tumour, then those without, each list shuffled by ``seed``."""
     rng = np.random.default_rng(seed)
@@ -1249,19 +1218,9 @@ def _stratified_sample(units: dict[str, bool], n_val: int, seed: int) -> set[str
     return {u for s, k in zip(strata, take) for u in s[:k]}
 
 
-def _stratified_folds(units: dict[str, bool], n_folds: int, seed: int) -> dict[str, int]:
-    """Deal patients into ``n_folds`` folds: tumour ones, then tumour-free ones, round-robin.
-
-    The deal continues across strata, so fold sizes differ by at most one and tumour presence is
-    spread as evenly as it can be.
-    """
-    order = [u for s in _strata(units, seed) for u in s]
-    return {u: i % n_folds for i, u in enumerate(order)}
-
-
 def split_cases(case_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 0,
-                has_tumor: Mapping | Sequence | None = None, groups: Mapping | Sequence | None = None,
-                fold: int | None = None, n_folds: int = 5) -> tuple[list, list]:
+                has_tumor: Mapping[str, bool] | None = None, groups: Mapping[str, str] | None = None,
+                fold: int | None = None) -> tuple[list, list]:
     """Patient-level train/validation split, stratified by tumour presence, deterministic by seed.
 
     A patient's slices are never in both parts (splitting slices at random leaks neighbouring,
@@ -1272,32 +1231,31 @@ def split_cases(case_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 
         case_ids: the labelled cases.
         val_fraction: share of patients in validation (single split, ``fold=None``).
         seed: shuffles the patients.
-        has_tumor: per case (dict or aligned sequence): does its label contain tumour? None: no stratification.
-        groups: per case patient id (dict or aligned sequence); None: one patient per case (as in LiTS).
-        fold: None for the single split; 0..n_folds-1 for that fold of a cross-validation.
-        n_folds: number of folds (5, as nnU-Net).
+        has_tumor: {case_id: does its label contain tumour?}; None: no stratification.
+        groups: {case_id: patient id}; None: one patient per case (as in LiTS).
+        fold: None for the single split; 0-4 for that fold of a 5-fold cross-validation (as nnU-Net): patients
+            with tumour, then those without, dealt round-robin, so fold sizes differ by at most one.
 
     Returns:
         (train_ids, val_ids), each in natural order.  Warns below 5 validation cases.
     """
-    patient = _as_mapping(groups, list(case_ids), lambda i: i)  # aligned with the caller's order
-    tumor = _as_mapping(has_tumor, list(case_ids), False)
+    patient = groups or {i: i for i in case_ids}
     ids = sorted(case_ids, key=natural_key)
     if len(ids) < 2:
         raise ValueError(f"Need at least 2 labelled cases to split, got {len(ids)}")
     units: dict[str, bool] = {}
     for i in ids:
-        units[patient[i]] = units.get(patient[i], False) or bool(tumor[i])
+        units[patient[i]] = units.get(patient[i], False) or bool(has_tumor and has_tumor[i])
     if len(units) < 2:
         raise ValueError("Need at least 2 patients (groups) to split")
     if fold is None:
         n_val = min(len(units) - 1, max(1, int(round(len(units) * val_fraction))))
         val_units = _stratified_sample(units, n_val, seed)
     else:
-        check_fold(fold, n_folds)
-        if n_folds > len(units):
-            raise ValueError(f"{n_folds} folds need at least {n_folds} patients, got {len(units)}")
-        val_units = {u for u, f in _stratified_folds(units, n_folds, seed).items() if f == fold}
+        check_fold(fold)
+        if N_FOLDS > len(units):
+            raise ValueError(f"{N_FOLDS} folds need at least {N_FOLDS} patients, got {len(units)}")
+        val_units = set([u for s in _strata(units, seed) for u in s][fold::N_FOLDS])
     val = [i for i in ids if patient[i] in val_units]
     if len(val) < 5:
         warnings.warn(f"only {len(val)} validation cases: per-case means and their intervals are very noisy",
@@ -1613,11 +1571,7 @@ class Augmentation:
     translate: float = 0.04                     # shift, up to this share of the side
     intensity: float = 0.1                      # gain 1 +- intensity and offset +- intensity
     noise: float = 0.03                         # Gaussian noise, standard deviation up to this
-    contrast: float = 0.0                       # deviations from the image mean scaled by 1 +- contrast; 0: off
-    gamma: float = 0.0                          # image raised to a power in exp(+-gamma); 0: off
     lesion_p: float = 0.0                       # share of tumour slices whose lesion contrast changes; 0: off
-    lesion_magnitude: tuple[float, float] = (0.5, 1.5)  # factor on the lesions' difference from the liver
-    lesion_flip: float = 0.5                    # chance that the difference changes sign (dark <-> bright)
     mirror: float = 0.0                         # chance of a left-right flip, and independently an up-down one
 
 
@@ -1655,8 +1609,8 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
 
     No mirroring by default: on whole slices it would break the prior that the liver lies on the patient's
     right. Stage 2 of the cascade sees windows inside the liver box, where no such prior holds (``aug.mirror``).
-    Draws that are off (contrast, gamma, lesion contrast, mirror at 0) draw nothing, so the other draws are those
-    of a run without them.
+    Draws that are off (lesion contrast, mirror at 0) draw nothing, so the other draws are those of a run without
+    them.
 
     Args:
         x: (B, C, S, S) float images in [0, 1]; y: (B, S, S) long labels.
@@ -1664,8 +1618,8 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
         aug: what to draw.
         window: a side below S returns a ``window`` × ``window`` window of each augmented sample, placed as
             :func:`random_patches` places it on the warped labels; only the window's pixels are computed (the
-            image is warped there alone). Without noise, contrast, gamma and lesion contrast, the same pixels as
-            :func:`random_patches` applied to this function's whole-slice output; those four are then drawn
+            image is warped there alone). Without noise and lesion contrast, the same pixels as
+            :func:`random_patches` applied to this function's whole-slice output; those two are then drawn
             and measured on the window.
 
     Returns:
@@ -1690,21 +1644,8 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator |
     if aug.noise > 0:
         gauss = torch.randn(x.shape, device=dev, generator=generator)  # drawn before the per-sample scale
         x = x + gauss * aug.noise * rand(b, 1, 1, 1) * on.view(b, 1, 1, 1)
-    return _intensity_extras(x, y, rand, on, aug)
-
-
-def _intensity_extras(x: torch.Tensor, y: torch.Tensor, rand: Any, on: torch.Tensor,
-                      aug: Augmentation) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`augment_batch`'s optional draws, after the basic ones: contrast, gamma, the lesions' contrast."""
-    b = x.shape[0]
-    if aug.contrast > 0:
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = mean + (x - mean) * (1 + (rand(b, 1, 1, 1) * 2 - 1) * aug.contrast * on.view(b, 1, 1, 1))
-    if aug.gamma > 0:
-        power = torch.exp((rand(b, 1, 1, 1) * 2 - 1) * aug.gamma * on.view(b, 1, 1, 1))
-        x = x.clamp(0, 1) ** power
     if aug.lesion_p > 0:
-        x = lesion_contrast(x, y, rand(3, b), aug.lesion_p, aug.lesion_magnitude, aug.lesion_flip)
+        x = lesion_contrast(x, y, rand(3, b), aug.lesion_p)
     return x, y
 
 
@@ -1902,72 +1843,51 @@ def describe_model(model: UNet, image_size: int = 256) -> dict:
 # =============================================================================================
 
 class DiceCELoss(torch.nn.Module):
-    """Cross-entropy (or focal) + soft multi-class Dice (or Tversky) computed from the softmax.
+    """Cross-entropy + soft Dice of the liver and tumour classes, computed from the softmax.
 
     Why Dice: tumour is ~1 % of the liver and far less of the slice, so per-voxel cross-entropy
     is dominated by background and a model can score well by never predicting tumour.  Dice is a
-    ratio of overlap to size *per class*, so a small class weighs as much as a big one.
-    CE keeps the gradients well-behaved early on; the sum trains fast and stably (nnU-Net).
+    ratio of overlap to size *per class*, so a small class weighs as much as a big one; the background's
+    Dice is left out (it is trivially high). CE keeps the gradients well-behaved early on; the sum trains
+    fast and stably (nnU-Net).
 
     Args:
-        include_background: also average the Dice of class 0 (off by default: it is trivially high).
         batch_dice: pool the Dice sums over the whole batch (stable when many slices hold no tumour)
             instead of averaging per-slice Dice (which is undefined/noisy on empty slices).
-        class_weights: optional CE weights per class.
-        focal_gamma: > 0 turns CE into focal loss (down-weights easy voxels).
-        tversky: (alpha, beta) turns Dice into Tversky; beta > alpha penalises misses (FN) more.
-        dice_weight: weight of the Dice term.
-        smooth: added to numerator and denominator.
+        smooth: added to numerator and denominator (a class absent from both scores 1, not 0 / 0).
 
     Returns (forward):
         (total loss, {"ce": ..., "dice": ...}) with detached parts for logging.
     """
 
-    def __init__(self, include_background: bool = False, batch_dice: bool = True,
-                 class_weights: Sequence[float] | None = None, focal_gamma: float = 0.0,
-                 tversky: tuple[float, float] | None = None, dice_weight: float = 1.0, smooth: float = 1e-5):
+    def __init__(self, batch_dice: bool = True, smooth: float = 1e-5):
         super().__init__()
-        self.include_background, self.batch_dice = include_background, batch_dice
-        self.register_buffer("class_weights", None if class_weights is None
-                             else torch.as_tensor(class_weights, dtype=torch.float32))
-        self.focal_gamma, self.tversky, self.dice_weight, self.smooth = focal_gamma, tversky, dice_weight, smooth
+        self.batch_dice, self.smooth = batch_dice, smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
         logits = logits.float()
-        if self.focal_gamma > 0:
-            logp = F.log_softmax(logits, 1)
-            logp_t = logp.gather(1, target[:, None])[:, 0]
-            w = 1.0 if self.class_weights is None else self.class_weights[target]
-            ce = (-w * (1 - logp_t.exp()) ** self.focal_gamma * logp_t).mean()
-        else:
-            ce = F.cross_entropy(logits, target, weight=self.class_weights)
-        probs = logits.softmax(1)
-        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-        if not self.include_background:
-            probs, onehot = probs[:, 1:], onehot[:, 1:]
+        ce = F.cross_entropy(logits, target)
+        tp, fp, fn = self.soft_counts(logits, target)
+        dice_loss = 1 - ((tp + self.smooth) / (tp + 0.5 * fp + 0.5 * fn + self.smooth)).mean()  # 2tp / (2tp+fp+fn)
+        return ce + dice_loss, {"ce": ce.detach(), "dice": dice_loss.detach()}
+
+    def soft_counts(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Soft tp, fp, fn of liver and tumour (each of shape (2,), or (B, 2) per slice): softmax sums."""
+        probs = logits.softmax(1)[:, 1:]  # liver, tumour
+        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
         dims = (0, 2, 3) if self.batch_dice else (2, 3)
-        tp = (probs * onehot).sum(dims)
-        fp = (probs * (1 - onehot)).sum(dims)
-        fn = ((1 - probs) * onehot).sum(dims)
-        a, b = self.tversky if self.tversky else (0.5, 0.5)
-        score = (tp + self.smooth) / (tp + a * fp + b * fn + self.smooth)
-        dice_loss = 1 - score.mean()
-        return ce + self.dice_weight * dice_loss, {"ce": ce.detach(), "dice": dice_loss.detach()}
+        return (probs * onehot).sum(dims), (probs * (1 - onehot)).sum(dims), ((1 - probs) * onehot).sum(dims)
 
 
 LOSSES: dict[str, dict] = {  # named DiceCELoss settings: the notebook's LOSS
     "dice_ce": {},
     "dice_ce_per_slice": {"batch_dice": False},
-    "focal_dice": {"focal_gamma": 2.0},
-    "tversky_ce": {"tversky": (0.3, 0.7)},
 }
 
 
 def make_loss(name: str = "dice_ce", **kwargs: Any) -> DiceCELoss:
-    """Loss by name: 'dice_ce' (default), 'dice_ce_per_slice', 'focal_dice', 'tversky_ce' (alpha 0.3, beta 0.7).
-
-    'dice_ce_per_slice' averages the Dice of each slice instead of pooling the batch (``batch_dice=False``).
-    """
+    """Loss by name: 'dice_ce' (Dice pooled over the batch; both recipes) or 'dice_ce_per_slice' (the mean of
+    each slice's Dice, ``batch_dice=False``); ``kwargs`` go to :class:`DiceCELoss`."""
     if name not in LOSSES:
         raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {name!r}")
     return DiceCELoss(**{**LOSSES[name], **kwargs})
@@ -2013,7 +1933,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0          # linear warm-up, then cosine decay to 0
     grad_clip: float = 1.0              # max gradient norm
     steps_per_epoch: int | None = None  # None = len(selected slices) // batch_size
-    loss: str = "dice_ce"               # make_loss: 'dice_ce' | 'dice_ce_per_slice' | 'focal_dice' | 'tversky_ce'
+    loss: str = "dice_ce"               # make_loss: 'dice_ce' or 'dice_ce_per_slice'
     sampling: Sampling = field(default_factory=Sampling)  # which slices each batch draws, whole or as windows
     augment: Augmentation | None = field(default_factory=Augmentation)  # drawn on the device; None: off
     amp: bool | str = True              # mixed precision on CUDA: True bf16 where native, else fp16; "fp16", "bf16"
@@ -2052,11 +1972,6 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save, atomically."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -2106,13 +2021,6 @@ def autocast(device: torch.device, enabled: bool | str):
     if device.type == "cuda" and enabled:
         return torch.autocast("cuda", dtype=_amp_dtype(enabled))
     return contextlib.nullcontext()
-
-
-def _grad_scaler(enabled: bool):
-    """The fp16 gradient scaler: ``torch.amp.GradScaler("cuda")`` from torch 2.3 on, ``torch.cuda.amp`` before."""
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler("cuda", enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch 2.1-2.2 (deprecated, and still working, later)
 
 
 @torch.no_grad()
@@ -2185,8 +2093,11 @@ def make_train_state(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: 
     # resolved once here (an unknown amp is refused on every device), so no step asks the GPU for its type again
     dtype = _amp_dtype(cfg.amp) if cfg.amp else None
     use_amp = ("bf16" if dtype == torch.bfloat16 else "fp16") if dtype is not None and device.type == "cuda" else False
+    fp16 = use_amp == "fp16"  # the gradient scaler: torch.amp's from torch 2.3 on, torch.cuda.amp's before
+    scaler = (torch.amp.GradScaler("cuda", enabled=fp16) if hasattr(torch.amp, "GradScaler")
+              else torch.cuda.amp.GradScaler(enabled=fp16))
     return TrainState(model, make_loss(cfg.loss).to(device), opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
-                      _grad_scaler(use_amp == "fp16"), device, use_amp, memfmt)
+                      scaler, device, use_amp, memfmt)
 
 
 def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -2350,10 +2261,10 @@ def save_checkpoints(out: Path, state: TrainState, cfg: TrainConfig, epoch: int,
           "scheduler": state.sched.state_dict(), "scaler": state.scaler.state_dict(), "epoch": epoch,
           "history": history, "train_config": asdict_plain(cfg), "best": max(best, score),
           "model_hparams": getattr(unwrap(state.model), "hparams", {}), "extra": extra_state or {}, "run": run}
-    if score > best:
-        _atomic_torch_save(ck, out / "best.pt")
-    _atomic_torch_save(ck, out / "last.pt")
-    write_history(history, out)
+    for name in ("best.pt", "last.pt") if score > best else ("last.pt",):
+        atomic_write(out / name, lambda tmp: torch.save(ck, tmp))
+    _atomic_write_text(out / "history.json", json.dumps(json_safe(history), indent=1))
+    _write_csv(out / "history.csv", history)
     return max(best, score)
 
 
@@ -2401,8 +2312,7 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
     Args:
         model: the network (moved to ``device``).
         train_data, train_index: training slices and which of them are sampled.
-        cfg: :class:`TrainConfig`.
-        output_dir: where logs and checkpoints go.
+        cfg, output_dir: the :class:`TrainConfig`; where logs and checkpoints go.
         val_data, val_index: validation slices for the per-epoch 2D check (optional).
         device, progress: None = ``train_data``'s device; tqdm bars.
         resume: continue from ``output_dir/last.pt`` when present.
@@ -2436,11 +2346,9 @@ def train(model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
         history.append({k: float(v) if k != "epoch" else v for k, v in row.items()})
         if rank == 0:  # one writer; the other processes wait at their next gradient exchange
             best = save_checkpoints(out, state, cfg, epoch, history, best, extra_state, run)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items() if k in _SHOWN})
+        shown = ("train_ce", "val_dice_liver_2d", "val_dice_tumor_2d")
+        bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items() if k in shown})
     return history
-
-
-_SHOWN = ("train_ce", "val_dice_liver_2d", "val_dice_tumor_2d")  # train's progress bar
 
 
 # --- Several GPUs: DistributedDataParallel, one process per GPU, launched from the notebook ---------------
@@ -2521,24 +2429,16 @@ def _end_with_parent(parent_pid: int, poll_s: float = 2.0) -> None:
     threading.Thread(target=watch, daemon=True, name="end-with-parent").start()
 
 
-def _worker_device(rank: int, world: int, device_type: str) -> tuple[torch.device, str]:
-    """(device, process-group backend) of worker ``rank``: GPU ``rank`` with NCCL when every worker has a GPU of
-    its own; GPU ``rank % count`` with gloo when workers must share GPUs (NCCL refuses two ranks on one GPU;
-    a check of this code path on a one-GPU machine); the CPU with gloo."""
-    if device_type != "cuda":
-        return torch.device("cpu"), "gloo"
-    count = torch.cuda.device_count()
-    return torch.device("cuda", rank % count), "nccl" if world <= count else "gloo"
-
-
 def _ddp_worker(rank: int, world: int, port: int, job: dict) -> None:
     """One process of :func:`train_replicated`: join the group, rebuild the data, run :func:`train`."""
     _end_with_parent(job["parent_pid"])
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device, backend = _worker_device(rank, world, job["device_type"])
-    if device.type == "cuda":
+    if job["device_type"] == "cuda":  # GPU rank with NCCL; ranks that must share GPUs (a one-GPU check) use gloo,
+        count = torch.cuda.device_count()  # as NCCL refuses two ranks on one GPU
+        device, backend = torch.device("cuda", rank % count), "nccl" if world <= count else "gloo"
         torch.cuda.set_device(device)
     else:
+        device, backend = torch.device("cpu"), "gloo"
         torch.set_num_threads(job["threads"])
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, det = job["flags"]
     torch.use_deterministic_algorithms(det, warn_only=True)
@@ -2582,24 +2482,6 @@ def _worker_failure(err: BaseException) -> BaseException:
                             "likely died (out of host memory: the kernel's OOM killer; out of GPU memory) or hung. "
                             "Lower BATCH_SIZE or use GPUS = 1; the run resumes from last.pt.\n" + text)
     return err
-
-
-def _stop(ctx: Any) -> None:
-    """Terminate the worker processes that are still alive and wait for them."""
-    for proc in ctx.processes:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in ctx.processes:
-        proc.join(timeout=30)
-
-
-def _print_new_epochs(log: Path, shown: int, progress: bool) -> int:
-    """Print the epoch rows of ``log`` (history.json) after the first ``shown``; returns how many there are."""
-    rows = json.loads(log.read_text()) if log.exists() else []
-    for row in rows[shown:] if progress else []:
-        print(f"epoch {row['epoch']}: train CE {row['train_ce']:.3f}, Dice loss {row['train_dice_loss']:.3f}, "
-              f"{row['slices_per_second']:.0f} slices/s")
-    return max(shown, len(rows))
 
 
 def train_replicated(replicas: int, model: torch.nn.Module, train_data: SliceSet, train_index: np.ndarray,
@@ -2657,9 +2539,17 @@ def _run_workers(replicas: int, job: dict, out: Path, progress: bool, poll_s: fl
                                                 nprocs=replicas, join=False, start_method="spawn")
     try:
         while not ctx.join(timeout=poll_s):
-            shown = _print_new_epochs(log, shown, progress)
+            rows = json.loads(log.read_text()) if log.exists() else []
+            for row in rows[shown:] if progress else []:
+                print(f"epoch {row['epoch']}: train CE {row['train_ce']:.3f}, Dice loss {row['train_dice_loss']:.3f}, "
+                      f"{row['slices_per_second']:.0f} slices/s")
+            shown = max(shown, len(rows))
     except BaseException as err:
-        _stop(ctx)
+        for proc in ctx.processes:  # stop the workers still alive, and wait for them
+            if proc.is_alive():
+                proc.terminate()
+        for proc in ctx.processes:
+            proc.join(timeout=30)
         failure = _worker_failure(err)
         if failure is err:
             raise
@@ -2706,13 +2596,6 @@ def asdict_plain(obj: Any) -> dict:
     """A dataclass as a dict of plain Python values (JSON- and weights_only-safe)."""
     from dataclasses import asdict
     return json.loads(json.dumps(asdict(obj), default=float))
-
-
-def write_history(history: list[dict], output_dir: str | os.PathLike) -> None:
-    """Write ``history.json`` and ``history.csv`` (one row per epoch) atomically."""
-    out = Path(output_dir)
-    _atomic_write_text(out / "history.json", json.dumps(json_safe(history), indent=1))
-    _write_csv(out / "history.csv", history)
 
 
 # =============================================================================================
@@ -2802,9 +2685,8 @@ def drop_small_tumor(pred: np.ndarray, spacing: Sequence[float], min_ml: float) 
     """``pred`` with every 26-connected tumour (label 2) component under ``min_ml`` mL relabelled liver (1), or
     background where ``pred`` holds no liver at all.
 
-    The default recipe's floor (``min_tumor_ml``: 0.1 mL, a sphere 5.8 mm across; BENCHMARKS.md) removes
-    specks, most of them false lesions on the study's validation set, a few true small ones on its kept-aside set.
-    ``min_ml`` ≤ 0 returns ``pred`` itself.
+    The default recipe's floor (``min_tumor_ml``: 0.1 mL, a sphere 5.8 mm across) removes specks, most of them
+    false lesions (BENCHMARKS.md). ``min_ml`` ≤ 0 returns ``pred`` itself.
     """
     from scipy import ndimage
     if min_ml <= 0:
@@ -2996,8 +2878,8 @@ def inference_batch_size(device: torch.device | str, image_size: int = 128) -> i
 
 @torch.no_grad()
 def slice_probabilities(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[int, int], context: int,
-                        device: torch.device | str, batch_size: int | None = None,
-                        amp: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+                        device: torch.device | str,
+                        batch_size: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """The softmax of ``model`` on a (Z, S, S) windowed stack, batch by batch, resized to ``out_shape``.
 
     The logits are resized to the original in-plane grid before the softmax (smoother than resizing a
@@ -3013,14 +2895,14 @@ def slice_probabilities(model: torch.nn.Module, slices: np.ndarray, out_shape: t
     stack = torch.from_numpy(np.asarray(slices, np.float32))
     for start in range(0, slices.shape[0], batch_size):
         x = stack[torch.from_numpy(neigh[start:start + batch_size])].to(device)
-        with autocast(device, amp):
+        with autocast(device, True):
             logits = model(x.contiguous(memory_format=torch.channels_last))
         logits = F.interpolate(logits.float(), size=out_shape, mode="bilinear", align_corners=False)
         yield start, torch.softmax(logits, 1)
 
 
 def predict_slices(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[int, int], context: int,
-                   device: torch.device | str, batch_size: int | None = None, amp: bool = True,
+                   device: torch.device | str, batch_size: int | None = None,
                    foreground: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Label every slice of a (Z, S, S) windowed stack, upsampled to ``out_shape``: returns (X, Y, Z) uint8.
 
@@ -3030,7 +2912,7 @@ def predict_slices(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[
     nz = slices.shape[0]
     out = np.zeros((*out_shape, nz), np.uint8)
     fg = np.zeros((*out_shape, nz), np.float16) if foreground else None
-    for start, probs in slice_probabilities(model, slices, out_shape, context, device, batch_size, amp):
+    for start, probs in slice_probabilities(model, slices, out_shape, context, device, batch_size):
         out[:, :, start:start + len(probs)] = probs.argmax(1).permute(1, 2, 0).to(torch.uint8).cpu().numpy()
         if fg is not None:
             fg[:, :, start:start + len(probs)] = (1 - probs[:, 0]).permute(1, 2, 0).half().cpu().numpy()
@@ -3096,14 +2978,14 @@ def combine_stages(stage2_probs: torch.Tensor, stage1_fg: torch.Tensor) -> torch
 
 
 def label_box(stage2: Stage2, crop: np.ndarray, box: Sequence[int], context: int, device: torch.device | str,
-              batch_size: int | None = None, amp: bool = True, stage1_fg: np.ndarray | None = None) -> np.ndarray:
+              batch_size: int | None = None, stage1_fg: np.ndarray | None = None) -> np.ndarray:
     """Stage 2's (X1-X0, Y1-Y0, Z1-Z0) labels of a liver box (:func:`cascade_input`'s crop), with its liver call
     averaged with stage 1's foreground probability (:func:`combine_stages`) where ``stage2.average_liver``."""
     x0, x1, y0, y1, z0, z1 = box
     if not stage2.average_liver:
-        return predict_slices(stage2.net(), crop, (x1 - x0, y1 - y0), context, device, batch_size, amp)
+        return predict_slices(stage2.net(), crop, (x1 - x0, y1 - y0), context, device, batch_size)
     inner = np.zeros((x1 - x0, y1 - y0, z1 - z0), np.uint8)
-    for start, probs in slice_probabilities(stage2.net(), crop, (x1 - x0, y1 - y0), context, device, batch_size, amp):
+    for start, probs in slice_probabilities(stage2.net(), crop, (x1 - x0, y1 - y0), context, device, batch_size):
         fg1 = torch.from_numpy(np.asarray(stage1_fg[x0:x1, y0:y1, z0 + start:z0 + start + len(probs)], np.float32))
         labels = combine_stages(probs, fg1.permute(2, 0, 1).to(probs.device))  # on the device: only labels move
         inner[:, :, start:start + len(probs)] = labels.permute(1, 2, 0).cpu().numpy()
@@ -3112,7 +2994,7 @@ def label_box(stage2: Stage2, crop: np.ndarray, box: Sequence[int], context: int
 
 def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing: Sequence[float], stage2: Stage2,
                     context: int, device: torch.device | str, batch_size: int | None = None,
-                    amp: bool = True, stage1_fg: np.ndarray | None = None) -> np.ndarray:
+                    stage1_fg: np.ndarray | None = None) -> np.ndarray:
     """Refine a stage-1 label volume inside its liver box at full resolution (Christ et al. 2016).
 
     Stage 1's largest liver component gives the box (plus ``margin_mm``, at least ``roi_size``
@@ -3143,7 +3025,7 @@ def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing:
     if box is None:
         return stage1_pred
     x0, x1, y0, y1, z0, z1 = box
-    inner = label_box(stage2, crop, box, context, device, batch_size, amp, stage1_fg)
+    inner = label_box(stage2, crop, box, context, device, batch_size, stage1_fg)
     out = np.zeros_like(stage1_pred)
     out[x0:x1, y0:y1, z0:z1] = inner
     return keep_liver_core(out, liver, spacing, stage2.core_mm)
@@ -3252,18 +3134,17 @@ def _score_with_raw(raw: np.ndarray, final: np.ndarray, truth: np.ndarray, spaci
 
 
 def _predict_stage1(model: torch.nn.Module, slices: np.ndarray, out_shape: tuple[int, int], context: int,
-                    device: torch.device | str, batch_size: int | None, amp: bool,
-                    stage2: Stage2 | None) -> tuple[np.ndarray, np.ndarray | None]:
+                    device: torch.device | str, stage2: Stage2 | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Stage 1's labels, and its foreground probability where ``stage2`` averages the two stages' liver."""
     if stage2 is not None and stage2.average_liver:
-        return predict_slices(model, slices, out_shape, context, device, batch_size, amp, foreground=True)
-    return predict_slices(model, slices, out_shape, context, device, batch_size, amp), None
+        return predict_slices(model, slices, out_shape, context, device, foreground=True)
+    return predict_slices(model, slices, out_shape, context, device), None
 
 
 def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, device: torch.device | str,
-             postprocess_pred: bool = True, batch_size: int | None = None, amp: bool = True,
-             keep_predictions: bool = True, progress: bool = True, stage2: Stage2 | None = None,
-             save_dir: str | os.PathLike | None = None, min_tumor_ml: float = 0.0) -> dict:
+             postprocess_pred: bool = True, keep_predictions: bool = True, progress: bool = True,
+             stage2: Stage2 | None = None, save_dir: str | os.PathLike | None = None,
+             min_tumor_ml: float = 0.0) -> dict:
     """Full-volume 3D evaluation of each case on its original (canonical) grid, LiTS-style.
 
     Used in the notebook section "Evaluate".  Every slice is predicted with its 2.5D context,
@@ -3273,26 +3154,23 @@ def evaluate(model: torch.nn.Module, cases: Sequence[CachedCase], context: int, 
 
     With ``stage2`` (the cascade), stage 1's prediction is refined in its liver box by
     :func:`predict_cascade`; this decodes each validation NIfTI once more for its full-resolution
-    slices (as it does for a case with tumour, for the contrast of each lesion).  ``batch_size`` None picks
-    :func:`inference_batch_size` for the device.  With ``save_dir``, every prediction is written as
-    ``<case>_pred.nii.gz`` in its input's own grid and header (:func:`save_prediction`), for re-scoring with
-    any other tool.
+    slices (as it does for a case with tumour, for the contrast of each lesion).  With ``save_dir``, every
+    prediction is written as ``<case>_pred.nii.gz`` in its input's own grid and header (:func:`save_prediction`),
+    for re-scoring with any other tool.
 
     Returns:
         ``{"per_case": [...], "summary": {...}, "lesions": [...], "predictions": {case_id: (X, Y, Z) uint8}}``;
-        per-case values are post-processed when ``postprocess_pred`` (:func:`postprocess`, tumour components
-        under ``min_tumor_ml`` mL made liver; without ``postprocess_pred`` no floor either; raw values beside
-        them, suffixed ``_raw``); ``lesions`` holds one
-        :func:`lesion_detection` result per case.
+        per-case values after :func:`postprocess` (with the ``min_tumor_ml`` floor) when ``postprocess_pred``,
+        the values before it beside them (suffixed ``_raw``); ``lesions``: :func:`lesion_detection` per case.
     """
     rows, preds, lesions = [], {}, []
     for c in tqdm(cases, desc="evaluate (3D)", unit="case", disable=not progress):
         truth, spacing = c.label_full, c.meta["spacing"]
-        raw, fg = _predict_stage1(model, c.image, truth.shape[:2], context, device, batch_size, amp, stage2)
+        raw, fg = _predict_stage1(model, c.image, truth.shape[:2], context, device, stage2)
         hu = load_case(c.meta["image_path"]).image if stage2 is not None or (truth == 2).any() else None
         if stage2 is not None:  # the full-resolution slices of the liver box
             raw = predict_cascade(raw, window_hu(hu, c.meta["hu_window"]), spacing, stage2, context, device,
-                                  batch_size, amp, fg)
+                                  stage1_fg=fg)
         final = postprocess(raw, spacing, min_tumor_ml) if postprocess_pred else raw
         lesions.append({"case": c.case_id, **lesion_detection(final, truth, spacing, hu=hu)})
         rows.append({"case": c.case_id, **_score_with_raw(raw, final, truth, spacing, lesions[-1])})
@@ -3374,8 +3252,7 @@ def save_prediction(pred: np.ndarray, image_path: str | os.PathLike, out_path: s
 def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_size: int, context: int,
                    hu_window: Sequence[float] = DEFAULT_HU_WINDOW, device: torch.device | str = "cpu",
                    postprocess_pred: bool = True, out_path: str | os.PathLike | None = None,
-                   batch_size: int | None = None, stage2: Stage2 | None = None,
-                   min_tumor_ml: float = 0.0) -> np.ndarray:
+                   stage2: Stage2 | None = None, min_tumor_ml: float = 0.0) -> np.ndarray:
     """Segment one CT NIfTI file; return labels in the input's own grid (and save them as NIfTI).
 
     Used in the notebook section "Inference".  The saved file carries the input's affine and
@@ -3389,7 +3266,6 @@ def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_
         postprocess_pred: keep the largest connected liver component (:func:`postprocess`).
         min_tumor_ml: with ``postprocess_pred``, tumour components under this many mL become liver.
         out_path: where to write the label NIfTI (uint8), or None.
-        batch_size: slices per forward pass; None picks :func:`inference_batch_size` for the device.
         stage2: the cascade's second stage, or None.
 
     Returns:
@@ -3397,10 +3273,10 @@ def predict_volume(model: torch.nn.Module, nifti_path: str | os.PathLike, image_
     """
     case = load_case(nifti_path)
     windowed = window_hu(case.image, hu_window)
-    pred, fg = _predict_stage1(model, network_slices(windowed, image_size), case.image.shape[:2], context, device,
-                               batch_size, True, stage2)
+    slices = network_slices(windowed, image_size)
+    pred, fg = _predict_stage1(model, slices, case.image.shape[:2], context, device, stage2)
     if stage2 is not None:
-        pred = predict_cascade(pred, windowed, case.spacing, stage2, context, device, batch_size, stage1_fg=fg)
+        pred = predict_cascade(pred, windowed, case.spacing, stage2, context, device, stage1_fg=fg)
     if postprocess_pred:
         pred = postprocess(pred, case.spacing, min_tumor_ml)
     if out_path is not None:
@@ -3496,12 +3372,6 @@ def write_colour_tables(folder: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def _prediction_name(ct: Path) -> str:
-    """``liver_7.nii.gz`` -> ``liver_7_pred.nii.gz``."""
-    stem = ct.name[:-7] if ct.name.endswith(".nii.gz") else ct.stem
-    return f"{stem}_pred.nii.gz"
-
-
 def predict_files(run_folder: str | os.PathLike, cts: Sequence[str | os.PathLike], out: str | os.PathLike,
                   device: str = "auto", progress: bool = True) -> list[Path]:
     """Segment CT files with a trained run: one ``NAME_pred.nii.gz`` per input in ``out`` (never beside the
@@ -3516,7 +3386,7 @@ def predict_files(run_folder: str | os.PathLike, cts: Sequence[str | os.PathLike
     missing = [str(c) for c in cts if not c.is_file()]
     if missing:
         raise FileNotFoundError(f"no such CT file: {', '.join(missing)}")
-    names = [_prediction_name(ct) for ct in cts]
+    names = [f"{ct.name[:-7] if ct.name.endswith('.nii.gz') else ct.stem}_pred.nii.gz" for ct in cts]  # liver_7_pred
     if len(set(names)) < len(names):
         raise ValueError("two inputs share a file name (their predictions would overwrite each other): "
                          "predict them into different --out folders")
@@ -3592,13 +3462,6 @@ def format_table(rows: Sequence[dict], columns: Sequence[str], fmt: str = ".3f",
     return "\n".join([line(columns)] + [line(b) for b in body])
 
 
-def _with_ci(summary: dict, key: str, fmt: str = ".3f") -> str:
-    """'0.912 [0.880, 0.935]': a per-case mean with its 95 % bootstrap interval."""
-    lo, hi = summary.get("ci95", {}).get(key, (float("nan"), float("nan")))
-    ci = "" if lo is None or math.isnan(lo) else f" [{lo:{fmt}}, {hi:{fmt}}]"
-    return f"{summary[key]:{fmt}}{ci}"
-
-
 RESULT_ROWS = (  # (metric, summary key, convention, which to report); the evaluation cell's table
     ("liver Dice per case", "dice_liver_lits", "label >= 1 vs >= 1 (LiTS, nnU-Net liver)", "report"),
     ("liver tissue Dice per case", "dice_liver", "label 1 alone", ""),
@@ -3617,12 +3480,14 @@ RESULT_ROWS = (  # (metric, summary key, convention, which to report); the evalu
 
 
 def _result_value(s: dict, key: str | tuple) -> str:
-    """A summary value with its interval ('-' where absent or undefined)."""
+    """A summary value with its 95 % bootstrap interval, '0.912 [0.880, 0.935]' ('-' where absent or undefined)."""
     if isinstance(key, tuple):
         return " / ".join(f"{s[k]:.2f}" if s.get(k) is not None else "-" for k in key)
     if s.get(key) is None or (isinstance(s[key], float) and math.isnan(s[key])):
         return "-"
-    return _with_ci(s, key, ".1f" if key.endswith("_mm") else ".3f")
+    fmt = ".1f" if key.endswith("_mm") else ".3f"
+    lo, hi = s.get("ci95", {}).get(key, (float("nan"), float("nan")))
+    return f"{s[key]:{fmt}}" + ("" if lo is None or math.isnan(lo) else f" [{lo:{fmt}}, {hi:{fmt}}]")
 
 
 def describe_results(summary: dict, synthetic: bool, checkpoint: str = "last") -> str:
@@ -3694,10 +3559,15 @@ def show_slice(slice_xy: np.ndarray) -> np.ndarray:
     return np.swapaxes(slice_xy, 0, 1)[::-1, ::-1]
 
 
-def _save(fig, output_dir: str | os.PathLike | None, name: str) -> None:
-    """Save a figure as PNG in ``output_dir`` (when given)."""
+def _finish(fig, title: str | None, output_dir: str | os.PathLike | None = None, name: str = "", rect=None):
+    """The figure's title (None: none), tight layout within ``rect``, and the PNG ``name`` in ``output_dir`` when
+    given; returns ``fig``."""
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout(rect=rect)
     if output_dir is not None:
         fig.savefig(Path(output_dir) / name, dpi=110, bbox_inches="tight")
+    return fig
 
 
 def show_volume(case: Case, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, title: str = ""):
@@ -3737,9 +3607,7 @@ def show_volume(case: Case, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, titl
     axes[2].set_title(f"coronal y={y}")
     for ax in axes[1:]:
         ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, title)
 
 
 def show_batch(x: torch.Tensor, y: torch.Tensor, n: int = 8, title: str = ""):
@@ -3755,9 +3623,7 @@ def show_batch(x: torch.Tensor, y: torch.Tensor, n: int = 8, title: str = ""):
         if (lab == 2).any():
             ax.contour(show_slice(lab == 2), levels=[0.5], colors="red", linewidths=0.8)
         ax.axis("off")
-    fig.suptitle(title or f"{n} training slices after augmentation (centre of {x.shape[1]} channels)")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, title or f"{n} training slices after augmentation (centre of {x.shape[1]} channels)")
 
 
 def plot_history(history: list[dict], output_dir: str | os.PathLike | None = None, title: str = "",
@@ -3802,10 +3668,7 @@ def plot_history(history: list[dict], output_dir: str | os.PathLike | None = Non
     for ax in axes:
         ax.legend(fontsize=8)
     axes[2].set_ylim(0, 1)
-    fig.suptitle(title)
-    fig.tight_layout()
-    _save(fig, output_dir, "training_curves.png")
-    return fig
+    return _finish(fig, title, output_dir, "training_curves.png")
 
 
 def plot_per_case(per_case: list[dict], output_dir: str | os.PathLike | None = None, title: str = ""):
@@ -3827,20 +3690,20 @@ def plot_per_case(per_case: list[dict], output_dir: str | os.PathLike | None = N
     ax.set(ylim=(0, 1.25), ylabel="3D Dice", title=title or "per-case 3D Dice (validation), by tumour Dice")
     ax.legend(loc="upper left", fontsize=8, ncols=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    _save(fig, output_dir, "per_case_dice.png")
-    return fig
+    return _finish(fig, None, output_dir, "per_case_dice.png")
 
 
 OVERLAY_COLOURS = {"tumour found": (1.0, 0.85, 0.0), "tumour missed": (0.0, 0.8, 1.0),
                    "false tumour": (1.0, 0.0, 1.0)}  # true positive, false negative, false positive
 
 
-def _overlay(ax, ct: np.ndarray, truth: np.ndarray, pred: np.ndarray, box: tuple[int, int, int, int]) -> None:
-    """One axial slice in radiological view, cropped to ``box`` (x0, x1, y0, y1): the liver's outline, true
-    (solid) and predicted (dashed), and the tumour's true positives, misses and false positives in colour."""
+def _overlay(ax, case: CachedCase, z: int, truth: np.ndarray, pred: np.ndarray, box: tuple[int, int, int, int]) -> None:
+    """Axial slice ``z`` of ``case`` (its network slice resized to the label grid) in radiological view, cropped to
+    ``box`` (x0, x1, y0, y1): the liver's outline, true (solid) and predicted (dashed), and the tumour's true
+    positives, misses and false positives in colour."""
     x0, x1, y0, y1 = box
-    ct, truth, pred = ct[x0:x1, y0:y1], truth[x0:x1, y0:y1], pred[x0:x1, y0:y1]
+    ct = _resize2d(np.asarray(case.image[z], np.float32), truth.shape)[x0:x1, y0:y1]
+    truth, pred = truth[x0:x1, y0:y1], pred[x0:x1, y0:y1]
     ax.imshow(show_slice(ct), cmap="gray", vmin=0, vmax=1)
     rgba = np.zeros((*truth.shape, 4))
     for (_name, colour), mask in zip(OVERLAY_COLOURS.items(), ((truth == 2) & (pred == 2), (truth == 2) & (pred != 2),
@@ -3880,11 +3743,6 @@ def _slices_by_tumor(labels: np.ndarray) -> np.ndarray:
     return np.lexsort(((labels >= 1).sum((0, 1)), (labels == 2).sum((0, 1))))[::-1]
 
 
-def _full_slice(case: CachedCase, z: int, shape: tuple[int, int]) -> np.ndarray:
-    """The case's network slice ``z`` resized to the label grid's in-plane ``shape``."""
-    return _resize2d(np.asarray(case.image[z], np.float32), shape)
-
-
 def plot_overlays(cases: Sequence[CachedCase], predictions: dict, per_case: list[dict],
                   output_dir: str | os.PathLike | None = None, title: str = ""):
     """The worst, median and best validation case, each at its slice with the most tumour, zoomed on the liver:
@@ -3903,15 +3761,12 @@ def plot_overlays(cases: Sequence[CachedCase], predictions: dict, per_case: list
         c = by_id[r["case"]]
         truth, pred = np.asarray(c.label_full), predictions[r["case"]]
         z = int(_slices_by_tumor(truth)[0])
-        _overlay(ax, _full_slice(c, z, truth.shape[:2]), truth[:, :, z], pred[:, :, z],
-                 _liver_crop(truth[:, :, z], pred[:, :, z]))
+        _overlay(ax, c, z, truth[:, :, z], pred[:, :, z], _liver_crop(truth[:, :, z], pred[:, :, z]))
         tumor = "no tumour" if math.isnan(r["dice_tumor"]) else f"tumour {r['dice_tumor']:.2f}"
         ax.set_title(f"{name}: {r['case']}, z={z}\nDice liver {r['dice_liver_lits']:.2f}, {tumor}", fontsize=9)
     _overlay_legend(fig)
-    fig.suptitle(title or "validation cases: worst, median, best")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    _save(fig, output_dir, "overlays.png")
-    return fig
+    return _finish(fig, title or "validation cases: worst, median, best", output_dir, "overlays.png",
+                   (0, 0.05, 1, 0.97))
 
 
 def plot_montage(case: CachedCase, prediction: np.ndarray, n: int = 6, output_dir: str | os.PathLike | None = None,
@@ -3928,16 +3783,14 @@ def plot_montage(case: CachedCase, prediction: np.ndarray, n: int = 6, output_di
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.8 * rows + 0.8), squeeze=False)
     for ax, z in zip(axes.flat, zs):
         t, p = truth[:, :, z], prediction[:, :, z]
-        _overlay(ax, _full_slice(case, z, truth.shape[:2]), t, p, box)
+        _overlay(ax, case, z, t, p, box)
         ax.set_title(f"z={z}: tumour Dice {dice(p == 2, t == 2):.2f}" if (t == 2).any() else f"z={z}: no tumour",
                      fontsize=9)
     for ax in list(axes.flat)[len(zs):]:
         ax.axis("off")
     _overlay_legend(fig)
-    fig.suptitle(title or f"{case.case_id}: the slices with the most tumour")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    _save(fig, output_dir, "montage.png")
-    return fig
+    return _finish(fig, title or f"{case.case_id}: the slices with the most tumour", output_dir, "montage.png",
+                   (0, 0.05, 1, 0.97))
 
 
 def plot_lesions(lesions: Sequence[dict], output_dir: str | os.PathLike | None = None, title: str = ""):
@@ -3970,10 +3823,8 @@ def plot_lesions(lesions: Sequence[dict], output_dir: str | os.PathLike | None =
             axis.text(i, 0.02, f"n={counts[k]}", ha="center", fontsize=8, color="white" if recall[k] > 0.1 else "k")
         axis.set(ylim=(0, 1), ylabel="lesion recall", title=f"by {key}")
         axis.tick_params(axis="x", labelsize=8)
-    fig.suptitle(title or "lesion detection as LiTS counts it (IoU > 0.5 after merges and splits)")
-    fig.tight_layout()
-    _save(fig, output_dir, "lesions.png")
-    return fig
+    return _finish(fig, title or "lesion detection as LiTS counts it (IoU > 0.5 after merges and splits)",
+                   output_dir, "lesions.png")
 
 
 def plot_cascade(case: CachedCase, stage1: torch.nn.Module, stage2: Stage2, context: int,
@@ -4018,10 +3869,8 @@ def plot_cascade(case: CachedCase, stage1: torch.nn.Module, stage2: Stage2, cont
     nx, ny = full.shape[:2]  # show_slice puts voxel (x, y) at column nx-1-x, row ny-1-y
     for ax in (axes[0], axes[2]):
         ax.add_patch(Rectangle((nx - x1 - 0.5, ny - y1 - 0.5), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1.5))
-    fig.suptitle((title or f"cascade on {case.case_id} (green liver, red tumour)") + note)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    _save(fig, output_dir, "cascade.png")
-    return fig
+    return _finish(fig, (title or f"cascade on {case.case_id} (green liver, red tumour)") + note, output_dir,
+                   "cascade.png", (0, 0, 1, 0.95))
 
 
 def _resize2d(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -4056,9 +3905,7 @@ class _Grid:
 
 def _ellipsoid(coords: list, center: Sequence[float], radii: Sequence[float]) -> np.ndarray:
     """Normalised ellipsoid radius (1 on the surface) on box coordinates."""
-    x, y, z = coords
-    return np.sqrt(((x - center[0]) / radii[0]) ** 2 + ((y - center[1]) / radii[1]) ** 2
-                   + ((z - center[2]) / radii[2]) ** 2)
+    return np.sqrt(sum(((c - m) / r) ** 2 for c, m, r in zip(coords, center, radii)))
 
 
 def _wobble(rng: np.random.Generator, coords: list, amp: float, wavelength: tuple[float, float], n: int = 5):
@@ -4072,30 +3919,32 @@ def _wobble(rng: np.random.Generator, coords: list, amp: float, wavelength: tupl
     return amp * out / n * 2
 
 
-def _paint_ellipsoid(vol, lab, grid, rng, center, radii, hu, label=None, wobble=0.0, within=None):
-    """Set ``hu`` (and ``label``) inside a (wobbly) ellipsoid; returns the box slices and mask."""
-    sl, co = grid.box(center, np.asarray(radii) * (1 + wobble * 1.5))
+def _fill(sc, sl, mask, hu, label=None, within=None) -> None:
+    """Set ``hu`` (and ``label``) where ``mask`` (in the box ``sl``) holds, and ``within`` where given."""
+    if within is not None:
+        mask = mask & within[sl]
+    sc.vol[sl][mask] = hu
+    if label is not None:
+        sc.lab[sl][mask] = label
+
+
+def _paint_ellipsoid(sc, center, radii, hu, label=None, wobble=0.0, within=None) -> None:
+    """Paint a (wobbly) ellipsoid into the scene (:func:`_fill`)."""
+    sl, co = sc.grid.box(center, np.asarray(radii) * (1 + wobble * 1.5))
     f = _ellipsoid(co, center, radii)
     if wobble:
-        f = f + _wobble(rng, co, wobble, (40, 120))
-    mask = f < 1
-    if within is not None:
-        mask &= within[sl]
-    vol[sl][mask] = hu
-    if label is not None:
-        lab[sl][mask] = label
-    return sl, mask
+        f = f + _wobble(sc.rng, co, wobble, (40, 120))
+    _fill(sc, sl, f < 1, hu, label, within)
 
 
-def _tube_mask(grid, p0, p1, radius):
-    """Box slices and mask of a cylinder of ``radius`` around segment p0-p1 (mm)."""
+def _paint_tube(sc, p0, p1, radius, hu, label=None, within=None) -> None:
+    """Paint a cylinder of ``radius`` around segment p0-p1 (mm) into the scene (:func:`_fill`)."""
     p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
-    center, half = (p0 + p1) / 2, np.abs(p1 - p0) / 2 + radius
-    sl, (x, y, z) = grid.box(center, half)
+    sl, (x, y, z) = sc.grid.box((p0 + p1) / 2, np.abs(p1 - p0) / 2 + radius)
     d = p1 - p0
     t = np.clip(((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / max(d @ d, 1e-6), 0, 1)
     dist2 = (x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (z - p0[2] - t * d[2]) ** 2
-    return sl, dist2 < radius ** 2
+    _fill(sc, sl, dist2 < radius ** 2, hu, label, within)
 
 
 SYNTHETIC_HU: dict[str, tuple[float, float]] = {  # tissue: HU range, one value drawn per case (portal-venous CT)
@@ -4160,13 +4009,12 @@ def _paint_bowel_and_psoas(sc: _Scene) -> None:
     for _ in range(int(rng.integers(10, 18))):
         c = [rng.uniform(-0.6, 0.6) * ax, rng.uniform(-0.3, 0.6) * ay, rng.uniform(0, cz - 0.5 * rz)]
         r = rng.uniform(12, 28, size=3)
-        _paint_ellipsoid(sc.vol, sc.lab, sc.grid, rng, c, r, sc.hu("bowel wall"), wobble=0.15, within=cavity)
+        _paint_ellipsoid(sc, c, r, sc.hu("bowel wall"), wobble=0.15, within=cavity)
         if rng.random() < 0.5:
-            _paint_ellipsoid(sc.vol, sc.lab, sc.grid, rng, [c[0], c[1] + r[1] * 0.4, c[2]], r * 0.45,
-                             sc.hu("bowel gas"), within=cavity)
+            _paint_ellipsoid(sc, [c[0], c[1] + r[1] * 0.4, c[2]], r * 0.45, sc.hu("bowel gas"), within=cavity)
     for sx in (-1, 1):
-        sl, m = _tube_mask(sc.grid, (sx * 45, -ay * 0.55, 0), (sx * 30, -ay * 0.55, cz - 0.6 * rz), 18)
-        sc.vol[sl][m & cavity[sl]] = sc.hu("psoas")
+        _paint_tube(sc, (sx * 45, -ay * 0.55, 0), (sx * 30, -ay * 0.55, cz - 0.6 * rz), 18, sc.hu("psoas"),
+                    within=cavity)
 
 
 def _paint_lungs_spine_ribs(sc: _Scene) -> None:
@@ -4175,13 +4023,11 @@ def _paint_lungs_spine_ribs(sc: _Scene) -> None:
     ax, ay = g["ax"], g["ay"]
     for sx in (-1, 1):
         c = [sx * ax * 0.5, -10, g["top"] + 0.95 * L * 0.5]
-        _paint_ellipsoid(sc.vol, sc.lab, sc.grid, rng, c, [ax * 0.42, ay * 0.7, L * 0.5], sc.hu("lung"),
-                         wobble=0.05, within=g["cavity"])
+        _paint_ellipsoid(sc, c, [ax * 0.42, ay * 0.7, L * 0.5], sc.hu("lung"), wobble=0.05, within=g["cavity"])
     spine = g["sc"] = -ay * 0.62
     for dy, radius, tissue in ((0, 22, "vertebral cortex"), (0, 18, "vertebral body"), (-38, 14, "posterior arch"),
                                (-30, 7, "spinal canal")):
-        sl, m = _tube_mask(sc.grid, (0, spine + dy, -10), (0, spine + dy, L + 10), radius)
-        sc.vol[sl][m] = sc.hu(tissue)
+        _paint_tube(sc, (0, spine + dy, -10), (0, spine + dy, L + 10), radius, sc.hu(tissue))
     X, Y, Z = g["X"], g["Y"], g["Z"]
     rib_zone = Z > g["cz"] - 0.6 * g["rz"]
     rib_hu = sc.hu("rib")
@@ -4195,23 +4041,22 @@ def _paint_lungs_spine_ribs(sc: _Scene) -> None:
 
 def _paint_neighbours(sc: _Scene) -> None:
     """Aorta, kidneys, spleen and stomach: the liver's neighbours, several with liver-like HU."""
-    rng, g, grid = sc.rng, sc.geo, sc.grid
+    rng, g = sc.rng, sc.geo
     ax, ay, cz, rz, spine, cavity = g["ax"], g["ay"], g["cz"], g["rz"], g["sc"], g["cavity"]
     g["liver_hu"] = sc.hu("liver")
-    sl, m = _tube_mask(grid, (-15, spine + 35, -10), (-15, spine + 35, sc.length + 10), rng.uniform(10, 13))
-    sc.vol[sl][m] = sc.hu("aorta")
+    _paint_tube(sc, (-15, spine + 35, -10), (-15, spine + 35, sc.length + 10), rng.uniform(10, 13), sc.hu("aorta"))
     g["ivc_hu"] = sc.hu("IVC")
     for sx, dz in ((1, -0.75), (-1, -0.55)):
         c = [sx * ax * 0.42, spine + 15, cz + dz * rz]
-        _paint_ellipsoid(sc.vol, sc.lab, grid, rng, c, [26, 30, 50], sc.hu("kidney"), wobble=0.08, within=cavity)
-        _paint_ellipsoid(sc.vol, sc.lab, grid, rng, [c[0] - sx * 8, c[1], c[2]], [9, 12, 25], sc.hu("renal pelvis"))
+        _paint_ellipsoid(sc, c, [26, 30, 50], sc.hu("kidney"), wobble=0.08, within=cavity)
+        _paint_ellipsoid(sc, [c[0] - sx * 8, c[1], c[2]], [9, 12, 25], sc.hu("renal pelvis"))
     spleen_hu = g["liver_hu"] + sc.hu("spleen minus liver")
-    _paint_ellipsoid(sc.vol, sc.lab, grid, rng, [-ax * 0.52, -ay * 0.25, cz + 0.1 * rz], [32, 50, 0.5 * rz],
-                     spleen_hu, wobble=0.12, within=cavity)
+    _paint_ellipsoid(sc, [-ax * 0.52, -ay * 0.25, cz + 0.1 * rz], [32, 50, 0.5 * rz], spleen_hu, wobble=0.12,
+                     within=cavity)
     st_c, st_r = [-ax * 0.28, ay * 0.15, cz + 0.25 * rz], np.array([42, 34, 0.5 * rz])
-    _paint_ellipsoid(sc.vol, sc.lab, grid, rng, st_c, st_r, sc.hu("stomach wall"), wobble=0.1, within=cavity)
-    _paint_ellipsoid(sc.vol, sc.lab, grid, rng, st_c, st_r - 5, sc.hu("stomach content"), wobble=0.1, within=cavity)
-    _paint_ellipsoid(sc.vol, sc.lab, grid, rng, [st_c[0], st_c[1] + 20, st_c[2]], [25, 12, 25], -850, within=cavity)
+    _paint_ellipsoid(sc, st_c, st_r, sc.hu("stomach wall"), wobble=0.1, within=cavity)
+    _paint_ellipsoid(sc, st_c, st_r - 5, sc.hu("stomach content"), wobble=0.1, within=cavity)
+    _paint_ellipsoid(sc, [st_c[0], st_c[1] + 20, st_c[2]], [25, 12, 25], -850, within=cavity)
 
 
 def _paint_liver(sc: _Scene) -> np.ndarray:
@@ -4231,15 +4076,13 @@ def _paint_liver(sc: _Scene) -> np.ndarray:
     hilum = liver_c + [-0.35 * liver_r[0], 0, -0.1 * rz]
     for _ in range(int(rng.integers(4, 8))):
         tip = liver_c + rng.uniform(-0.8, 0.8, 3) * liver_r
-        sl2, m = _tube_mask(grid, hilum, tip, rng.uniform(2.5, 6))
-        sc.vol[sl2][m & liver[sl2]] = g["liver_hu"] + sc.hu("hepatic vessels minus liver")
-    spine, cz, top = g["sc"], g["cz"], g["top"]
-    sl2, m = _tube_mask(grid, (22, spine + 38, cz - rz), (22, spine + 38, top + 10), rng.uniform(10, 13))
-    sc.vol[sl2][m] = g["ivc_hu"]  # IVC runs through the liver's back; not liver
-    sc.lab[sl2][m] = 0
+        _paint_tube(sc, hilum, tip, rng.uniform(2.5, 6), g["liver_hu"] + sc.hu("hepatic vessels minus liver"),
+                    within=liver)
+    spine, cz, top = g["sc"], g["cz"], g["top"]  # the IVC runs through the liver's back; not liver
+    _paint_tube(sc, (22, spine + 38, cz - rz), (22, spine + 38, top + 10), rng.uniform(10, 13), g["ivc_hu"], label=0)
     if rng.random() < 0.7:  # gallbladder under the liver: hypodense but not tumour
-        _paint_ellipsoid(sc.vol, sc.lab, grid, rng, liver_c + [-10, 30, -0.55 * rz], [14, 18, 28],
-                         sc.hu("gallbladder"), label=0, within=g["cavity"])
+        _paint_ellipsoid(sc, liver_c + [-10, 30, -0.55 * rz], [14, 18, 28], sc.hu("gallbladder"), label=0,
+                         within=g["cavity"])
     return sc.lab == 1
 
 

@@ -5,7 +5,8 @@ Used by ``tumour_study.py`` (synthetic tumour arms), ``real_liver.py`` (recipes 
 imports it. An arm is a recipe (``uh.RECIPES`` keys) plus the study's own keys: ``image_size``, ``depth`` /
 ``stage2_depth``, ``stage2_window_px`` (stage 2's windows in pixels), ``stage2_init`` ("stage1": stage 2 starts
 from stage 1's weights), ``coarse_size`` (one network, whole slices at that size first), ``min_stage1_steps``,
-``lesion_settings`` and ``strong_augment`` (augmentation the product does not ship).
+``lesion_settings``, ``strong_augment`` and ``loss: "tversky_ce"`` (augmentation and a loss the product does not
+ship: :func:`arm_step`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from common import WORK, case_score, hierarchical_bootstrap
 
 import unet_helpers as uh
@@ -78,16 +81,56 @@ def cached(files: list, cfg: dict, roi: int | None) -> list:
                                  progress=False, roi_size=roi)
 
 
-STRONG_AUGMENT = {"contrast": 0.25, "gamma": 0.4}  # nnU-Net-like intensity ranges (uh.Augmentation's fields)
+STRONG_AUGMENT = {"contrast": 0.25, "gamma": 0.4}  # nnU-Net-like intensity ranges (strong_intensity)
+
+
+class TverskyCELoss(uh.DiceCELoss):
+    """CE + Tversky: the soft Dice with false calls weighed ``alpha`` and misses ``beta`` (0.5 and 0.5: Dice)."""
+
+    def __init__(self, alpha: float = 0.3, beta: float = 0.7, smooth: float = 1e-5):
+        super().__init__(smooth=smooth)
+        self.alpha, self.beta = alpha, beta
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        logits = logits.float()
+        ce = F.cross_entropy(logits, target)
+        tp, fp, fn = self.soft_counts(logits, target)
+        loss = 1 - ((tp + self.smooth) / (tp + self.alpha * fp + self.beta * fn + self.smooth)).mean()
+        return ce + loss, {"ce": ce.detach(), "dice": loss.detach()}
+
+
+def strong_intensity(x: torch.Tensor, generator: torch.Generator, p: float = 0.8, contrast: float = 0.25,
+                     gamma: float = 0.4) -> torch.Tensor:
+    """In a share ``p`` of the samples: deviations from the image's mean scaled by 1 ± ``contrast``, then the image
+    (clipped to [0, 1]) raised to a power in exp(± ``gamma``); the others pass unchanged. Draws on the CPU."""
+    r = torch.rand(3, x.shape[0], 1, 1, 1, generator=generator).to(x.device, x.dtype)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    out = (mean + (x - mean) * (1 + (r[1] * 2 - 1) * contrast)).clamp(0, 1) ** torch.exp((r[2] * 2 - 1) * gamma)
+    return torch.where(r[0] < p, out, x)
+
+
+def arm_step(cfg: dict, seed: int):
+    """The training step of an arm with a loss (``loss: "tversky_ce"``) or augmentation (``strong_augment``) the
+    product does not ship, as ``uh.train(..., step=)`` takes it; None (the product's step) for every other arm."""
+    loss = TverskyCELoss() if cfg.get("loss") == "tversky_ce" else None
+    gen = torch.Generator().manual_seed(seed) if cfg.get("strong_augment") else None
+    if loss is None and gen is None:
+        return None
+
+    def step(state: uh.TrainState, x: torch.Tensor, y: torch.Tensor, grad_clip: float = 1.0) -> tuple:
+        x = strong_intensity(x, gen, **STRONG_AUGMENT) if gen is not None else x
+        return uh.train_step(replace(state, loss_fn=loss or state.loss_fn), x, y, grad_clip)
+
+    return step
 
 
 def train_config(cfg: dict, seed: int, batch: int, steps: int, lr: float = 2e-3) -> uh.TrainConfig:
     """The arm's training settings for ``steps`` optimizer steps (4 epochs, warm-up + cosine): the recipe's, with
-    the arm's own lesion-contrast settings (``lesion_settings``, e.g. {"p": 1.0}: every tumour slice) and, where
-    the arm says ``strong_augment``, :data:`STRONG_AUGMENT` in its augmentation."""
-    tc = uh.recipe_train_config(cfg, 4, batch, lr, seed, max(1, steps // 4), cfg.get("stage", 1), cfg.get("patch"))
+    the arm's own lesion-contrast settings (``lesion_settings``, e.g. {"p": 1.0}: every tumour slice); a loss the
+    product does not ship is :func:`arm_step`'s (the settings name the product's)."""
+    rec = cfg if cfg.get("loss", "dice_ce") in uh.LOSSES else {**cfg, "loss": "dice_ce"}
+    tc = uh.recipe_train_config(rec, 4, batch, lr, seed, max(1, steps // 4), cfg.get("stage", 1), cfg.get("patch"))
     extra = {f"lesion_{k}": v for k, v in cfg.get("lesion_settings", {}).items()}
-    extra.update(STRONG_AUGMENT if cfg.get("strong_augment") else {})
     return replace(tc, augment=replace(tc.augment, **extra)) if extra else tc
 
 
@@ -122,7 +165,8 @@ def steps_for(seconds: float, cases: list, cfg: dict, seed: int, batch: int, bas
     index = uh.select_slices(cases, cfg["empty_fraction"], seed)
     n = CALIBRATION_STEPS
     tc = replace(train_config(cfg, seed, batch, 4 * n), epochs=3, steps_per_epoch=n)
-    hist = uh.train(new_model(cfg, seed, base), data, index, tc, out, resume=False, progress=False)
+    hist = uh.train(new_model(cfg, seed, base), data, index, tc, out, resume=False, progress=False,
+                    step=arm_step(cfg, seed))
     per_step = min(h["epoch_seconds"] for h in hist[1:]) / n
     return max(8, int(seconds / per_step))
 
@@ -133,7 +177,7 @@ def fit(cases: list, cfg: dict, seed: int, batch: int, base: int, steps: int, ou
     is ``out/last.pt``."""
     model = new_model(cfg, seed, base, init)
     uh.train(model, uh.SliceSet(cases, cfg["context"]), uh.select_slices(cases, cfg["empty_fraction"], seed),
-             train_config(cfg, seed, batch, steps), out, resume=False, progress=False)
+             train_config(cfg, seed, batch, steps), out, resume=False, progress=False, step=arm_step(cfg, seed))
     return model
 
 

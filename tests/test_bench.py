@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -389,3 +390,49 @@ def test_study_budget_split_by_hand():
     assert study.budget_split({"cascade": False}, calibrate, 500) == {"stage1": 500}
     coarse = {"cascade": False, "stage1_share": 0.2, "coarse_size": 128}
     assert study.budget_split(coarse, calibrate, 500) == {"coarse": 400, "stage1": 400}  # 100 s x 4, 400 s x 1
+
+
+def test_study_tversky_loss_weighs_false_calls_alpha_and_misses_beta_by_hand():
+    """The Tversky arm's loss (alpha 0.3 on false calls, beta 0.7 on misses), smooth 0, on two pixels with softmax
+    exactly p (logits = log p), targets 1 and 2: class 1 tp 0.5, fp 0.2, fn 0.5 -> 0.5 / (0.5 + 0.06 + 0.35)
+    = 0.5 / 0.91 (swapped weights: 0.5 / 0.79); class 2 tp 0.7, fp 0.3, fn 0.3 -> 0.7 / 1.0; loss
+    1 - (0.5 / 0.91 + 0.7) / 2 = 0.3753; CE (-log 0.5 - log 0.7) / 2."""
+    p = torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.2, 0.7]])  # pixel 0, pixel 1; classes 0, 1, 2
+    logits, target = p.log().T.reshape(1, 3, 1, 2), torch.tensor([[[1, 2]]])
+    total, parts = study.TverskyCELoss(smooth=0.0)(logits, target)
+    assert parts["dice"].item() == pytest.approx(1 - (0.5 / 0.91 + 0.7) / 2, abs=1e-6)
+    assert total.item() == pytest.approx((-math.log(0.5) - math.log(0.7)) / 2 + 1 - (0.5 / 0.91 + 0.7) / 2, abs=1e-6)
+    dice = study.TverskyCELoss(0.5, 0.5, smooth=0.0)(logits, target)[1]["dice"]  # 0.5 / 0.5: the product's Dice
+    assert dice.item() == pytest.approx(uh.make_loss(smooth=0.0)(logits, target)[1]["dice"].item(), abs=1e-7)
+
+
+def test_study_strong_intensity_by_its_definition():
+    """Every sample on (p 1): deviations from the image mean scaled by one factor k in [0.75, 1.25], then the
+    image raised to one power g in [exp(-0.4), exp(0.4)]; p 0: the image passes unchanged."""
+    x = torch.linspace(0.2, 0.8, 2 * 16 * 16).reshape(2, 1, 16, 16)  # stays in [0, 1] after the contrast
+    xc = study.strong_intensity(x, torch.Generator().manual_seed(1), p=1.0, gamma=0.0)
+    for i in range(2):  # least-squares factor, then every pixel must fit it
+        m, d = x[i].mean(), x[i] - x[i].mean()
+        k = ((xc[i] - m) * d).sum() / (d * d).sum()
+        assert torch.allclose(xc[i], m + k * d, atol=1e-5)
+        assert 0.75 <= k.item() <= 1.25 and abs(k.item() - 1) > 1e-3
+    xg = study.strong_intensity(x, torch.Generator().manual_seed(2), p=1.0, contrast=0.0)
+    for i in range(2):
+        g = torch.log(xg[i]) / torch.log(x[i])
+        assert torch.allclose(g, g.flatten()[0].expand_as(g), atol=1e-4)
+        assert math.exp(-0.4) <= g.flatten()[0].item() <= math.exp(0.4) and abs(g.flatten()[0].item() - 1) > 1e-3
+    assert torch.equal(study.strong_intensity(x, torch.Generator().manual_seed(1), p=0.0), x)
+
+
+def test_study_arm_step_trains_the_tversky_arm_with_its_loss(monkeypatch):
+    """The Tversky arm's step hands uh.train_step a state whose loss is the arm's (the run's own state keeps the
+    product's loss, for validation); the arm's settings name the product's loss; other arms take the product's
+    step."""
+    cfg = {**tumour_study.BASE, **tumour_study.ARMS["lesion contrast, Tversky loss"]}
+    assert study.train_config(cfg, 0, 8, 40).loss == "dice_ce"
+    assert study.arm_step({**tumour_study.BASE, **tumour_study.ARMS["the default"]}, 0) is None
+    state = uh.make_train_state(uh.UNet(1, 3, 4, 2), uh.TrainConfig(epochs=1, augment=None), 2, torch.device("cpu"))
+    seen, product_step = [], uh.train_step
+    monkeypatch.setattr(uh, "train_step", lambda s, *a: seen.append(type(s.loss_fn)) or product_step(s, *a))
+    loss, _ = study.arm_step(cfg, 0)(state, torch.rand(2, 1, 16, 16), torch.randint(0, 3, (2, 16, 16)))
+    assert seen == [study.TverskyCELoss] and type(state.loss_fn) is uh.DiceCELoss and torch.isfinite(loss)

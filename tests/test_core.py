@@ -1,4 +1,4 @@
-"""Hand-computed checks of the module's core: the loss's smoothing, CE weights and Tversky, the U-Net's skip
+"""Hand-computed checks of the module's core: the loss's smoothing and batch pooling, the U-Net's skip
 connection, the resize of the logits before the softmax at inference, the learning-rate schedule and the HU
 window at inference.
 
@@ -40,23 +40,6 @@ def test_dice_smoothing_in_numerator_and_denominator_by_hand():
     for name in ("dice_ce", "dice_ce_per_slice"):
         total, parts = uh.make_loss(name)(perfect, y)
         assert parts["ce"].item() == 0.0 and parts["dice"].item() == 0.0 and total.item() == 0.0, name
-
-
-def test_cross_entropy_class_weights_by_hand():
-    """Weights (1, 2, 3): torch's weighted CE is sum(w_t * -log p_t) / sum(w_t) over the pixels
-    = (2 * -log 0.5 + 3 * -log 0.7) / (2 + 3) = (1.3863 + 1.0700) / 5 = 0.4913 (unweighted: 0.5249)."""
-    logits, target = _two_pixels()
-    _, parts = uh.make_loss("dice_ce", smooth=0.0, class_weights=(1.0, 2.0, 3.0))(logits, target)
-    assert parts["ce"].item() == pytest.approx((-2 * math.log(0.5) - 3 * math.log(0.7)) / 5, abs=1e-6)
-
-
-def test_tversky_weighs_false_positives_alpha_and_misses_beta_by_hand():
-    """Tversky (alpha 0.3 on FP, beta 0.7 on FN), smooth 0, on the two pixels:
-    class 1: 0.5 / (0.5 + 0.3 * 0.2 + 0.7 * 0.5) = 0.5 / 0.91 (swapped: 0.5 / (0.5 + 0.14 + 0.15) = 0.5 / 0.79);
-    class 2: 0.7 / (0.7 + 0.3 * 0.3 + 0.7 * 0.3) = 0.7 / 1.0; loss 1 - (0.5 / 0.91 + 0.7) / 2 = 0.3753."""
-    logits, target = _two_pixels()
-    _, parts = uh.make_loss("tversky_ce", smooth=0.0)(logits, target)
-    assert parts["dice"].item() == pytest.approx(1 - (0.5 / 0.91 + 0.7) / 2, abs=1e-6)
 
 
 # ---------------------------------------------------------------- U-Net skip connection
@@ -105,13 +88,13 @@ def test_slice_probabilities_resize_logits_bilinearly_before_the_softmax():
     = 0.5258 at pixel 1.) The labels are the argmax at the output grid: 0, 1, 1, 1 (labels taken on the
     network's 2-pixel grid, 0 and 1, resized would give 0, 0, 1, 1)."""
     slices = np.zeros((1, 2, 2), np.float32)
-    ((start, probs),) = list(uh.slice_probabilities(_Ramp(), slices, (4, 2), 1, "cpu", amp=False))
+    ((start, probs),) = list(uh.slice_probabilities(_Ramp(), slices, (4, 2), 1, "cpu"))
     assert start == 0 and probs.shape == (1, 2, 4, 2)
     expected = 1 / (1 + np.exp(-np.array([-0.5, 0.5, 2.5, 3.5])))
     for column in range(2):
         np.testing.assert_allclose(probs[0, 1, :, column].numpy(), expected, atol=1e-6)
         np.testing.assert_allclose(probs[0, 0, :, column].numpy(), 1 - expected, atol=1e-6)
-    labels = uh.predict_slices(_Ramp(), slices, (4, 2), 1, "cpu", amp=False)
+    labels = uh.predict_slices(_Ramp(), slices, (4, 2), 1, "cpu")
     np.testing.assert_array_equal(labels[:, :, 0], [[0, 0], [1, 1], [1, 1], [1, 1]])
 
 

@@ -560,8 +560,8 @@ def test_resolve_settings_presets_and_recipe():
         uh.resolve_settings({**base, "PRESET": "huge"}, torch.device("cpu"), False)
     s, _ = uh.resolve_settings(base, torch.device("cpu"), False)
     assert s["LOSS"] == s["RECIPE_SETTINGS"]["loss"] == "dice_ce"
-    s, _ = uh.resolve_settings({**base, "LOSS": "tversky_ce"}, torch.device("cpu"), False)
-    assert s["RECIPE_SETTINGS"]["loss"] == "tversky_ce" and uh.recipe("default")["loss"] == "dice_ce"  # a copy
+    s, _ = uh.resolve_settings({**base, "LOSS": "dice_ce_per_slice"}, torch.device("cpu"), False)
+    assert s["RECIPE_SETTINGS"]["loss"] == "dice_ce_per_slice" and uh.recipe("default")["loss"] == "dice_ce"  # a copy
     with pytest.raises(ValueError, match="LOSS must be one of"):
         uh.resolve_settings({**base, "LOSS": "mse"}, torch.device("cpu"), False)
     # the default's stage 2 trains on windows 0.4 of its box: 0.4 x 160 = 64 (a multiple of 2^4, the quick depth)

@@ -630,16 +630,13 @@ def test_split_warns_on_small_validation():
     _check_partition(ids, tr, va)
 
 
-@pytest.mark.parametrize("aligned", [False, True])
-def test_split_stratified_by_tumour(aligned: bool):
+def test_split_stratified_by_tumour():
     ids = [f"c{i}" for i in range(1, 21)]
     free = {"c3", "c8", "c15", "c20"}
     has_tumor = {c: c not in free for c in ids}
-    given = ids[::-1]  # not in natural order: an aligned list must follow the caller's order
-    arg = [has_tumor[c] for c in given] if aligned else has_tumor
     for seed in range(8):
         with pytest.warns(UserWarning):  # 4 validation cases
-            tr, va = uh.split_cases(given, 0.2, seed=seed, has_tumor=arg)
+            tr, va = uh.split_cases(ids[::-1], 0.2, seed=seed, has_tumor=has_tumor)
         _check_partition(ids, tr, va)
         # 20 * 0.2 = 4: tumour-free 4 * 0.2 = 0.8 -> 1, tumour 16 * 0.2 = 3.2 -> 3
         assert len(va) == 4, seed
@@ -658,16 +655,13 @@ def test_split_rare_tumour_always_in_validation():
         assert {"c4", "c9"} - set(va), seed  # and one left to train on
 
 
-@pytest.mark.parametrize("aligned", [False, True])
-def test_split_groups_keep_patients_together(aligned: bool):
+def test_split_groups_keep_patients_together():
     ids = [f"c{i}" for i in range(1, 13)]
     patient = {c: f"p{(i - 1) // 2}" for i, c in enumerate(ids, 1)}  # c1,c2 -> p0; c3,c4 -> p1; ...
-    given = ids[::-1]  # not in natural order: an aligned list must follow the caller's order
-    arg = [patient[c] for c in given] if aligned else patient
     for seed in range(6):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            tr, va = uh.split_cases(given, 0.3, seed=seed, groups=arg)
+            tr, va = uh.split_cases(ids[::-1], 0.3, seed=seed, groups=patient)
         _check_partition(ids, tr, va)
         assert tr and va
         assert not {patient[c] for c in tr} & {patient[c] for c in va}, seed
@@ -683,7 +677,7 @@ def test_split_folds_partition_balanced_and_stratified(n_free: int, allowed: set
     for fold in range(5):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            tr, va = uh.split_cases(ids, seed=4, has_tumor=has_tumor, fold=fold, n_folds=5)
+            tr, va = uh.split_cases(ids, seed=4, has_tumor=has_tumor, fold=fold)
         _check_partition(ids, tr, va)
         seen += va
         sizes.append(len(va))
@@ -701,15 +695,17 @@ def test_split_folds_with_groups():
     ids = [f"c{i}" for i in range(1, 13)]
     patient = {c: f"p{(i - 1) // 2}" for i, c in enumerate(ids, 1)}
     seen: list[str] = []
-    for fold in range(3):
+    sizes = []
+    for fold in range(5):  # 6 patients in 5 folds: one fold holds 2 patients (4 cases), the others 1 (2 cases)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            tr, va = uh.split_cases(ids, seed=0, groups=patient, fold=fold, n_folds=3)
+            tr, va = uh.split_cases(ids, seed=0, groups=patient, fold=fold)
         _check_partition(ids, tr, va)
         assert va
         assert not {patient[c] for c in tr} & {patient[c] for c in va}, fold
         seen += va
-    assert sorted(seen) == sorted(ids)
+        sizes.append(len(va))
+    assert sorted(seen) == sorted(ids) and sorted(sizes) == [2, 2, 2, 2, 4]
 
 
 # ---------------------------------------------------------------- gather_folds

@@ -93,11 +93,7 @@ def test_dice_ce_loss_parts_and_variants():
     wrong[:, 0] = 40  # predicts background everywhere
     _, bad = uh.DiceCELoss()(wrong, y)
     assert bad["dice"] > 0.99  # both foreground classes missed
-    _, with_bg = uh.DiceCELoss(include_background=True)(wrong, y)
-    assert with_bg["dice"] < bad["dice"]  # background Dice is high and dilutes the loss
     logits = torch.randn(2, 3, 8, 8)
-    vals = {n: uh.make_loss(n)(logits, y)[0].item() for n in ("dice_ce", "focal_dice", "tversky_ce")}
-    assert len({round(v, 6) for v in vals.values()}) == 3
     # per-sample vs batch Dice differ when one sample has no tumour
     y2 = y.clone()
     y2[1][y2[1] == 2] = 1

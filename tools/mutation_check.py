@@ -93,14 +93,14 @@ MUTATIONS: dict[str, tuple[str, str]] = {
         "        inside = np.pad(liver[:, :, z], 1, mode=\"edge\")"),
     # the core: loss, U-Net, inference, schedule, 2.5D input, lesion matching, HU window, the two stages' average
     "the soft Dice's smoothing left out of its denominator": (
-        "score = (tp + self.smooth) / (tp + a * fp + b * fn + self.smooth)",
-        "score = (tp + self.smooth) / (tp + a * fp + b * fn)"),
-    "cross-entropy ignores the class weights": (
-        "ce = F.cross_entropy(logits, target, weight=self.class_weights)",
-        "ce = F.cross_entropy(logits, target)"),
-    "Tversky's false-positive and miss weights swapped": (
-        "a, b = self.tversky if self.tversky else (0.5, 0.5)",
-        "b, a = self.tversky if self.tversky else (0.5, 0.5)"),
+        "dice_loss = 1 - ((tp + self.smooth) / (tp + 0.5 * fp + 0.5 * fn + self.smooth)).mean()",
+        "dice_loss = 1 - ((tp + self.smooth) / (tp + 0.5 * fp + 0.5 * fn)).mean()"),
+    "the soft Dice counts false calls as misses": (
+        "return (probs * onehot).sum(dims), (probs * (1 - onehot)).sum(dims), ((1 - probs) * onehot).sum(dims)",
+        "return (probs * onehot).sum(dims), ((1 - probs) * onehot).sum(dims), ((1 - probs) * onehot).sum(dims)"),
+    "the per-slice Dice pools over the batch": (
+        "dims = (0, 2, 3) if self.batch_dice else (2, 3)",
+        "dims = (0, 2, 3)"),
     "the U-Net's skip connection carries zeros": (
         "return self.conv(torch.cat([skip, x], dim=1))",
         "return self.conv(torch.cat([torch.zeros_like(skip), x], dim=1))"),
