@@ -1239,6 +1239,8 @@ def split_cases(case_ids: Sequence[str], val_fraction: float = 0.2, seed: int = 
     Returns:
         (train_ids, val_ids), each in natural order.  Warns below 5 validation cases.
     """
+    if not all(isinstance(m, Mapping) for m in (has_tumor, groups) if m is not None):
+        raise TypeError("split_cases: pass has_tumor and groups as dicts {case_id: value}")
     patient = groups or {i: i for i in case_ids}
     ids = sorted(case_ids, key=natural_key)
     if len(ids) < 2:
@@ -2978,7 +2980,7 @@ def combine_stages(stage2_probs: torch.Tensor, stage1_fg: torch.Tensor) -> torch
 
 
 def label_box(stage2: Stage2, crop: np.ndarray, box: Sequence[int], context: int, device: torch.device | str,
-              batch_size: int | None = None, stage1_fg: np.ndarray | None = None) -> np.ndarray:
+              batch_size: int | None = None, *, stage1_fg: np.ndarray | None = None) -> np.ndarray:
     """Stage 2's (X1-X0, Y1-Y0, Z1-Z0) labels of a liver box (:func:`cascade_input`'s crop), with its liver call
     averaged with stage 1's foreground probability (:func:`combine_stages`) where ``stage2.average_liver``."""
     x0, x1, y0, y1, z0, z1 = box
@@ -2993,7 +2995,7 @@ def label_box(stage2: Stage2, crop: np.ndarray, box: Sequence[int], context: int
 
 
 def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing: Sequence[float], stage2: Stage2,
-                    context: int, device: torch.device | str, batch_size: int | None = None,
+                    context: int, device: torch.device | str, batch_size: int | None = None, *,
                     stage1_fg: np.ndarray | None = None) -> np.ndarray:
     """Refine a stage-1 label volume inside its liver box at full resolution (Christ et al. 2016).
 
@@ -3025,7 +3027,7 @@ def predict_cascade(stage1_pred: np.ndarray, windowed_full: np.ndarray, spacing:
     if box is None:
         return stage1_pred
     x0, x1, y0, y1, z0, z1 = box
-    inner = label_box(stage2, crop, box, context, device, batch_size, stage1_fg)
+    inner = label_box(stage2, crop, box, context, device, batch_size, stage1_fg=stage1_fg)
     out = np.zeros_like(stage1_pred)
     out[x0:x1, y0:y1, z0:z1] = inner
     return keep_liver_core(out, liver, spacing, stage2.core_mm)

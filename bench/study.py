@@ -119,7 +119,7 @@ def arm_step(cfg: dict, seed: int):
 
     def step(state: uh.TrainState, x: torch.Tensor, y: torch.Tensor, grad_clip: float = 1.0) -> tuple:
         x = strong_intensity(x, gen, **STRONG_AUGMENT) if gen is not None else x
-        return uh.train_step(replace(state, loss_fn=loss or state.loss_fn), x, y, grad_clip)
+        return uh.train_step(replace(state, loss_fn=loss if loss is not None else state.loss_fn), x, y, grad_clip)
 
     return step
 
@@ -128,6 +128,8 @@ def train_config(cfg: dict, seed: int, batch: int, steps: int, lr: float = 2e-3)
     """The arm's training settings for ``steps`` optimizer steps (4 epochs, warm-up + cosine): the recipe's, with
     the arm's own lesion-contrast settings (``lesion_settings``, e.g. {"p": 1.0}: every tumour slice); a loss the
     product does not ship is :func:`arm_step`'s (the settings name the product's)."""
+    if cfg.get("loss", "dice_ce") not in (*uh.LOSSES, "tversky_ce"):
+        raise ValueError(f"an arm's loss must be one of {[*uh.LOSSES, 'tversky_ce']}, got {cfg['loss']!r}")
     rec = cfg if cfg.get("loss", "dice_ce") in uh.LOSSES else {**cfg, "loss": "dice_ce"}
     tc = uh.recipe_train_config(rec, 4, batch, lr, seed, max(1, steps // 4), cfg.get("stage", 1), cfg.get("patch"))
     extra = {f"lesion_{k}": v for k, v in cfg.get("lesion_settings", {}).items()}

@@ -422,6 +422,11 @@ def test_study_strong_intensity_by_its_definition():
         assert torch.allclose(g, g.flatten()[0].expand_as(g), atol=1e-4)
         assert math.exp(-0.4) <= g.flatten()[0].item() <= math.exp(0.4) and abs(g.flatten()[0].item() - 1) > 1e-3
     assert torch.equal(study.strong_intensity(x, torch.Generator().manual_seed(1), p=0.0), x)
+    x8 = x.repeat(4, 1, 1, 1)  # p 0.5: the samples left out pass exactly, the others change
+    chosen = torch.rand(3, 8, 1, 1, 1, generator=torch.Generator().manual_seed(3))[0].flatten() < 0.5
+    half = study.strong_intensity(x8, torch.Generator().manual_seed(3), p=0.5)
+    assert 0 < chosen.sum() < 8
+    assert all(torch.equal(half[i], x8[i]) != bool(chosen[i]) for i in range(8))
 
 
 def test_study_arm_step_trains_the_tversky_arm_with_its_loss(monkeypatch):
@@ -436,3 +441,36 @@ def test_study_arm_step_trains_the_tversky_arm_with_its_loss(monkeypatch):
     monkeypatch.setattr(uh, "train_step", lambda s, *a: seen.append(type(s.loss_fn)) or product_step(s, *a))
     loss, _ = study.arm_step(cfg, 0)(state, torch.rand(2, 1, 16, 16), torch.randint(0, 3, (2, 16, 16)))
     assert seen == [study.TverskyCELoss] and type(state.loss_fn) is uh.DiceCELoss and torch.isfinite(loss)
+
+
+def test_study_arms_calibrate_and_train_with_their_own_step(monkeypatch):
+    """The calibration and the fit of an arm both hand uh.train the arm's step; the strong-augmentation arm's step
+    gives uh.train_step the batch after study.strong_intensity (drawn from the arm's seed); an unknown loss is
+    refused."""
+    steps = []
+
+    def fake_train(*args, step=None, **kw):
+        steps.append(step)
+        return [{"epoch_seconds": 1.0}] * 3
+
+    monkeypatch.setattr(uh, "train", fake_train)
+    monkeypatch.setattr(uh, "SliceSet", lambda *a, **k: None)
+    monkeypatch.setattr(uh, "select_slices", lambda *a, **k: None)
+    tversky = {**tumour_study.BASE, **tumour_study.ARMS["lesion contrast, Tversky loss"]}
+    study.steps_for(10.0, [], tversky, 0, 8, 4, None)
+    study.fit([], tversky, 0, 8, 4, 40, None)
+    assert len(steps) == 2 and all(s is not None for s in steps)
+    state = uh.make_train_state(uh.UNet(1, 3, 4, 2), uh.TrainConfig(epochs=1, augment=None), 2, torch.device("cpu"))
+    seen = []
+    monkeypatch.setattr(uh, "train_step", lambda st, *a: seen.append(type(st.loss_fn)))
+    for s in steps:  # each a Tversky step
+        s(state, torch.rand(2, 1, 16, 16), torch.randint(0, 3, (2, 16, 16)))
+    assert seen == [study.TverskyCELoss] * 2
+    strong = {**tumour_study.BASE, **tumour_study.ARMS["64² patches, a fifth, strong intensity augmentation"]}
+    got, x = [], torch.rand(4, 1, 16, 16) * 0.6 + 0.2
+    monkeypatch.setattr(uh, "train_step", lambda st, xb, *a: got.append((type(st.loss_fn), xb)))
+    study.arm_step(strong, 5)(state, x, torch.zeros(4, 16, 16, dtype=torch.long))
+    expected = study.strong_intensity(x, torch.Generator().manual_seed(5), **study.STRONG_AUGMENT)
+    assert got[0][0] is uh.DiceCELoss and torch.equal(got[0][1], expected) and not torch.equal(expected, x)
+    with pytest.raises(ValueError, match="an arm's loss must be one of"):
+        study.train_config({**tversky, "loss": "focal_dice"}, 0, 8, 40)

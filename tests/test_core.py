@@ -1,4 +1,4 @@
-"""Hand-computed checks of the module's core: the loss's smoothing and batch pooling, the U-Net's skip
+"""Hand-computed checks of the module's core: the loss's smoothing, the U-Net's skip
 connection, the resize of the logits before the softmax at inference, the learning-rate schedule and the HU
 window at inference.
 

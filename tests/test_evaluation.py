@@ -641,6 +641,8 @@ def test_split_stratified_by_tumour():
         # 20 * 0.2 = 4: tumour-free 4 * 0.2 = 0.8 -> 1, tumour 16 * 0.2 = 3.2 -> 3
         assert len(va) == 4, seed
         assert len(free & set(va)) == 1, seed
+    with pytest.raises(TypeError, match="as dicts"):  # a list aligned with the ids is refused, not misread
+        uh.split_cases(ids, 0.2, has_tumor=[has_tumor[c] for c in ids])
 
 
 def test_split_rare_tumour_always_in_validation():
