@@ -1442,22 +1442,25 @@ def make_slice_sets(train_cases: Sequence[CachedCase], val_cases: Sequence[Cache
 LESION_BAND_HU = 15.0  # contrast-balanced sampling: lesions within +-15 HU of the liver are "faint"
 
 
-def lesion_contrasts(image: np.ndarray, label: np.ndarray, liver_level: float | None = None) -> tuple:
+def lesion_contrasts(image: np.ndarray, label: np.ndarray, liver_level: float | None = None,
+                     components: tuple[np.ndarray, int] | None = None) -> tuple:
     """The lesions of a labelled volume and how much each differs from the liver.
 
     Args:
         image: intensities (HU, or anything linear in HU), the label's shape.
         label: 0/1/2 labels; lesions are 26-connected components of label 2.
-        liver_level: the liver's intensity; None = the median of ``image`` over label 1.
+        liver_level: the liver's intensity; None = the median of ``image`` over label 1 (NaN without liver).
+        components: the lesions already labelled, (components, count), e.g. face-connected as LiTS counts them.
 
     Returns:
         (components: int array of the label's shape, 0 outside lesions and k inside lesion k;
         deltas: (n,) each lesion's mean intensity minus the liver level).
     """
     from scipy import ndimage
-    comps, n = ndimage.label(label == 2, np.ones((3, 3, 3), bool))
-    liver = float(np.median(image[label == 1])) if liver_level is None else liver_level
-    return comps, np.asarray(ndimage.mean(image, comps, np.arange(1, n + 1)), np.float64).reshape(n) - liver
+    comps, n = components if components is not None else ndimage.label(label == 2, np.ones((3, 3, 3), bool))
+    if liver_level is None:
+        liver_level = float(np.median(image[label == 1])) if (label == 1).any() else float("nan")
+    return comps, np.asarray(ndimage.mean(image, comps, np.arange(1, n + 1)), np.float64).reshape(n) - liver_level
 
 
 CONTRAST_GROUPS = ("hypodense", "faint", "hyperdense")  # contrast_group's 0, 1, 2
@@ -2774,10 +2777,8 @@ def lesion_detection(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[floa
     lesions = [{"volume_ml": float(ref_size[g + 1] * voxel_ml), "detected": bool(found[g]),
                 "detected_any": bool(inter[:, g].any()), "iou": float(iou_of_ref[g])} for g in range(n_ref)]
     if hu is not None and n_ref:
-        liver = float(np.median(hu[truth == 1])) if (truth == 1).any() else float("nan")
-        means = ndimage.mean(hu, ref, np.arange(1, n_ref + 1))
-        for les, m in zip(lesions, np.atleast_1d(means)):
-            les["contrast_hu"] = float(m) - liver
+        for les, delta in zip(lesions, lesion_contrasts(hu, truth, components=(ref, n_ref))[1]):
+            les["contrast_hu"] = float(delta)
     return {"lesions": lesions, "groups": groups, "n_pred": int(n_hyp), "n_pred_matched": int(inter.any(1).sum())}
 
 
@@ -4197,13 +4198,12 @@ def _write_synthetic_case(out: Path, name: str, image: np.ndarray, label: np.nda
     _save_nifti_atomic(label, affine, out / "labels" / f"{name}.nii.gz")
 
 
-def _synthetic_set_done(out: Path, settings: dict) -> bool:
-    """Whether ``out`` already holds the whole set these settings write (its ``synthetic.json`` and every file)."""
+def _finished_set(out: Path, settings: dict) -> dict | None:
+    """The ``synthetic.json`` of ``out`` where it already holds the whole set these settings write, else None."""
     manifest = out / "synthetic.json"
-    if not manifest.exists() or json.loads(manifest.read_text()).get("settings") != settings:
-        return False
-    return all((out / d / f"liver_{i}.nii.gz").exists() for i in range(settings["n_cases"])
-               for d in ("images", "labels"))
+    old = json.loads(manifest.read_text()) if manifest.exists() else {}
+    files = [out / d / f"liver_{i}.nii.gz" for i in range(settings["n_cases"]) for d in ("images", "labels")]
+    return old if old.get("settings") == settings and all(f.exists() for f in files) else None
 
 
 def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape: tuple[int, int, int] = (256, 256, 64),
@@ -4238,8 +4238,8 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, n_cases: int = 24, shape:
     if scales != (1.0, 1.0):  # recorded only when used: older sets stay valid
         settings.update(lesion_size_scale=lesion_size_scale, lesion_contrast_scale=lesion_contrast_scale)
     manifest = out / "synthetic.json"
-    if _synthetic_set_done(out, settings):
-        return json.loads(manifest.read_text())
+    if (old := _finished_set(out, settings)) is not None:
+        return old
     per_case, labels = [], []
     for i in tqdm(range(n_cases), desc="synthetic CT", unit="vol", disable=not progress):
         image, label, affine, facts = synthetic_ct_volume(shape, hash_seed(seed, i), *scales)

@@ -231,16 +231,13 @@ def score(arm: str, seed: int, set_name: str, models: dict, roi: int | None, cas
             "lesion_recall_by_volume": ev["summary"]["lesion_recall_by_volume"], "per_case": per_case}
 
 
-GROUPS = uh.CONTRAST_GROUPS  # uh.contrast_group's 0, 1, 2
-
-
 def by_contrast(arm: str, seed: int, set_name: str, models: dict, roi: int | None, files: list) -> dict:
     """Lesions of at least 1 mL found (any overlap, as in the lesion recall) and their voxels predicted tumour,
     by contrast group: each lesion's mean HU minus the liver's median HU (``uh.lesion_contrasts``), grouped
     by ``uh.contrast_group`` (±15 HU)."""
     cases = cached(files, {**BASE, **ARMS[arm]}, None)
     ev = evaluate_arm(arm, models, roi, cases, keep_predictions=True)
-    out = {g: {"lesions": 0, "found": 0, "voxels": 0, "hit_voxels": 0} for g in GROUPS}
+    out = {g: {"lesions": 0, "found": 0, "voxels": 0, "hit_voxels": 0} for g in uh.CONTRAST_GROUPS}
     for f, c in zip(files, cases):
         ct = uh.load_case(f.image, f.label, f.case_id)
         comps, deltas = uh.lesion_contrasts(np.asarray(ct.image, np.float32), np.asarray(ct.label))
@@ -249,7 +246,7 @@ def by_contrast(arm: str, seed: int, set_name: str, models: dict, roi: int | Non
         hits = np.bincount(comps[hit], minlength=len(deltas) + 1)[1:]
         big = sizes * np.prod(ct.spacing) / 1000 >= 1.0
         for g, n, h in zip(uh.contrast_group(deltas)[big], sizes[big], hits[big]):
-            o = out[GROUPS[g]]
+            o = out[uh.CONTRAST_GROUPS[g]]
             o["lesions"], o["found"] = o["lesions"] + 1, o["found"] + int(h > 0)
             o["voxels"], o["hit_voxels"] = o["voxels"] + int(n), o["hit_voxels"] + int(h)
     return {"arm": arm, "seed": seed, "set": f"by contrast: {set_name}", "by_contrast": out}
@@ -473,12 +470,12 @@ def contrast_table(rows: list[dict]) -> str:
             if not rs:
                 continue
             cells = []
-            for g in GROUPS:
+            for g in uh.CONTRAST_GROUPS:
                 n, k, v, h = (sum(r["by_contrast"][g][key] for r in rs)
                               for key in ("lesions", "found", "voxels", "hit_voxels"))
                 cells.append(f"{k} of {n}, {h / v:.2f}" if v else "-")
             body.append([set_name, arm, len(rs), *cells])
-    return md_table(["set", "arm", "seeds", *(f"{g}: found, voxel recall" for g in GROUPS)], body)
+    return md_table(["set", "arm", "seeds", *(f"{g}: found, voxel recall" for g in uh.CONTRAST_GROUPS)], body)
 
 
 def arms_tried(results: Path = ROOT / "bench" / "results") -> int:
